@@ -1,0 +1,319 @@
+"""OTPOTrainer against TRL's DPOTrainer, on a tiny Llama built from a config (CPU, offline)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
+from peft import LoraConfig, PromptTuningConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
+from otpo_trl.otpo_config import LOSS_TYPES
+
+
+# Near-uniform OT weights: a huge entropic regularisation makes the plan uniform, and "length" normalisation makes
+# every weight 1, so OTPO must reproduce DPO exactly.
+UNIFORM = {"ot_reg": 1e6, "ot_normalization": "length"}
+
+
+def conversational_pairs(n=8):
+    answers = [
+        ("The capital of France is Paris.", "The capital of France is Italy, which is definitely incorrect."),
+        ("Two plus two is four.", "It is five, I think, or maybe six."),
+        ("Water boils at 100 degrees.", "Water boils when it feels like it."),
+        ("Hello! How can I help?", "Go away."),
+    ]
+    rows = []
+    for i in range(n):
+        chosen, rejected = answers[i % len(answers)]
+        prompt = [{"role": "user", "content": f"Question {i}: tell me something true."}]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def standard_pairs(n=8):
+    ds = conversational_pairs(n)
+    return Dataset.from_list(
+        [
+            {"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]}
+            for r in ds
+        ]
+    )
+
+
+def config(cls, tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=42,
+        max_length=64,
+        gradient_checkpointing=False,
+        dataloader_drop_last=True,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def train_pair(tiny_model_dir, tmp_path, dataset=None, dpo_kwargs=None, **kwargs):
+    """Train DPOTrainer and near-uniform OTPOTrainer on the same data and seed; return both trainers."""
+    dataset = dataset if dataset is not None else conversational_pairs()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainers = []
+    for cls, cfg_cls, extra in ((DPOTrainer, DPOConfig, {}), (OTPOTrainer, OTPOConfig, UNIFORM)):
+        args = config(cfg_cls, tmp_path / cls.__name__, **kwargs, **extra)
+        trainer = cls(model=tiny_model_dir, args=args, train_dataset=dataset, processing_class=tok, **(dpo_kwargs or {}))
+        trainer.train()
+        trainers.append(trainer)
+    return trainers
+
+
+@pytest.mark.parametrize("dataset_fn", [conversational_pairs, standard_pairs])
+def test_near_uniform_weights_reproduce_dpo(tiny_model_dir, tmp_path, dataset_fn):
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, dataset=dataset_fn())
+    assert len(losses(dpo)) == 3
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+    # the optimisation really moved: the trajectory is not flat
+    assert losses(dpo)[0] != pytest.approx(losses(dpo)[-1], rel=1e-3)
+    logs = otpo.state.log_history[0]
+    for key in ("ot/plan_mass", "ot/weight_max", "ot/weight_entropy", "ot/solver_iters", "ot/fallbacks"):
+        assert key in logs
+    assert logs["ot/weight_entropy"] == pytest.approx(1.0, abs=1e-4)  # uniform weights
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_is_weighted_like_dpo(tiny_model_dir, tmp_path, loss_type):
+    extra = {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, loss_type=[loss_type], max_steps=2, **extra)
+    assert all(math.isfinite(x) for x in losses(otpo))
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},  # MPO mixture
+        {"use_weighting": True},  # WPO
+        {"ld_alpha": 0.5},  # LD-DPO
+        {"f_divergence_type": "js_divergence"},
+    ],
+    ids=["mixture", "wpo", "ld", "f_divergence"],
+)
+def test_dpo_variants_are_weighted_like_dpo(tiny_model_dir, tmp_path, extra):
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, max_steps=2, **extra)
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+def test_step_one_loss_is_ln2_and_rewards_zero(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path, max_steps=1)  # default OT settings: non-uniform weights
+    trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logs["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["ot/weight_entropy"] < 1.0  # the weights are not uniform
+
+
+def test_loss_equals_weighted_dpo_by_hand(tiny_model_dir, tmp_path):
+    """The seam: compute_loss equals -logsigmoid(beta * weighted log-ratio margin) computed independently."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path, beta=0.5)
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # make policy and reference differ, so the log-ratios are not zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer = OTPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=conversational_pairs(), processing_class=tok
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        pol = trainer.concatenated_forward(trainer.model, batch)
+        ref = trainer.concatenated_forward(trainer.ref_model, batch)
+    mask = pol["completion_mask"]
+    cw, rw = ot_token_weights(*pol["hidden_states"].chunk(2), *mask.chunk(2))
+    weights = torch.cat([cw, rw])
+    logratio = ((pol["per_token_logps"] - ref["per_token_logps"]) * weights * mask).sum(1)
+    chosen, rejected = logratio.chunk(2)
+    expected = -F.logsigmoid(0.5 * (chosen - rejected)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    unweighted = ((pol["per_token_logps"] - ref["per_token_logps"]) * mask).sum(1)
+    dpo_loss = -F.logsigmoid(0.5 * (unweighted[:2] - unweighted[2:])).mean()
+    assert abs(loss.item() - dpo_loss.item()) > 1e-6  # OT weights changed the loss
+
+
+def test_concatenated_forward_keeps_the_state_that_predicts_each_token(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path)
+    trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        out = trainer.concatenated_forward(trainer.model, batch)
+        full = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+    # hidden state at t predicts token t+1: log_softmax(lm_head(h_t))[token_{t+1}] is the per-token log-prob
+    torch.testing.assert_close(out["hidden_states"], full.hidden_states[-1][:, :-1])
+    logps = full.logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = out["completion_mask"]
+    torch.testing.assert_close(out["per_token_logps"][mask], logps[mask], rtol=1e-5, atol=1e-5)
+    assert not out["hidden_states"].requires_grad
+
+
+def test_full_finetuning_changes_every_parameter(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path)
+    trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if name in before:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+
+
+def test_lora_freezes_base_and_trains_adapter(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = OTPOTrainer(
+        model=tiny_model_dir,
+        args=args,
+        train_dataset=conversational_pairs(),
+        processing_class=tok,
+        peft_config=peft_config,
+    )
+    assert trainer.ref_model is None  # the disabled adapter is the reference
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:  # lora_A only moves once lora_B is non-zero; B must move from step 1
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        elif "lora" not in name:
+            assert torch.equal(param, before[name]), f"base parameter {name} changed"
+
+
+def test_lora_near_uniform_reproduces_dpo(tiny_model_dir, tmp_path):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, dpo_kwargs={"peft_config": peft_config})
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+def test_prompt_tuning_adapter(tiny_model_dir, tmp_path):
+    """Prompt learning prepends virtual tokens; the hidden states must still line up with the completion tokens."""
+    peft_config = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, dpo_kwargs={"peft_config": peft_config}, max_steps=2)
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+def test_precompute_ref_log_probs_matches_live_reference(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    runs = []
+    for precompute in (False, True):
+        args = config(OTPOConfig, tmp_path / str(precompute), precompute_ref_log_probs=precompute)
+        trainer = OTPOTrainer(
+            model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok
+        )
+        trainer.train()
+        runs.append(losses(trainer))
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+def test_precompute_needs_max_length(tiny_model_dir, tmp_path):
+    args = config(OTPOConfig, tmp_path, precompute_ref_log_probs=True, max_length=None)
+    with pytest.raises(ValueError, match="max_length"):
+        OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs())
+
+
+def test_sync_ref_model(tiny_model_dir, tmp_path):
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+def test_iterable_dataset(tiny_model_dir, tmp_path):
+    rows = conversational_pairs().to_list()
+    dataset = IterableDataset.from_generator(lambda: iter(rows))
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, dataset=dataset, max_steps=2)
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+
+
+def test_evaluate_and_compute_metrics(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen = {}
+
+    def compute_metrics(eval_pred):
+        seen["shape"] = eval_pred.predictions.shape
+        return {"n": float(eval_pred.predictions.shape[0])}
+
+    args = config(OTPOConfig, tmp_path, eval_strategy="no")
+    trainer = OTPOTrainer(
+        model=tiny_model_dir,
+        args=args,
+        train_dataset=conversational_pairs(),
+        eval_dataset=conversational_pairs(4),
+        processing_class=tok,
+        compute_metrics=compute_metrics,
+    )
+    with pytest.warns(FutureWarning, match="return_outputs"):
+        metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["eval_n"] == 8.0  # 4 pairs, chosen and rejected rows
+    assert "eval_ot/plan_mass" in metrics and "eval_rewards/accuracies" in metrics
+    assert len(seen["shape"]) == 3  # (rows, seq, vocab) logits
+
+
+def test_dpo_config_is_refused_with_a_clear_message(tiny_model_dir, tmp_path):
+    args = config(DPOConfig, tmp_path)
+    with pytest.raises(TypeError, match="OTPOConfig"):
+        OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs())
+
+
+def test_model_card_cites_otpo(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path, max_steps=1)
+    trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
+    trainer.create_model_card(model_name="tiny-otpo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2505.18720" in card and "OTPO" in card
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ot_reg", 0.0),
+        ("ot_reg_m", -1.0),
+        ("ot_cost", "manhattan"),
+        ("ot_normalization", "sum"),
+        ("ot_solver", "gpu"),
+        ("ot_max_iter", 0),
+        ("ot_tol", 0.0),
+        ("beta", 0.0),
+        ("loss_type", ["sigmoid", "typo"]),
+    ],
+)
+def test_bad_config_value_names_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        OTPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: value})
