@@ -1,0 +1,334 @@
+"""Mathematical properties of `ot_token_weights`: agreement with POT, optimality, masking, robustness."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from otpo_trl import ot_weights as W
+from otpo_trl.ot_weights import COSTS, NORMALIZATIONS, ot_token_weights
+
+
+def random_batch(seed, B=4, Tc=24, Tr=20, H=16, dtype=torch.float32, offset=3.0, min_tokens=1):
+    """Hidden states with a common offset (like real ones) and masks that are random subsets of the positions,
+    with a different density per pair and never starting at index 0."""
+    g = torch.Generator().manual_seed(seed)
+    common = offset * torch.randn(H, generator=g, dtype=torch.float64)
+    hidden = [torch.randn(B, T, H, generator=g, dtype=torch.float64) + common for T in (Tc, Tr)]
+    masks = []
+    for T in (Tc, Tr):
+        mask = torch.rand(B, T, generator=g) < torch.empty(B, 1).uniform_(0.3, 0.9, generator=g)
+        mask[:, 0] = False
+        for k in range(B):  # at least `min_tokens` valid tokens, at random positions
+            mask[k, 1 + torch.randperm(T - 1, generator=g)[:min_tokens]] = True
+        masks.append(mask)
+    return hidden[0].to(dtype), hidden[1].to(dtype), masks[0], masks[1]
+
+
+def pair_rel_err(a, b):
+    """Per pair, max_i |a_i - b_i| / max_i |b_i|; the worst pair."""
+    return float(((a - b).abs().amax(1) / b.abs().amax(1).clamp_min(1e-30)).max())
+
+
+def exact_cost(x, y, cost):
+    """The cost of one pair written directly from its definition, in float64."""
+    x, y = x.double(), y.double()
+    if cost == "cosine":
+        M = 1 - torch.nn.functional.cosine_similarity(x[:, None], y[None], dim=-1, eps=1e-30)
+    else:
+        d2 = (x[:, None] - y[None]).square().sum(-1)
+        M = d2.sqrt() if cost == "euclidean" else d2
+    M = M + 1e-6
+    return M / max(float(M.max()), 1.0)
+
+
+def targets(n, m, normalization):
+    return {"min": (min(n, m),) * 2, "mean": ((n + m) / 2,) * 2, "max": (max(n, m),) * 2, "length": (n, m)}[
+        normalization
+    ]
+
+
+# ------------------------------------------------------------------ agreement with POT
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("cost", COSTS)
+def test_batched_matches_pot(cost, normalization):
+    hc, hr, mc, mr = random_batch(10 * COSTS.index(cost) + NORMALIZATIONS.index(normalization))
+    assert not torch.equal(mc.sum(1), mr.sum(1))
+    kw = {"cost": cost, "normalization": normalization}
+    wc, wr, info = ot_token_weights(hc, hr, mc, mr, return_info=True, **kw)
+    rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, solver="pot", return_info=True, **kw)
+    assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4
+    torch.testing.assert_close(info.plan, rinfo.plan, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(info.plan_mass, rinfo.plan_mass, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cost", COSTS)
+@pytest.mark.parametrize("reg, log_domain", [(0.1, False), (0.01, True)])
+def test_batched_matches_pot_small_reg(cost, reg, log_domain, monkeypatch):
+    """reg = 0.01 puts max(M) / reg = 100 past the fp32 limit: the log-domain updates must agree with POT too."""
+    paths = []
+    sinkhorn = W._sinkhorn
+    monkeypatch.setattr(W, "_sinkhorn", lambda *a: paths.append(a[-1]) or sinkhorn(*a))
+    hc, hr, mc, mr = random_batch(7, Tc=30, Tr=26, offset=0.0)  # no offset: cosine costs reach 1 too
+    wc, wr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost)
+    rc, rr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost, solver="pot")
+    assert paths == [log_domain]
+    assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4
+
+
+def test_log_domain_equals_multiplicative(monkeypatch):
+    hc, hr, mc, mr = random_batch(3, dtype=torch.float64)
+    kw = {"reg": 0.05, "reg_m": 0.5, "tol": 1e-12, "normalization": "none"}
+    fast = ot_token_weights(hc, hr, mc, mr, **kw)
+    monkeypatch.setitem(W._EXP_LIMIT, torch.float64, 0.0)
+    logd = ot_token_weights(hc, hr, mc, mr, **kw)
+    for a, b in zip(fast, logd):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_duplicates_under_a_large_offset_match_pot():
+    """Tokens shared by both completions (a common prefix) under a large common offset: the matmul distance formula
+    would cancel catastrophically in fp32; their cost must be ~1e-6, as POT's exact one."""
+    hc, hr, mc, mr = random_batch(11, offset=1e3)
+    hr[:, 1:6], mr[:, 1:6], mc[:, 1:6] = hc[:, 1:6], True, True
+    for cost in COSTS:
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, reg=0.05, cost=cost, return_info=True)
+        rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, reg=0.05, cost=cost, solver="pot", return_info=True)
+        assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4, cost
+        if cost != "cosine":  # (under that offset all cosine costs are ~0) near-zero cost: duplicates take the mass
+            assert (info.plan[:, 1:6, 1:6].diagonal(dim1=1, dim2=2) > 0.5).all()
+
+
+# ------------------------------------------------------------------ optimality
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_plan_satisfies_first_order_conditions(cost):
+    """The minimiser of <P, M> + reg sum P(log P - 1) + reg_m KL(P1 | 1) + reg_m KL(P^T1 | 1) satisfies
+    M_ij + reg log P_ij + reg_m (log r_i + log c_j) = 0, r = P1, c = P^T1; and the raw weights are r and c."""
+    hc, hr, mc, mr = random_batch(5, dtype=torch.float64)
+    reg, reg_m = 0.3, 0.7
+    wc, wr, info = ot_token_weights(
+        hc, hr, mc, mr, reg=reg, reg_m=reg_m, cost=cost, normalization="none", tol=1e-12, return_info=True
+    )
+    for k in range(hc.shape[0]):
+        ic, ir = mc[k].nonzero().squeeze(1), mr[k].nonzero().squeeze(1)
+        P = info.plan[k][ic][:, ir].double()
+        r, c = P.sum(1), P.sum(0)
+        torch.testing.assert_close(wc[k, ic].double(), r, rtol=1e-6, atol=0)
+        torch.testing.assert_close(wr[k, ir].double(), c, rtol=1e-6, atol=0)
+        assert P.sum() / min(len(ic), len(ir)) == pytest.approx(float(info.plan_mass[k]), rel=1e-5)
+        M = exact_cost(hc[k, ic], hr[k, ir], cost)
+        residual = M + reg * P.log() + reg_m * (r.log()[:, None] + c.log()[None, :])
+        assert residual.abs().max() < 1e-5
+    assert info.plan[~(mc[:, :, None] & mr[:, None, :])].abs().max() == 0
+
+
+# ------------------------------------------------------------------ masking and normalisation
+
+
+def test_padding_changes_no_weight():
+    """Extra masked positions, anywhere and holding garbage (NaN, inf, huge), are never read."""
+    hc, hr, mc, mr = random_batch(2)
+    wc, wr = ot_token_weights(hc, hr, mc, mr)
+    g = torch.Generator().manual_seed(0)
+
+    def pad(h, mask, extra=9):
+        T = h.shape[1] + extra
+        old = torch.sort(torch.randperm(T, generator=g)[: h.shape[1]]).values  # where the original positions go
+        hp = torch.full((h.shape[0], T, h.shape[2]), float("nan"))
+        hp[:, :, 0], hp[:, :, 1] = float("inf"), -1e38
+        mp = torch.zeros(h.shape[0], T, dtype=torch.bool)
+        hp[:, old], mp[:, old] = h, mask
+        return hp, mp, old
+
+    hcp, mcp, oc = pad(hc, mc)
+    hrp, mrp, orr = pad(hr, mr)
+    for solver in ("batched", "pot"):
+        pc, pr = ot_token_weights(hcp, hrp, mcp, mrp, solver=solver)
+        ref_c, ref_r = (wc, wr) if solver == "batched" else ot_token_weights(hc, hr, mc, mr, solver="pot")
+        torch.testing.assert_close(pc[:, oc], ref_c, rtol=0, atol=0)
+        torch.testing.assert_close(pr[:, orr], ref_r, rtol=0, atol=0)
+        assert (pc[~mcp] == 0).all() and (pr[~mrp] == 0).all()
+
+
+def test_pair_does_not_depend_on_its_batch():
+    hc, hr, mc, mr = random_batch(4, B=5)
+    wc, wr = ot_token_weights(hc, hr, mc, mr)
+    for k in range(5):
+        sc, sr = ot_token_weights(hc[k : k + 1], hr[k : k + 1], mc[k : k + 1], mr[k : k + 1])
+        torch.testing.assert_close(sc[0], wc[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sr[0], wr[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["min", "mean", "max", "length"])
+def test_masked_zero_and_sums_hit_the_target(normalization):
+    hc, hr, mc, mr = random_batch(6, B=6)
+    mask_c = mc.long()  # 0/1 integer masks are accepted
+    wc, wr = ot_token_weights(hc, hr, mask_c, mr, normalization=normalization)
+    assert wc.dtype == wr.dtype == torch.float32
+    assert (wc[~mc] == 0).all() and (wr[~mr] == 0).all()
+    assert (wc[mc] > 0).all() and (wr[mr] > 0).all()
+    for k in range(6):
+        tc, tr = targets(int(mc[k].sum()), int(mr[k].sum()), normalization)
+        assert float(wc[k].sum()) == pytest.approx(tc, rel=1e-5)
+        assert float(wr[k].sum()) == pytest.approx(tr, rel=1e-5)
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("solver", ["batched", "pot"])
+def test_empty_side_gives_zero_weights(solver):
+    hc, hr, mc, mr = random_batch(8, B=4)
+    mc[0], mr[1], mc[2], mr[2] = False, False, False, False  # empty chosen, empty rejected, both empty
+    for normalization in ("min", "length", "none"):
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, solver=solver, normalization=normalization, return_info=True)
+        assert torch.isfinite(wc).all() and torch.isfinite(wr).all()
+        assert (wc[:3] == 0).all() and (wr[:3] == 0).all() and (info.plan[:3] == 0).all()
+        assert (info.plan_mass[:3] == 0).all() and not info.fallback.any()
+        assert wc[3].sum() > 0 and wr[3].sum() > 0
+    # every pair empty (the early exit), and an empty batch
+    wc, wr, info = ot_token_weights(hc, hr, mc & False, mr, solver=solver, return_info=True)
+    assert (wc == 0).all() and (wr == 0).all() and info.n_iter == 0
+    wc, wr = ot_token_weights(hc[:0], hr[:0], mc[:0], mr[:0], solver=solver)
+    assert wc.shape == (0, hc.shape[1]) and wr.shape == (0, hr.shape[1])
+
+
+def test_single_tokens():
+    hc, hr, mc, mr = random_batch(9, B=2, min_tokens=1)
+    mc[:] = False
+    mc[:, 5] = True
+    mr[1] = False
+    mr[1, 3] = True
+    wc, wr = ot_token_weights(hc, hr, mc, mr, normalization="min")
+    assert wc[:, 5].tolist() == pytest.approx([1.0, 1.0]) and wr[1, 3] == pytest.approx(1.0)
+    assert float(wr[0].sum()) == pytest.approx(1.0)
+    wc, wr = ot_token_weights(hc, hr, mc, mr, normalization="max")
+    assert float(wc[0, 5]) == pytest.approx(float(mr[0].sum()))
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_identical_completions_give_symmetric_weights(cost):
+    hc, _, mc, _ = random_batch(10)
+    wc, wr = ot_token_weights(hc, hc.clone(), mc, mc.clone(), cost=cost, reg=0.1)
+    torch.testing.assert_close(wc, wr, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_input():
+    hc, hr, mc, mr = random_batch(12)
+    wc, wr = ot_token_weights(hc.bfloat16(), hr.bfloat16(), mc, mr)
+    assert wc.dtype == wr.dtype == torch.float32
+    # the same (bf16-rounded) values in fp32 give the same answer; the rounding itself changes little
+    sc, sr = ot_token_weights(hc.bfloat16().float(), hr.bfloat16().float(), mc, mr)
+    torch.testing.assert_close(wc, sc, rtol=1e-5, atol=1e-6)
+    fc, fr = ot_token_weights(hc, hr, mc, mr)
+    assert pair_rel_err(wc, fc) < 2e-2 and pair_rel_err(wr, fr) < 2e-2
+
+
+def test_output_is_detached():
+    hc, hr, mc, mr = random_batch(13)
+    hc.requires_grad_(True)
+    hr.requires_grad_(True)
+    for solver in ("batched", "pot"):
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, solver=solver, return_info=True)
+        assert not (wc.requires_grad or wr.requires_grad or info.plan.requires_grad)
+
+
+@pytest.mark.parametrize("solver", ["batched", "pot"])
+def test_non_finite_pair_falls_back_to_uniform(solver):
+    hc, hr, mc, mr = random_batch(14, B=5)
+    good = [0, 2]
+    clean = ot_token_weights(hc[good], hr[good], mc[good], mr[good], solver=solver)
+    i = mc[1].nonzero()[0, 0]
+    hc[1, i, 0] = float("nan")
+    hr[3, mr[3].nonzero()[-1, 0], 2] = float("inf")
+    hc[4, mc[4].nonzero()[0, 0]] = 1e30  # finite, but its squared distances overflow fp32
+    with pytest.warns(UserWarning, match="uniform"):
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, solver=solver, return_info=True)
+    expected_fallback = [False, True, False, True, solver == "batched"]
+    assert info.fallback.tolist() == expected_fallback
+    assert torch.isfinite(wc).all() and torch.isfinite(wr).all() and torch.isfinite(info.plan).all()
+    for k in (1, 3):
+        n, m = int(mc[k].sum()), int(mr[k].sum())
+        torch.testing.assert_close(wc[k][mc[k]], torch.full((n,), min(n, m) / n))
+        torch.testing.assert_close(wr[k][mr[k]], torch.full((m,), min(n, m) / m))
+        assert info.plan_mass[k] == 0
+    torch.testing.assert_close(wc[good], clean[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wr[good], clean[1], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ random property test
+
+
+def test_random_cases_are_valid_weights():
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    for case in range(50):
+        B, Tc, Tr, H = rng.randint(1, 4), rng.randint(1, 30), rng.randint(1, 30), rng.choice([1, 8, 33])
+        dtype = dtypes[case % 3]
+        cost, normalization = COSTS[case % 3], NORMALIZATIONS[case % 5]
+        reg, reg_m = (
+            math.exp(rng.uniform(math.log(0.05), math.log(5))),
+            math.exp(rng.uniform(math.log(0.05), math.log(5))),
+        )
+        g = torch.Generator().manual_seed(case)
+        hc = (torch.randn(B, Tc, H, generator=g) * rng.choice([0.01, 1, 100])).to(dtype)
+        hr = (torch.randn(B, Tr, H, generator=g) * rng.choice([0.01, 1, 100])).to(dtype)
+        mc, mr = torch.rand(B, Tc, generator=g) < rng.random(), torch.rand(B, Tr, generator=g) < rng.random()
+        wc, wr = ot_token_weights(hc, hr, mc, mr, reg=reg, reg_m=reg_m, cost=cost, normalization=normalization)
+        msg = f"case {case}: {B=} {Tc=} {Tr=} {H=} {dtype} {cost} {normalization} {reg=:.3g} {reg_m=:.3g}"
+        assert wc.dtype == torch.float32 and wc.shape == (B, Tc) and wr.shape == (B, Tr), msg
+        assert torch.isfinite(wc).all() and torch.isfinite(wr).all(), msg
+        assert (wc >= 0).all() and (wr >= 0).all(), msg
+        assert (wc[~mc] == 0).all() and (wr[~mr] == 0).all(), msg
+        for k in range(B):
+            n, m = int(mc[k].sum()), int(mr[k].sum())
+            if n == 0 or m == 0:
+                assert wc[k].sum() == 0 and wr[k].sum() == 0, msg
+            elif normalization != "none":
+                tc, tr = targets(n, m, normalization)
+                assert float(wc[k].sum()) == pytest.approx(tc, rel=1e-4), msg
+                assert float(wr[k].sum()) == pytest.approx(tr, rel=1e-4), msg
+
+
+# ------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"reg": 0.0}, "reg"),
+        ({"reg": -1.0}, "reg"),
+        ({"reg": float("nan")}, "reg"),
+        ({"reg_m": 0.0}, "reg_m"),
+        ({"reg_m": float("inf")}, "reg_m"),
+        ({"tol": 0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"max_iter": 1.5}, "max_iter"),
+        ({"cost": "manhattan"}, "cost"),
+        ({"normalization": "sum"}, "normalization"),
+        ({"solver": "sinkhorn"}, "solver"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    hc, hr, mc, mr = random_batch(0, B=2)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        ot_token_weights(hc, hr, mc, mr, **kwargs)
+
+
+def test_bad_shapes():
+    hc, hr, mc, mr = random_batch(0, B=2)
+    with pytest.raises(ValueError, match="`chosen_mask`"):
+        ot_token_weights(hc, hr, mc[:, :-1], mr)
+    with pytest.raises(ValueError, match="`rejected_mask`"):
+        ot_token_weights(hc, hr, mc, mr[:1])
+    with pytest.raises(ValueError, match="`chosen_hidden`"):
+        ot_token_weights(hc[0], hr, mc, mr)
+    with pytest.raises(ValueError, match="batch sizes"):
+        ot_token_weights(hc, hr[:1], mc, mr[:1])
+    with pytest.raises(ValueError, match="hidden sizes"):
+        ot_token_weights(hc, hr[..., :3], mc, mr)
