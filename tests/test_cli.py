@@ -1,0 +1,190 @@
+"""scripts/train.py's command line: every recipe parses, unknown keys and bad values fail by name, configs load."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from trl import DPOConfig
+
+from otpo_trl import OTPOConfig
+
+from .conftest import REPO_ROOT
+
+
+CONFIGS = REPO_ROOT / "configs"
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
+ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+QUICKSTART = CONFIGS / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def train():
+    """scripts/train.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_argv(path):
+    # bf16 recipes are for GPUs; transformers refuses bf16 on a machine without one unless told to use the CPU.
+    needs_cpu = yaml.safe_load(Path(path).read_text()).get("bf16") and not torch.cuda.is_available()
+    return ["--config", str(path), *(["--use_cpu", "true"] if needs_cpu else [])]
+
+
+def write_recipe(tmp_path, **changes):
+    recipe = {**yaml.safe_load(QUICKSTART.read_text()), **changes}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_recipes_found():
+    names = {str(p.relative_to(CONFIGS)) for p in RECIPES}
+    assert "quickstart.yaml" in names
+    assert {"llama-3-8b-instruct/otpo_full.yaml", "llama-3.2-3b-instruct/dpo_full.yaml"} <= names
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"single_gpu", "ddp", "deepspeed_zero3", "fsdp"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIGS)) for p in RECIPES])
+def test_every_recipe_parses(train, path):
+    script_args, training_args, model_args = train.parse_args(recipe_argv(path))
+    recipe = yaml.safe_load(path.read_text())
+    assert isinstance(training_args, OTPOConfig)
+    assert script_args.trainer == recipe["trainer"]
+    assert model_args.model_name_or_path == recipe["model_name_or_path"]
+    assert training_args.learning_rate == pytest.approx(float(recipe["learning_rate"]))
+    if script_args.trainer == "dpo":
+        assert type(train.to_dpo_config(training_args)) is DPOConfig
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.startswith("dpo_")], ids=lambda p: p.parent.name)
+def test_dpo_baselines_match_their_otpo_recipe(path):
+    dpo = yaml.safe_load(path.read_text())
+    otpo = yaml.safe_load(path.with_name(path.name.replace("dpo_", "otpo_")).read_text())
+    assert dpo.pop("trainer") == "dpo" and otpo.pop("trainer") == "otpo"
+    assert dpo.pop("output_dir") != otpo.pop("output_dir")
+    assert dpo == otpo
+
+
+def test_paper_hyper_parameters():
+    full = yaml.safe_load((CONFIGS / "llama-3-8b-instruct" / "otpo_full.yaml").read_text())
+    expected = {"beta": 0.01, "ot_reg": 1.0, "ot_reg_m": 0.2, "learning_rate": 5.0e-7, "lr_scheduler_type": "cosine"}
+    expected |= {"warmup_steps": 0.1, "num_train_epochs": 1, "max_length": 2048, "bf16": True, "seed": 42}
+    assert {k: full[k] for k in expected} == expected
+    assert full["activation_checkpointing"] is True
+    assert 8 * full["per_device_train_batch_size"] * full["gradient_accumulation_steps"] == 128  # on 8 GPUs
+    small = yaml.safe_load((CONFIGS / "llama-3.2-3b-instruct" / "otpo_full.yaml").read_text())
+    assert (small["beta"], small["ot_reg"]) == (0.1, 0.1)
+
+
+def test_quickstart_recipe_is_cpu_sized():
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    assert recipe["bf16"] is False and recipe["use_peft"] is True and recipe["trainer"] == "otpo"
+    assert recipe["max_steps"] <= 12 and recipe["max_length"] <= 512 and recipe["per_device_train_batch_size"] <= 2
+    # Paths are relative to the repository root, where `make quickstart` runs.
+    assert recipe["model_name_or_path"] == "models/SmolLM2-135M-Instruct"
+    assert (REPO_ROOT / recipe["dataset_name"]).resolve() == (REPO_ROOT.parent / "shared/data/ultrafeedback").resolve()
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_configs_load(path):
+    config = load_config_from_file(str(path))
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    assert config.num_machines == 1 and config.machine_rank == 0
+    # Precision comes from the recipe's `bf16`: an accelerate-level bf16 would override `bf16: false` on CPU.
+    assert config.mixed_precision == "no"
+    expected_type = {"single_gpu": "NO", "ddp": "MULTI_GPU", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}
+    assert config.distributed_type.value == expected_type[path.stem]
+
+
+def test_accelerate_configs_differ_only_in_the_distributed_block():
+    distributed = {"distributed_type", "num_processes", "deepspeed_config", "fsdp_config", "gpu_ids"}
+    distributed |= {"enable_cpu_affinity"}
+    configs = [yaml.safe_load(p.read_text()) for p in ACCELERATE_CONFIGS]
+    common = [{k: v for k, v in config.items() if k not in distributed} for config in configs]
+    assert all(c == common[0] for c in common)
+
+
+def test_command_line_overrides_the_recipe(train):
+    script_args, training_args, model_args = train.parse_args(
+        ["--config", str(QUICKSTART), "--max_steps", "2", "--ot_reg", "0.5", "--trainer", "dpo", "--lora_r", "4"]
+    )
+    assert (training_args.max_steps, training_args.ot_reg, model_args.lora_r) == (2, 0.5, 4)
+    assert script_args.trainer == "dpo"
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    assert training_args.per_device_train_batch_size == recipe["per_device_train_batch_size"]  # kept from the recipe
+
+
+def test_unknown_key_in_recipe_fails_naming_it(train, tmp_path):
+    path = write_recipe(tmp_path, lerning_rate=1e-5)
+    with pytest.raises(ValueError, match=r"`lerning_rate` in the recipe \(did you mean `learning_rate`"):
+        train.parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flag", ["--ot_regg", "--ot_re"], ids=["misspelt", "abbreviated"])
+def test_unknown_key_on_command_line_fails_naming_it(train, flag):
+    with pytest.raises(ValueError, match=f"`{flag[2:]}` in the command line"):
+        train.parse_args(["--config", str(QUICKSTART), flag, "0.5"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("ot_reg", -1.0), ("ot_normalization", "sum"), ("beta", 0.0), ("loss_type", ["sigmoid", "typo"])],
+)
+def test_bad_value_in_recipe_fails_naming_the_field(train, tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        train.parse_args(["--config", str(write_recipe(tmp_path, **{field: value}))])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--ot_cost", "manhattan"], ["--per_device_train_batch_size", "two"], ["--trainer", "ppo"]],
+    ids=["choice", "type", "trainer"],
+)
+def test_bad_value_on_command_line_fails_naming_the_field(train, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--config", str(QUICKSTART), *argv])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_dpo_config_keeps_every_shared_value(train):
+    _, training_args, _ = train.parse_args(["--config", str(QUICKSTART), "--beta", "0.3", "--max_length", "128"])
+    dpo = train.to_dpo_config(training_args)
+    assert type(dpo) is DPOConfig
+    shared = ("beta", "max_length", "learning_rate", "lr_scheduler_type", "seed", "bf16", "max_steps")
+    assert {f: getattr(dpo, f) for f in shared} == {f: getattr(training_args, f) for f in shared}
+    assert dpo.activation_checkpointing is False
+
+
+def test_find_checkpoint(train, tmp_path):
+    _, training_args, _ = train.parse_args(["--config", str(QUICKSTART), "--output_dir", str(tmp_path)])
+    assert train.find_checkpoint(training_args) is None
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert train.find_checkpoint(training_args) == str(tmp_path / "checkpoint-10")
+    training_args.resume_from_checkpoint = "false"
+    assert train.find_checkpoint(training_args) is None
+    training_args.resume_from_checkpoint = "true"  # HF Trainer's `True`: the last checkpoint in output_dir
+    assert train.find_checkpoint(training_args) is True
+    training_args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
+    assert train.find_checkpoint(training_args) == str(tmp_path / "checkpoint-2")
+
+
+def test_bad_data_fails_before_loading_the_model(train, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    args = train.parse_args(
+        [
+            *["--config", str(QUICKSTART), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")],
+            *["--model_name_or_path", str(tmp_path / "no-such-model")],
+        ]
+    )
+    with pytest.raises(ValueError, match=r"has columns \['completion', 'prompt'\].*'chosen', 'rejected'"):
+        train.main(*args)

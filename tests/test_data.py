@@ -1,0 +1,175 @@
+"""Preference data: every supported layout maps to TRL's format, filters count right, bad data fails clearly."""
+
+import json
+import logging
+
+import pytest
+from datasets import Dataset
+
+from otpo_trl.data import (
+    detect_layout,
+    drop_identical_pairs,
+    drop_score_ties,
+    load_preference_dataset,
+    load_raw_split,
+    to_preference_format,
+    validate_columns,
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# One pair, in each layout. The H4 row mirrors HuggingFaceH4/ultrafeedback_binarized (train_prefs).
+PROMPT, GOOD, BAD = "What is 2 + 2?", "It is 4.", "It is 5."
+TRL_IMPLICIT = {  # trl-lib/ultrafeedback_binarized
+    "chosen": [user(PROMPT), assistant(GOOD)],
+    "rejected": [user(PROMPT), assistant(BAD)],
+    "score_chosen": 8.0,
+    "score_rejected": 3.0,
+}
+TRL_EXPLICIT = {"prompt": [user(PROMPT)], "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}
+STANDARD_EXPLICIT = {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD}
+STANDARD_IMPLICIT = {"chosen": f"{PROMPT} {GOOD}", "rejected": f"{PROMPT} {BAD}"}
+H4 = {
+    "prompt": PROMPT,
+    "prompt_id": "0f3e",
+    "chosen": [user(PROMPT), assistant(GOOD)],
+    "rejected": [user(PROMPT), assistant(BAD)],
+    "messages": [user(PROMPT), assistant(GOOD)],
+    "score_chosen": 8.0,
+    "score_rejected": 3.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("row", "layout", "expected"),
+    [
+        (TRL_IMPLICIT, "conversational", {k: TRL_IMPLICIT[k] for k in ("chosen", "rejected")}),
+        (TRL_EXPLICIT, "conversational", TRL_EXPLICIT),
+        (STANDARD_EXPLICIT, "standard", STANDARD_EXPLICIT),
+        (STANDARD_IMPLICIT, "standard", STANDARD_IMPLICIT),
+        (H4, "prompt_in_completions", TRL_EXPLICIT),
+    ],
+    ids=["trl_implicit", "trl_explicit", "standard_explicit", "standard_implicit", "h4"],
+)
+def test_each_layout_maps_to_trl_format(row, layout, expected):
+    assert detect_layout(row) == layout
+    mapped = to_preference_format(Dataset.from_list([row, row]))
+    assert sorted(mapped.column_names) == sorted(expected)
+    assert mapped[0] == expected
+
+
+def test_h4_multi_turn_keeps_the_shared_turns_as_prompt():
+    history = [user("Hi"), assistant("Hello!"), user(PROMPT)]
+    row = {**H4, "chosen": [*history, assistant(GOOD)], "rejected": [*history, assistant(BAD)]}
+    mapped = to_preference_format(Dataset.from_list([row]))[0]
+    assert mapped == {"prompt": history, "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}
+
+
+def pairs(scores, identical=()):
+    """Rows in the trl-lib layout with these (chosen, rejected) scores; rows in `identical` have chosen == rejected."""
+    rows = []
+    for i, (sc, sr) in enumerate(scores):
+        good, bad = f"answer {i}", f"answer {i}" if i in identical else f"wrong {i}"
+        rows.append(
+            {
+                "chosen": [user(f"q{i}"), assistant(good)],
+                "rejected": [user(f"q{i}"), assistant(bad)],
+                "score_chosen": sc,
+                "score_rejected": sr,
+            }
+        )
+    return rows
+
+
+def test_drop_ties_and_identical_count_and_log(caplog):
+    dataset = Dataset.from_list(pairs([(5, 1), (3, 3), (4, 2), (2, 2), (6, 1)], identical={2, 3}))
+    with caplog.at_level(logging.INFO, logger="otpo_trl"):
+        no_ties = drop_score_ties(dataset)
+        assert len(no_ties) == 3
+        assert "Dropped 2 of 5 pairs with tied scores" in caplog.text
+        distinct = drop_identical_pairs(no_ties)
+    assert len(distinct) == 2  # row 2 (identical) goes; row 3 (identical) already went as a tie
+    assert "Dropped 1 of 3 pairs whose chosen equals rejected" in caplog.text
+    assert [r["chosen"][0]["content"] for r in distinct] == ["q0", "q4"]
+
+
+def test_drop_ties_without_scores_warns_and_keeps_everything(caplog):
+    dataset = Dataset.from_list([STANDARD_EXPLICIT] * 3)
+    with caplog.at_level(logging.WARNING, logger="otpo_trl"):
+        assert len(drop_score_ties(dataset)) == 3
+    assert "no score columns" in caplog.text
+
+
+def test_drop_ties_reads_argilla_rating_columns():
+    rows = [{**STANDARD_EXPLICIT, "chosen-rating": c, "rejected-rating": r} for c, r in [(5, 5), (5, 4)]]
+    assert len(drop_score_ties(Dataset.from_list(rows))) == 1
+
+
+def test_missing_columns_name_the_found_and_expected():
+    with pytest.raises(ValueError) as err:
+        validate_columns(["prompt", "completion", "label"], name="my/data [train]")
+    message = str(err.value)
+    assert "my/data [train]" in message
+    assert "['completion', 'label', 'prompt']" in message  # found
+    assert "'chosen', 'rejected'" in message  # expected
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_local_jsonl_json_parquet_and_folder(tmp_path):
+    rows = pairs([(5, 1), (4, 2), (3, 1)])
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    for source in (tmp_path / "train.jsonl", tmp_path / "data.json", tmp_path / "pairs.parquet", tmp_path):
+        dataset = load_preference_dataset(str(source), "train")
+        assert len(dataset) == 3, source
+        assert dataset.column_names == ["chosen", "rejected"]
+
+
+def test_load_folder_split_names_and_save_to_disk(tmp_path):
+    h4 = tmp_path / "h4"
+    h4.mkdir()
+    write_jsonl(h4 / "train_prefs.jsonl", [H4] * 4)
+    write_jsonl(h4 / "test_prefs.jsonl", [H4] * 2)
+    assert len(load_preference_dataset(str(h4), "test_prefs")) == 2
+    train = load_preference_dataset(str(h4), "train_prefs", max_samples=3)
+    assert len(train) == 3 and train[0] == TRL_EXPLICIT
+
+    Dataset.from_list([TRL_EXPLICIT] * 2).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_raw_split(str(tmp_path / "saved"), "train")) == 2
+
+
+def test_missing_split_or_path_fails_clearly(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", pairs([(5, 1)]))
+    with pytest.raises(FileNotFoundError, match=r"split 'test'.*found \['train.jsonl'\]"):
+        load_raw_split(str(tmp_path), "test")
+    with pytest.raises(FileNotFoundError, match="No such data file or folder"):
+        load_raw_split(str(tmp_path / "nope.jsonl"), "train")
+
+
+def test_wrong_columns_fail_before_filtering(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
+    with pytest.raises(ValueError, match=r"has columns \['completion', 'label', 'prompt'\]"):
+        load_preference_dataset(str(path), drop_ties=True)
+
+
+def test_ultrafeedback_sample(sample_data_dir):
+    raw = load_raw_split(str(sample_data_dir), "train")
+    assert len(raw) == 1000
+    dataset = load_preference_dataset(str(sample_data_dir), "train", drop_ties=True, drop_identical=True)
+    assert len(dataset) == 1000 - 111 - 3  # 111 ties, 4 identical of which 1 is also a tie (see its README)
+    assert dataset.column_names == ["chosen", "rejected"]
+    assert detect_layout(dataset[0]) == "conversational"
+    test = load_preference_dataset(str(sample_data_dir), "test", max_samples=10)
+    assert len(test) == 10

@@ -1,0 +1,144 @@
+"""End to end: `accelerate launch scripts/train.py` in a subprocess, a tiny Llama, the UltraFeedback sample, CPU.
+
+About a minute and a half on 2 CPU cores, most of it process start-up. Run only these with `pytest -m slow`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO_ROOT
+
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def tiny_recipe(model_dir, data_dir, output_dir, **changes):
+    """A recipe like configs/quickstart.yaml, sized for a tiny model: 3 steps of 2 pairs, 512 tokens, CPU."""
+    recipe = {
+        # Model and LoRA
+        "model_name_or_path": model_dir,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        # Data
+        "dataset_name": str(data_dir),
+        "max_train_samples": 16,
+        "max_eval_samples": 4,
+        "drop_ties": True,
+        "drop_identical": True,
+        # OTPO
+        "trainer": "otpo",
+        "beta": 0.1,
+        # Training
+        "output_dir": str(output_dir),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 1.0e-2,
+        "max_length": 512,
+        "bf16": False,
+        "use_cpu": True,
+        "activation_checkpointing": False,
+        "dataloader_drop_last": True,
+        "do_eval": True,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "report_to": "none",
+        "seed": 42,
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
+    """Run scripts/train.py through `accelerate launch` from the repository root; return its combined output."""
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    if num_processes == 1:
+        launcher = ["--config_file", "configs/accelerate/single_gpu.yaml", "--cpu"]
+    else:
+        # The DDP config through torchrun; `use_cpu: true` in the recipe puts each process on the CPU (gloo).
+        # (`accelerate launch --cpu --num_processes N` would start a single process: it needs mpirun for more.)
+        launcher = ["--config_file", "configs/accelerate/ddp.yaml", "--num_processes", str(num_processes)]
+    # Without an editable install, the child processes find otpo_trl through PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [ACCELERATE, "launch", *launcher, "scripts/train.py", "--config", str(path), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    return output
+
+
+def logged(output_dir, key="loss"):
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return {h["step"]: h[key] for h in state["log_history"] if key in h}
+
+
+def test_lora_run_saves_everything_and_resumes_at_the_saved_step(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "out"
+    recipe = tiny_recipe(tiny_model_dir, sample_data_dir, out)
+    launch(tmp_path, recipe)
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (out / name).exists(), name
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert "OTPO" in card and "2505.18720" in card
+    results = json.loads((out / "all_results.json").read_text())
+    # Pairs whose prompt alone fills max_length are dropped by TRL (the tiny tokenizer's tokens are short).
+    assert 0 < results["train_samples"] <= 16 and 0 < results["eval_samples"] <= 4 and "eval_loss" in results
+    first = logged(out)
+    assert sorted(first) == [1, 2, 3]
+    assert len(set(first.values())) > 1  # the model trained
+
+    # Lose the last checkpoint: the same command resumes from checkpoint-2 and redoes step 3 identically.
+    shutil.rmtree(out / "checkpoint-3")
+    output = launch(tmp_path, recipe)
+    assert f"resuming training from {out / 'checkpoint-2'}" in output
+    resumed = logged(out)
+    assert sorted(resumed) == [1, 2, 3]
+    assert resumed[3] == pytest.approx(first[3], rel=1e-5)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_two_process_data_parallel_matches_one_process(tiny_model_dir, sample_data_dir, tmp_path):
+    """2 processes x 2 pairs and 1 process x 4 pairs see the same global batches (sequential sampling), so the
+    logged losses agree; and near-uniform OT weights reproduce DPO under the same 2-process launch."""
+    common = {"use_peft": False, "do_eval": False, "save_strategy": "no", "learning_rate": 1.0e-3}
+    common |= {"train_sampling_strategy": "sequential", "log_level": "info"}  # info: the total batch size is logged
+
+    def run(name, num_processes, batch_size, **changes):
+        recipe = tiny_recipe(tiny_model_dir, sample_data_dir, tmp_path / name, **common, **changes)
+        recipe["per_device_train_batch_size"] = batch_size
+        output = launch(tmp_path, recipe, num_processes=num_processes)
+        assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in output
+        return logged(tmp_path / name)
+
+    two = run("otpo-2x2", 2, 2)
+    one = run("otpo-1x4", 1, 4)
+    assert sorted(two) == [1, 2, 3]
+    assert len(set(two.values())) > 1
+    assert two == pytest.approx(one, rel=1e-4)
+
+    uniform = run("otpo-uniform-2x2", 2, 2, ot_reg=1.0e6, ot_normalization="length")
+    dpo = run("dpo-2x2", 2, 2, trainer="dpo")
+    assert uniform == pytest.approx(dpo, rel=1e-4)
