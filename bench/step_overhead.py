@@ -191,8 +191,12 @@ def main(argv=None):
     print(f"model {args.model}  batch {args.batch} pairs  max_length {args.max_length}  {tokens} tokens/step")
     print(f"DPO  median {median['dpo']:.3f} s/step   peak {memory['dpo'] / 2**20:.0f} MiB ({memory_kind})")
     print(f"OTPO median {median['otpo']:.3f} s/step   peak {memory['otpo'] / 2**20:.0f} MiB")
-    print(f"OT weights {result['ot_weights_seconds_per_step'] * 1e3:.1f} ms/step ({result['ot_share_of_otpo_step']:.2%})")
-    print(f"ratio OTPO/DPO: time {result['time_ratio_otpo_over_dpo']:.3f}  memory {result['memory_ratio_otpo_over_dpo']:.3f}")
+    print(
+        f"OT weights {result['ot_weights_seconds_per_step'] * 1e3:.1f} ms/step ({result['ot_share_of_otpo_step']:.2%})"
+    )
+    print(
+        f"ratio OTPO/DPO: time {result['time_ratio_otpo_over_dpo']:.3f}  memory {result['memory_ratio_otpo_over_dpo']:.3f}"
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -2,10 +2,11 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .ot_weights import COSTS as OT_COSTS
+from .ot_weights import NORMALIZATIONS as OT_NORMALIZATIONS
+from .ot_weights import SOLVERS as OT_SOLVERS
 
-OT_COSTS = ("euclidean", "sqeuclidean", "cosine")
-OT_NORMALIZATIONS = ("min", "mean", "max", "length", "none")
-OT_SOLVERS = ("batched", "pot")
+
 # Every `loss_type` of TRL 1.16's DPOTrainer; all act on (OT-weighted) summed log-probs, so all can be weighted.
 LOSS_TYPES = (
     "sigmoid",

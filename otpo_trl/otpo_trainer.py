@@ -11,12 +11,15 @@ code, run on OTPO's weighted sums. `tests/test_trainer.py` tests this seam.
 import contextlib
 import textwrap
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
@@ -52,6 +55,22 @@ def capture_last_hidden(backbone: torch.nn.Module):
         yield box
     finally:
         handle.remove()
+
+
+class OTWeightHistogramCallback(TrainerCallback):
+    """Writes a histogram of the OT token weights (completion tokens of the last training batch) to TensorBoard at
+    every logging step, beside the `ot/*` scalars. Added by `OTPOTrainer` when `report_to` includes tensorboard."""
+
+    def __init__(self, trainer: "OTPOTrainer"):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        weights = self.trainer._ot_last_weights
+        if weights is None or "loss" not in (logs or {}):  # training logs only
+            return
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                callback.tb_writer.add_histogram("ot/token_weights", weights, state.global_step)
 
 
 class OTPOTrainer(DPOTrainer):
@@ -107,8 +126,13 @@ class OTPOTrainer(DPOTrainer):
         self._ref_per_token: dict | None = None  # set while precomputing reference log-probs
         self._ot_wrapped = False
         self._ot_warned_fallback = False
+        self._ot_last_weights: torch.Tensor | None = None  # (n_tokens,) of the last training batch, for TensorBoard
+        self._ot_histogram = False
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         self._install_ot_forward()
+        self._ot_histogram = "tensorboard" in (self.args.report_to or [])
+        if self._ot_histogram:
+            self.add_callback(OTWeightHistogramCallback(self))
 
     # ------------------------------------------------------------------ the seam with TRL's fused forward
 
@@ -202,22 +226,26 @@ class OTPOTrainer(DPOTrainer):
         args = self.args
         chosen_hidden, rejected_hidden = hidden.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        chosen_w, rejected_w, info = ot_token_weights(
-            chosen_hidden,
-            rejected_hidden,
-            chosen_mask,
-            rejected_mask,
-            reg=args.ot_reg,
-            reg_m=args.ot_reg_m,
-            cost=args.ot_cost,
-            normalization=args.ot_normalization,
-            solver=args.ot_solver,
-            max_iter=args.ot_max_iter,
-            tol=args.ot_tol,
-            return_info=True,
-        )
+        with warnings.catch_warnings():  # a fallback is logged once below and counted in `ot/fallbacks`
+            warnings.filterwarnings("ignore", message="OT weights: ", category=UserWarning)
+            chosen_w, rejected_w, info = ot_token_weights(
+                chosen_hidden,
+                rejected_hidden,
+                chosen_mask,
+                rejected_mask,
+                reg=args.ot_reg,
+                reg_m=args.ot_reg_m,
+                cost=args.ot_cost,
+                normalization=args.ot_normalization,
+                solver=args.ot_solver,
+                max_iter=args.ot_max_iter,
+                tol=args.ot_tol,
+                return_info=True,
+            )
         weights = torch.cat([chosen_w, rejected_w], dim=0)
         self._log_ot_metrics(weights, shift_mask, info)
+        if self._ot_histogram and self.model.training:
+            self._ot_last_weights = weights[shift_mask].cpu()
         return weights
 
     def _log_ot_metrics(self, weights: torch.Tensor, mask: torch.Tensor, info) -> None:
@@ -274,7 +302,9 @@ class OTPOTrainer(DPOTrainer):
         self._install_ot_forward()  # TRL calls this at the end of its __init__, before ours resumes
         # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums.
         if self._precompute_model_hash is not None and not getattr(self, "_otpo_hash_tagged", False):
-            self._precompute_model_hash = Hasher.hash((self._precompute_model_hash, "otpo-per-token", self.args.max_length))
+            self._precompute_model_hash = Hasher.hash(
+                (self._precompute_model_hash, "otpo-per-token", self.args.max_length)
+            )
             self._otpo_hash_tagged = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
@@ -299,4 +329,4 @@ class OTPOTrainer(DPOTrainer):
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
 
 
-__all__ = ["OTPOTrainer", "capture_last_hidden"]
+__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden"]

@@ -182,6 +182,12 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     logger.info(f"Script arguments: {script_args}")
     logger.info(f"Model arguments: {model_args}")
     logger.info(f"Training arguments: {training_args}")
+    if "tensorboard" in (training_args.report_to or []):
+        # transformers 5.x has no `logging_dir`: without this variable, TensorBoard writes to ./runs of the caller.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training_args.output_dir, "runs"))
+        logger.info(
+            f"TensorBoard logs (ot/* scalars, ot/token_weights histogram): {os.environ['TENSORBOARD_LOGGING_DIR']}"
+        )
     checkpoint = find_checkpoint(training_args)
 
     ###############
@@ -316,6 +322,9 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
         logger.info("*** Push to the Hub ***")
         trainer.push_to_hub(dataset_name=None if is_local_data else script_args.dataset_name)
 
+    # Every process reaches this point before the group goes: a rank that destroys its process group while another
+    # still writes the model card can abort at exit (seen with gloo on 2 CPU processes).
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and destroy the process group
         trainer.end()
 

@@ -44,7 +44,11 @@ def standard_pairs(n=8):
     ds = conversational_pairs(n)
     return Dataset.from_list(
         [
-            {"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]}
+            {
+                "prompt": r["prompt"][0]["content"],
+                "chosen": r["chosen"][0]["content"],
+                "rejected": r["rejected"][0]["content"],
+            }
             for r in ds
         ]
     )
@@ -82,7 +86,9 @@ def train_pair(tiny_model_dir, tmp_path, dataset=None, dpo_kwargs=None, **kwargs
     trainers = []
     for cls, cfg_cls, extra in ((DPOTrainer, DPOConfig, {}), (OTPOTrainer, OTPOConfig, UNIFORM)):
         args = config(cfg_cls, tmp_path / cls.__name__, **kwargs, **extra)
-        trainer = cls(model=tiny_model_dir, args=args, train_dataset=dataset, processing_class=tok, **(dpo_kwargs or {}))
+        trainer = cls(
+            model=tiny_model_dir, args=args, train_dataset=dataset, processing_class=tok, **(dpo_kwargs or {})
+        )
         trainer.train()
         trainers.append(trainer)
     return trainers
@@ -249,7 +255,9 @@ def test_precompute_needs_max_length(tiny_model_dir, tmp_path):
 
 
 def test_sync_ref_model(tiny_model_dir, tmp_path):
-    dpo, otpo = train_pair(tiny_model_dir, tmp_path, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    dpo, otpo = train_pair(
+        tiny_model_dir, tmp_path, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5
+    )
     assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
 
 
@@ -317,3 +325,22 @@ def test_model_card_cites_otpo(tiny_model_dir, tmp_path):
 def test_bad_config_value_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         OTPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: value})
+
+
+def test_ot_metrics_and_weight_histogram_reach_tensorboard(tiny_model_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    logging_dir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logging_dir))  # transformers 5.x: no `logging_dir` argument
+    args = config(OTPOConfig, tmp_path, max_steps=2, report_to=["tensorboard"])
+    OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok).train()
+    events = EventAccumulator(str(logging_dir), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for key in ("ot/plan_mass", "ot/weight_max", "ot/weight_entropy", "ot/solver_iters", "ot/fallbacks"):
+        assert [e.step for e in events.Scalars(f"train/{key}")] == [1, 2]
+    histograms = events.Histograms("ot/token_weights")
+    assert [h.step for h in histograms] == [1, 2]
+    assert histograms[0].histogram_value.min >= 0 and histograms[0].histogram_value.num > 0
+    assert "ot/token_weights" in tags["histograms"]
