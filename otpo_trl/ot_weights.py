@@ -25,7 +25,7 @@ _EXP_LIMIT = {torch.float32: 50.0, torch.float64: 300.0}
 class OTInfo:
     """Diagnostics of :func:`ot_token_weights`; see its ``Returns``."""
 
-    plan: torch.Tensor
+    plan: torch.Tensor | None
     plan_mass: torch.Tensor
     n_iter: int
     fallback: torch.Tensor
@@ -229,6 +229,7 @@ def ot_token_weights(
     max_iter: int = 1000,
     tol: float = 1e-6,
     return_info: bool = False,
+    return_plan: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, OTInfo]:
     r"""OTPO token weights: marginals of an entropic unbalanced OT plan between each chosen and rejected completion.
 
@@ -277,6 +278,9 @@ def ot_token_weights(
         :math:`\max|u - u'| / \max(\max|u|, \max|u'|, 1)`, is below it.
     return_info : bool, optional
         Also return an :class:`OTInfo`.
+    return_plan : bool, optional
+        With ``return_info``, fill ``info.plan``; ``False`` leaves it ``None`` and spares the (B, Tc, Tr) scatter
+        (the trainer needs only the diagnostics).
 
     Returns
     -------
@@ -319,7 +323,7 @@ def ot_token_weights(
     hc, hr = chosen_hidden.detach(), rejected_hidden.detach().to(device)
     mc, mr = chosen_mask.detach().to(device) != 0, rejected_mask.detach().to(device) != 0
     solve = _batched if solver == "batched" else _pot
-    args = (float(reg), float(reg_m), cost, normalization, max_iter, tol, return_info)
+    args = (float(reg), float(reg_m), cost, normalization, max_iter, tol, return_info and return_plan)
     wc, wr, mass, plan, fallback, n_iter = solve(hc, hr, mc, mr, *args)
 
     wc, wr = wc.float(), wr.float()
@@ -331,4 +335,5 @@ def ot_token_weights(
     if not return_info:
         return wc, wr
     mass = torch.where(fallback, 0, mass / torch.minimum(mc.sum(1), mr.sum(1)).clamp_min(1)).float()
-    return wc, wr, OTInfo(plan=plan.float().to(device), plan_mass=mass, n_iter=n_iter, fallback=fallback)
+    plan = plan.float().to(device) if plan is not None else None
+    return wc, wr, OTInfo(plan=plan, plan_mass=mass, n_iter=n_iter, fallback=fallback)

@@ -241,6 +241,7 @@ class OTPOTrainer(DPOTrainer):
                 max_iter=args.ot_max_iter,
                 tol=args.ot_tol,
                 return_info=True,
+                return_plan=False,
             )
         weights = torch.cat([chosen_w, rejected_w], dim=0)
         self._log_ot_metrics(weights, shift_mask, info)

@@ -332,3 +332,14 @@ def test_bad_shapes():
         ot_token_weights(hc, hr[:1], mc, mr[:1])
     with pytest.raises(ValueError, match="hidden sizes"):
         ot_token_weights(hc, hr[..., :3], mc, mr)
+
+
+def test_return_plan_false_gives_the_same_weights_and_diagnostics_without_the_plan():
+    gen = torch.Generator().manual_seed(3)
+    hc, hr = torch.randn(3, 7, 5, generator=gen), torch.randn(3, 6, 5, generator=gen)
+    mc, mr = torch.rand(3, 7, generator=gen) > 0.3, torch.rand(3, 6, generator=gen) > 0.3
+    wc, wr, info = ot_token_weights(hc, hr, mc, mr, return_info=True)
+    wc2, wr2, info2 = ot_token_weights(hc, hr, mc, mr, return_info=True, return_plan=False)
+    assert info2.plan is None and info.plan is not None
+    torch.testing.assert_close((wc2, wr2, info2.plan_mass), (wc, wr, info.plan_mass), rtol=0, atol=0)
+    assert info2.n_iter == info.n_iter and torch.equal(info2.fallback, info.fallback)
