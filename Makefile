@@ -8,7 +8,7 @@ ARGS ?=
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 SAMPLE_DATA ?= ../shared/data/ultrafeedback
 
-.PHONY: install test quickstart prepare-model prepare-data lint
+.PHONY: install test quickstart report prepare-model prepare-data lint
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ prepare-data:
 quickstart: prepare-model prepare-data
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml \
 		scripts/train.py --config configs/quickstart.yaml $(ARGS)
+
+# DPO vs OTPO with the quickstart recipe (same seed, steps, LoRA), both evaluated on the test split: writes
+# reports/dpo_vs_otpo.md and its figures (~40 min on 2 CPU cores; finished runs are reused). Options: ARGS="..."
+report: prepare-model prepare-data
+	$(PY) scripts/compare_dpo_otpo.py $(ARGS)

@@ -28,6 +28,13 @@ REQUIRED_COLUMNS = ("chosen", "rejected")
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
 # Local file extension -> `datasets` builder.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# For tokenizers without a chat template (base models): ChatML markers as plain text, every turn closed by EOS so
+# that completions teach the model to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def validate_columns(column_names, name: str = "dataset") -> None:
@@ -45,6 +52,30 @@ def validate_columns(column_names, name: str = "dataset") -> None:
             "format (standard or conversational, explicit or implicit prompt) or an UltraFeedback layout "
             "(trl-lib/ultrafeedback_binarized, HuggingFaceH4/ultrafeedback_binarized)."
         )
+
+
+def _is_empty(value) -> bool:
+    return value is None or (
+        isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value)
+    )
+
+
+def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
+    """Drop pairs whose `chosen` or `rejected` is missing or empty (None, blank text, no messages), with a logged
+    count; raise a `ValueError` naming the column if it is empty in every row, or if no pair is left."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows.")
+    empty = {c: [_is_empty(v) for v in dataset[c]] for c in REQUIRED_COLUMNS}
+    all_empty = [c for c, flags in empty.items() if all(flags)]
+    if all_empty:
+        raise ValueError(f"{name}: column(s) {all_empty} are empty in every one of its {len(dataset)} rows.")
+    bad = [i for i, flags in enumerate(zip(*empty.values(), strict=True)) if any(flags)]
+    if bad:
+        counts = ", ".join(f"{sum(flags)} with an empty '{c}'" for c, flags in empty.items() if any(flags))
+        logger.warning(f"Dropped {len(bad)} of {len(dataset)} pairs of {name}: {counts}.")
+        keep = sorted(set(range(len(dataset))) - set(bad))
+        dataset = dataset.select(keep)
+    return dataset
 
 
 def _looks_like_path(name_or_path: str) -> bool:
@@ -181,8 +212,8 @@ def load_preference_dataset(
 ) -> Dataset:
     """Load one split of a preference data set in TRL's preference format.
 
-    Steps: load (see [`load_raw_split`]) → check the columns (see [`validate_columns`]) → drop tied / identical pairs
-    if asked → keep the first `max_samples` pairs → map to TRL's format (see [`to_preference_format`]).
+    Steps: load (see [`load_raw_split`]) → check the columns (see [`validate_columns`]) → drop pairs with an empty
+    side (see [`drop_empty_pairs`]) → drop tied / identical pairs if asked → keep the first `max_samples` pairs → map to TRL's format (see [`to_preference_format`]).
 
     Args:
         name_or_path: a Hub data set id or a local file / folder.
@@ -198,6 +229,7 @@ def load_preference_dataset(
     dataset = load_raw_split(name_or_path, split, config)
     validate_columns(dataset.column_names, name=f"{name_or_path} [{split}]")
     logger.info(f"Loaded {len(dataset)} pairs from {name_or_path} [{split}].")
+    dataset = drop_empty_pairs(dataset, name=f"{name_or_path} [{split}]")
     if drop_ties:
         dataset = drop_score_ties(dataset)
     if drop_identical:

@@ -29,18 +29,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from otpo_trl import OTPOConfig, OTPOTrainer
-from otpo_trl.data import load_preference_dataset
+from otpo_trl.analysis import resolve_model_path
+from otpo_trl.data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset
 
 
 logger = logging.getLogger(__name__)
 
-# For tokenizers without a chat template (base models): ChatML markers as plain text, every turn closed by EOS so
-# that completions teach the model to stop.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 TRAINERS = {"otpo": OTPOTrainer, "dpo": DPOTrainer}
 
 
@@ -225,6 +219,7 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     ################
     if model_args.model_name_or_path is None:
         raise ValueError("`model_name_or_path` is required: a Hub model id or a local folder.")
+    resolve_model_path(model_args.model_name_or_path, "`model_name_or_path`")  # a missing folder fails here, clearly
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
@@ -334,4 +329,7 @@ if __name__ == "__main__":
         arguments = parse_args()
     except ValueError as err:
         sys.exit(f"error: {err}")
-    main(*arguments)
+    try:
+        main(*arguments)
+    except FileNotFoundError as err:  # a missing model or data path: the message says which
+        sys.exit(f"error: {err}")

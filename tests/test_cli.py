@@ -188,3 +188,15 @@ def test_bad_data_fails_before_loading_the_model(train, tmp_path):
     )
     with pytest.raises(ValueError, match=r"has columns \['completion', 'prompt'\].*'chosen', 'rejected'"):
         train.main(*args)
+
+
+def test_missing_model_path_fails_naming_it(train, tmp_path, sample_data_dir):
+    missing = tmp_path / "no-such-model"
+    args = train.parse_args(
+        [
+            *["--config", str(QUICKSTART), "--dataset_name", str(sample_data_dir)],
+            *["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(missing)],
+        ]
+    )
+    with pytest.raises(FileNotFoundError, match=f"`model_name_or_path` '{missing}': no such folder"):
+        train.main(*args)

@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from otpo_trl.data import (
     detect_layout,
+    drop_empty_pairs,
     drop_identical_pairs,
     drop_score_ties,
     load_preference_dataset,
@@ -173,3 +174,25 @@ def test_ultrafeedback_sample(sample_data_dir):
     assert detect_layout(dataset[0]) == "conversational"
     test = load_preference_dataset(str(sample_data_dir), "test", max_samples=10)
     assert len(test) == 10
+
+
+def test_pairs_with_an_empty_side_are_dropped_and_counted(tmp_path, caplog):
+    rows = [
+        {"prompt": "p0", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p1", "chosen": "", "rejected": "bad"},
+        {"prompt": "p2", "chosen": "good", "rejected": "   "},
+        {"prompt": "p3", "chosen": "good", "rejected": "worse"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="otpo_trl.data"):
+        dataset = load_preference_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert dataset["prompt"] == ["p0", "p3"]
+    assert "Dropped 2 of 4 pairs" in caplog.text
+    assert "1 with an empty 'chosen'" in caplog.text and "1 with an empty 'rejected'" in caplog.text
+
+
+def test_a_column_empty_everywhere_fails_naming_it(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": [], "rejected": [{"role": "assistant", "content": "x"}]} for i in range(3)]
+    with pytest.raises(ValueError, match=r"\['chosen'\] are empty in every one of its 3 rows"):
+        load_preference_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    with pytest.raises(ValueError, match="my data has no rows"):
+        drop_empty_pairs(Dataset.from_dict({"chosen": [], "rejected": []}), name="my data")

@@ -143,3 +143,36 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, sample_da
     uniform = run("otpo-uniform-2x2", 2, 2, ot_reg=1.0e6, ot_normalization="length")
     dpo = run("dpo-2x2", 2, 2, trainer="dpo")
     assert uniform == pytest.approx(dpo, rel=1e-4)
+
+
+def test_compare_script_trains_both_evaluates_and_writes_the_report(tiny_model_dir, sample_data_dir, tmp_path):
+    recipe = tiny_recipe(tiny_model_dir, sample_data_dir, tmp_path / "unused", save_strategy="no", do_eval=False)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    report = tmp_path / "reports" / "dpo_vs_otpo.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "scripts/compare_dpo_otpo.py", "--recipe", str(recipe_path), "--max_steps", "2"]
+    cmd += ["--out", str(tmp_path / "runs"), "--report", str(report), "--max_samples", "4"]
+    cmd += ["--num_generations", "3", "--max_new_tokens", "8"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+
+    summary = json.loads(report.with_suffix(".json").read_text())
+    for kind in ("dpo", "otpo"):
+        assert logged(tmp_path / "runs" / kind).keys() == {1, 2}
+        preference = summary["held_out"][kind]["preference"]
+        for weighting in ("uniform", "ot"):
+            assert 0 <= preference[weighting]["accuracy"] <= 1
+        generation = summary["held_out"][kind]["generation"]
+        assert generation["n"] == 3 and 0 < generation["length_mean"] <= 8
+        assert summary["seconds_per_step"][kind] > 0
+    text = report.read_text()
+    assert "Against the paper" in text and "1791 vs 2168" in text
+    for name in ("loss.png", "reward_accuracy.png", "reward_margin.png", "lengths.png"):
+        assert (report.parent / "figures" / name).stat().st_size > 0
+        assert f"figures/{name}" in text
+
+    # A second call reuses the finished runs and evaluations instead of training again.
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 5

@@ -1,0 +1,240 @@
+"""otpo_trl.analysis and the scripts on top of it (plot_weights.py, evaluate.py), on a tiny Llama (CPU, offline)."""
+
+import argparse
+import importlib.util
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from otpo_trl import OTPOConfig, OTPOTrainer
+from otpo_trl.analysis import (
+    add_ot_arguments,
+    inline_example,
+    load_model_and_tokenizer,
+    pair_token_stats,
+    score_preferences,
+    tokenize_pair,
+)
+from otpo_trl.data import load_preference_dataset
+
+from .conftest import REPO_ROOT
+
+
+# As in test_trainer.py: a huge entropic regularisation makes the plan uniform and "length" makes every weight 1.
+NEAR_UNIFORM = {"reg": 1e6, "normalization": "length"}
+PARIS = {
+    "prompt": "What's the capital of France?",
+    "chosen": "The capital of France is Paris.",
+    "rejected": "The capital of France is Italy, which is definitely incorrect.",
+}
+ANSWERS = [
+    ("Hello! How can I help you today?", "Go away."),
+    ("Two plus two is four.", "It is five, I think, or maybe six."),
+    ("Water boils at 100 degrees Celsius.", "Water boils when it feels like it."),
+]
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A .jsonl in trl-lib/ultrafeedback_binarized's schema: conversational, implicit prompt, with scores."""
+    path = tmp_path_factory.mktemp("data") / "test.jsonl"
+    with path.open("w") as f:
+        for i in range(6):
+            chosen, rejected = ANSWERS[i % len(ANSWERS)]
+            user = {"role": "user", "content": f"Question {i}: please explain the answer step by step."}
+            row = {
+                "chosen": [user, {"role": "assistant", "content": chosen}],
+                "rejected": [user, {"role": "assistant", "content": rejected}],
+                "score_chosen": 8.0,
+                "score_rejected": 3.0,
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model, saved without a tokenizer. Random (not zero) lora_B, so that the policy
+    differs from its base and the margins are not 0."""
+    path = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        init_lora_weights=False)  # fmt: skip
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def adapter_models(adapter_dir):
+    return load_model_and_tokenizer(adapter_dir, device="cpu")
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_adapter_loads_with_its_base_as_reference(adapter_dir, adapter_models, tiny_model_dir):
+    policy, reference, tokenizer = adapter_models
+    assert isinstance(policy, PeftModel) and reference is policy
+    assert tokenizer.pad_token is not None and tokenizer.chat_template is not None  # from the base's folder
+    examples = [inline_example(**PARIS)]
+    stats = pair_token_stats(policy, reference, tokenizer, examples)
+    base, no_ref, _ = load_model_and_tokenizer(tiny_model_dir, device="cpu")
+    assert no_ref is None
+    base_stats = pair_token_stats(base, None, tokenizer, examples)
+    assert stats.has_reference and not base_stats.has_reference
+    # The reference forward is the base (adapter disabled); the policy forward is not.
+    torch.testing.assert_close(stats.ref_chosen_logps, base_stats.chosen_logps)
+    torch.testing.assert_close(stats.ref_rejected_logps, base_stats.rejected_logps)
+    assert not torch.allclose(stats.chosen_logps, stats.ref_chosen_logps)
+    # Without a reference, the policy is its own: every margin is 0.
+    torch.testing.assert_close(base_stats.ref_chosen_logps, base_stats.chosen_logps)
+
+    # `ref` given for an adapter: the base it is loaded on (here the same folder, so the same numbers).
+    policy2, reference2, _ = load_model_and_tokenizer(adapter_dir, ref=tiny_model_dir, device="cpu")
+    assert reference2 is policy2
+    torch.testing.assert_close(pair_token_stats(policy2, reference2, tokenizer, examples).chosen_logps,
+                               stats.chosen_logps)  # fmt: skip
+
+
+def test_full_model_with_separate_reference(tiny_model_dir):
+    policy, reference, tokenizer = load_model_and_tokenizer(tiny_model_dir, ref=tiny_model_dir, device="cpu")
+    assert reference is not None and reference is not policy
+    stats = pair_token_stats(policy, reference, tokenizer, [inline_example(**PARIS)])
+    assert stats.has_reference
+    torch.testing.assert_close(stats.ref_chosen_logps, stats.chosen_logps)  # the same weights
+
+
+def test_missing_model_path_errors_clearly(tmp_path, adapter_dir, data_file):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model.*no such folder"):
+        load_model_and_tokenizer(str(missing))
+    argv = ["--model", str(missing), "--data", str(data_file), "--output_dir", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_script("evaluate").main(argv)
+    # An adapter whose base has moved: the message names the base and suggests `ref`.
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved-base")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="base model .*moved-base.*no such folder.*`ref`"):
+        load_model_and_tokenizer(str(moved))
+
+
+# ------------------------------------------------------------------ tokenisation and scores, against TRL
+
+
+def test_tokenize_pair_matches_dpo_trainer(tiny_model_dir, data_file, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversational = load_preference_dataset(str(data_file))  # implicit prompt
+    standard = Dataset.from_list([{"prompt": "Q: 2 + 2?", "chosen": " Four.", "rejected": " Five."}] * 2)
+    for dataset in (conversational, standard):
+        fake_trainer = SimpleNamespace(_tokenizer=tokenizer)  # `_prepare_dataset` reads only this attribute
+        args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        expected = DPOTrainer._prepare_dataset(fake_trainer, dataset, tokenizer, args, "test")
+        for example, row in zip(dataset, expected):
+            ids = tokenize_pair(example, tokenizer)
+            assert ids == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+@pytest.mark.parametrize("trainer_cls", [DPOTrainer, OTPOTrainer], ids=["uniform", "ot"])
+def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, adapter_models, data_file, tmp_path):
+    """Our implicit-reward accuracy and margin equal those DPOTrainer (uniform) / OTPOTrainer (OT) log in eval."""
+    policy, reference, tokenizer = adapter_models
+    dataset = load_preference_dataset(str(data_file))
+    ours = score_preferences(policy, reference, tokenizer, list(dataset), beta=0.1, max_length=64, progress=False)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir,
+                                      is_trainable=True)  # fmt: skip
+    config_cls = OTPOConfig if trainer_cls is OTPOTrainer else DPOConfig
+    args = config_cls(output_dir=str(tmp_path), per_device_eval_batch_size=len(dataset), max_length=64, beta=0.1,
+                      report_to="none", use_cpu=True, bf16=False)  # fmt: skip
+    # The base as an explicit reference: given a PeftModel alone, TRL takes a copy of the adapter as the reference.
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                          processing_class=tokenizer)  # fmt: skip
+    metrics = trainer.evaluate()
+    weighting = "ot" if trainer_cls is OTPOTrainer else "uniform"
+    assert metrics["eval_rewards/margins"] == pytest.approx(ours[weighting]["margin_mean"], rel=1e-4, abs=1e-6)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(ours[weighting]["chosen_reward_mean"], rel=1e-4, abs=1e-6)
+    assert metrics["eval_rewards/accuracies"] == pytest.approx(ours[weighting]["accuracy"])
+
+
+def test_near_uniform_ot_equals_uniform(adapter_models, data_file):
+    policy, reference, tokenizer = adapter_models
+    examples = list(load_preference_dataset(str(data_file)))
+    result = score_preferences(policy, reference, tokenizer, examples, batch_size=4, progress=False, **NEAR_UNIFORM)
+    assert result["n_pairs"] == len(examples) and result["n_skipped"] == 0
+    assert result["uniform"]["margin_mean"] != 0  # a real test: the adapter moved the policy
+    for key, value in result["uniform"].items():
+        assert result["ot"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    for pair in result["pairs"]:
+        assert pair["margin_ot"] == pytest.approx(pair["margin_uniform"], rel=1e-4, abs=1e-7)
+
+
+def test_ot_arguments_follow_the_config():
+    parser = argparse.ArgumentParser()
+    add_ot_arguments(parser)
+    args = parser.parse_args(["--ot_cost", "cosine", "--ot_reg", "0.5"])
+    assert (args.ot_cost, args.ot_reg, args.ot_normalization) == ("cosine", 0.5, OTPOConfig.ot_normalization)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ot_solver", "no-such-solver"])
+
+
+# ------------------------------------------------------------------ the scripts
+
+
+def test_plot_weights_inline_pair(tiny_model_dir, tmp_path):
+    out = tmp_path / "paris.png"
+    argv = ["--model", tiny_model_dir, "--out", str(out), "--svg", "--device", "cpu"]
+    argv += [arg for key, value in PARIS.items() for arg in (f"--{key}", value)]
+    paths = load_script("plot_weights").main(argv)
+    assert paths == [out, out.with_suffix(".svg")]
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    assert "<svg" in out.with_suffix(".svg").read_text()
+
+
+def test_plot_weights_dataset_pair_with_adapter(adapter_dir, data_file, tmp_path):
+    out = tmp_path / "pair.png"
+    argv = ["--model", adapter_dir, "--data", str(data_file), "--index", "1", "--out", str(out), "--max_tokens", "4",
+            "--ot_cost", "cosine", "--device", "cpu"]  # fmt: skip
+    load_script("plot_weights").main(argv)  # max_tokens below the completions' lengths: the truncated plan
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    with pytest.raises(IndexError, match="out of range"):
+        load_script("plot_weights").main([*argv[:4], "--index", "99", "--out", str(out)])
+
+
+def test_evaluate_script(adapter_dir, data_file, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--model", adapter_dir, "--data", str(data_file), "--split", "test", "--max_samples", "5",
+            "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "6", "--output_dir", str(out),
+            "--device", "cpu"]  # fmt: skip
+    result = load_script("evaluate").main(argv)
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["reference"] == "base (adapter disabled)"
+    assert summary["preference"]["n_pairs"] == 5
+    for weighting in ("uniform", "ot"):
+        assert 0 <= summary["preference"][weighting]["accuracy"] <= 1
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == summary["generation"]["n"] == 3
+    assert all(1 <= g["length"] <= 6 for g in generations)
+    assert summary["generation"]["hit_budget_share"] == sum(g["hit_budget"] for g in generations) / 3
+    assert all(g["prompt"][0]["role"] == "user" for g in generations)
+    report = (out / "eval.md").read_text()
+    assert "| uniform (DPO) |" in report and "| OT (OTPO) |" in report
+    assert result["preference"] == summary["preference"] and len(result["pairs"]) == 5
