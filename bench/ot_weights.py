@@ -90,6 +90,20 @@ def max_rel_diff(a, b):
     return float(((a - b).abs().amax(1)[keep] / scale[keep]).max()) if keep.any() else 0.0
 
 
+def profile_ops(fn, top=8):
+    """The ops taking most self time in one call of `fn`, from torch.profiler: cost matrix (baddbmm, sqrt), Sinkhorn
+    iterations (bmm, pow, reciprocal, where), compaction and scatter (index, argsort, scatter_), host syncs (item)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total, "calls": e.count}
+        for e in events[:top]
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -121,8 +135,10 @@ def main():
     t_pot = time.perf_counter() - t0
     wc, wr, info = ot_token_weights(hc, hr, mc, mr, return_info=True, **kw)
     off_c, off_r = (torch.from_numpy(w).float() for w in official(hc.cpu(), hr.cpu(), mc.cpu(), mr.cpu(), **kw))
+    profile = profile_ops(batched)
     result = {
         "config": vars(args),
+        "batched_profile_top_ops": profile,
         "median_s": {"batched": t_batched, "official_loop": t_official, "pot_valid_tokens_once": t_pot},
         "times_s": {"batched": all_batched, "official_loop": all_official},
         "speedup_official_over_batched": t_official / t_batched,
@@ -152,6 +168,9 @@ def main():
     )
     print(f"max relative difference batched vs POT on valid tokens: {result['max_rel_diff_batched_vs_pot']:.2e}")
     print(f"max relative difference official vs POT on valid tokens: {result['max_rel_diff_official_vs_pot']:.2e}")
+    print("where the batched solver's time goes (torch.profiler, self time):")
+    for row in profile:
+        print(f"  {row['op']:<28} {row['self_ms']:8.1f} ms  {row['share']:6.1%}  x{row['calls']}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -3,7 +3,7 @@
 Both trainers are built on the same model folder, batch and sequence length. Timing alternates their steps in one
 process (A B A B ...) after warm-up, on the same pre-collated batches, so drift in machine load hits both alike. Peak
 memory is measured per trainer: CUDA's peak allocation on a GPU; on CPU the peak resident set size of a child process
-that runs only that trainer (one process per trainer, since RSS never goes down).
+that runs only that trainer, with the high-water mark reset after warm-up (so model loading does not set it).
 
     python bench/step_overhead.py --model models/SmolLM2-135M-Instruct --lora --batch 2 --max-length 512
     python bench/step_overhead.py --model Qwen/Qwen2.5-0.5B-Instruct --bf16 --batch 8 --max-length 1024  # GPU
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,16 +110,29 @@ def time_ot(trainer):
     return spent
 
 
+def _proc_status_bytes(field):
+    """`VmRSS` / `VmHWM` of this process from /proc/self/status, in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_child(kind, args, dataset, tokenizer):
     trainer = build(kind, args, dataset, tokenizer)
     data = batches(trainer, args.warmup + args.steps)
+    for batch in data[: args.warmup]:  # optimizer state and allocator pools exist after the first step
+        step(trainer, batch)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for batch in data:
+    # Reset the RSS high-water mark (Linux >= 4.0), so the peak is that of the training steps, not of model loading.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_bytes("VmRSS")
+    for batch in data[args.warmup :]:
         step(trainer, batch)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    print(json.dumps({"kind": kind, "peak_cuda_bytes": peak, "peak_rss_bytes": rss}))
+    rss = _proc_status_bytes("VmHWM")
+    print(json.dumps({"kind": kind, "peak_cuda_bytes": peak, "peak_rss_bytes": rss, "rss_before_steps": before}))
 
 
 def main(argv=None):
@@ -146,7 +158,7 @@ def main(argv=None):
     ot_seconds = ot_seconds[args.warmup :]
     tokens = int(sum(b["attention_mask"].sum() for b in data["dpo"][args.warmup :])) // args.steps
 
-    memory = {}
+    memory, step_growth = {}, {}  # step_growth: CPU only, peak RSS of the steps above the RSS before them
     if torch.cuda.is_available():
         for kind, trainer in trainers.items():  # peak of one more step each, measured alone
             torch.cuda.empty_cache()
@@ -163,7 +175,9 @@ def main(argv=None):
                 capture_output=True,
                 text=True,
             ).stdout
-            memory[kind] = json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"]
+            child = json.loads(out.strip().splitlines()[-1])
+            memory[kind] = child["peak_rss_bytes"]
+            step_growth[kind] = child["peak_rss_bytes"] - child["rss_before_steps"]
         memory_kind = "peak_rss_bytes"
 
     median = {kind: statistics.median(v) for kind, v in times.items()}
@@ -183,6 +197,7 @@ def main(argv=None):
         "memory_kind": memory_kind,
         "peak_memory_bytes": memory,
         "memory_ratio_otpo_over_dpo": memory["otpo"] / memory["dpo"],
+        "step_rss_growth_bytes": step_growth or None,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -194,6 +209,9 @@ def main(argv=None):
     print(
         f"OT weights {result['ot_weights_seconds_per_step'] * 1e3:.1f} ms/step ({result['ot_share_of_otpo_step']:.2%})"
     )
+    if step_growth:
+        growth = "   ".join(f"{k.upper()} {v / 2**20:.0f} MiB" for k, v in step_growth.items())
+        print(f"peak RSS of the steps above the RSS before them: {growth}")
     print(
         f"ratio OTPO/DPO: time {result['time_ratio_otpo_over_dpo']:.3f}  memory {result['memory_ratio_otpo_over_dpo']:.3f}"
     )
