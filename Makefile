@@ -40,8 +40,11 @@ prepare-data:
 		exit 1; }
 
 # OTPO + LoRA on SmolLM2-135M-Instruct, on CPU in under 10 minutes; extra trainer flags: make quickstart ARGS="..."
+# accelerate launch gives a process 1 CPU thread unless told otherwise (or OMP_NUM_THREADS is set): use every core.
+CPU_THREADS := $(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(shell nproc))
+
 quickstart: prepare-model prepare-data
-	$(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml \
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml $(CPU_THREADS) \
 		scripts/train.py --config configs/quickstart.yaml $(ARGS)
 
 # DPO vs OTPO with the quickstart recipe (same seed, steps, LoRA), both evaluated on the test split: writes

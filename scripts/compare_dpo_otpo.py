@@ -65,7 +65,10 @@ def train(kind, args, out):
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--config_file", "configs/accelerate/single_gpu.yaml", "scripts/train.py"]
+    cmd = [accelerate, "launch", "--config_file", "configs/accelerate/single_gpu.yaml"]
+    if "OMP_NUM_THREADS" not in os.environ:  # else accelerate launch gives the process a single CPU thread
+        cmd += ["--num_cpu_threads_per_process", str(os.cpu_count())]
+    cmd += ["scripts/train.py"]
     cmd += ["--config", args.recipe, "--trainer", kind, "--max_steps", str(args.max_steps)]
     cmd += ["--output_dir", str(run_dir), "--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
     if not _has_gpu():
