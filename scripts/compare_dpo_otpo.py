@@ -57,7 +57,7 @@ def run(cmd, log_path):
     return time.perf_counter() - start
 
 
-def train(kind, args, out):
+def train(kind, args, recipe, out):
     run_dir = out / kind
     if (run_dir / "all_results.json").exists() and not args.fresh:
         print(f"{kind}: reusing the finished run in {run_dir}")
@@ -71,6 +71,9 @@ def train(kind, args, out):
     cmd += ["scripts/train.py"]
     cmd += ["--config", args.recipe, "--trainer", kind, "--max_steps", str(args.max_steps)]
     cmd += ["--output_dir", str(run_dir), "--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
+    # Enough pairs for max_steps without a second epoch (twice as many: TRL drops those whose prompt fills max_length).
+    pairs = args.max_steps * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    cmd += ["--max_train_samples", str(2 * pairs)]
     if not _has_gpu():
         cmd += ["--use_cpu", "true"]
     run(cmd, out / f"train_{kind}.log")
@@ -184,7 +187,7 @@ def main(argv=None):
 
     # 1. Train both, same recipe, same steps.
     for kind in KINDS:
-        train(kind, args, out)
+        train(kind, args, recipe, out)
 
     # 2. Evaluate both and the base model.
     results, eval_dirs = {}, {}
@@ -239,7 +242,9 @@ def render(args, recipe, summary, histories, gen_lengths, paths, report_dir):
         + f"data `{recipe['dataset_name']}`, "
         f"learning rate {recipe['learning_rate']}, beta {recipe['beta']}, seed {recipe['seed']}, "
         f"batch {recipe['per_device_train_batch_size']} pairs, max_length {recipe['max_length']}, "
-        f"{args.max_steps} steps each ({args.max_steps * recipe['per_device_train_batch_size']} training pairs).",
+        f"{args.max_steps} steps each (one pass over "
+        f"{args.max_steps * recipe['per_device_train_batch_size'] * recipe['gradient_accumulation_steps']} "
+        "training pairs, the same ones in the same order for both).",
         f"- OTPO: ot_reg {recipe['ot_reg']}, ot_reg_m {recipe['ot_reg_m']}, ot_cost {recipe['ot_cost']}, "
         f"ot_normalization {recipe['ot_normalization']}. DPO: the same recipe with `trainer: dpo`.",
         f"- Held out: the first {args.max_samples} pairs of the `{args.split}` split "
