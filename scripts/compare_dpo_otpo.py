@@ -104,6 +104,12 @@ def _has_gpu():
     return torch.cuda.is_available()
 
 
+def _device_name():
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
 def log_history(run_dir):
     state = json.loads((run_dir / "trainer_state.json").read_text())
     return [h for h in state["log_history"] if "loss" in h and "step" in h]
@@ -210,6 +216,9 @@ def main(argv=None):
         "split": args.split,
         "held_out": {name: results[name] for name in ("base", *KINDS)},
         "seconds_per_step": {k: train_results[k]["train_runtime"] / args.max_steps for k in KINDS},
+        "train_runtime_s": {k: train_results[k]["train_runtime"] for k in KINDS},
+        "eval_seconds": {name: results[name]["seconds"] for name in ("base", *KINDS)},
+        "device": _device_name(),
         "mean_length_difference_otpo_minus_dpo": diff,
         "standard_error": sem,
     }
@@ -247,6 +256,9 @@ def render(args, recipe, summary, histories, gen_lengths, paths, report_dir):
         "training pairs, the same ones in the same order for both).",
         f"- OTPO: ot_reg {recipe['ot_reg']}, ot_reg_m {recipe['ot_reg_m']}, ot_cost {recipe['ot_cost']}, "
         f"ot_normalization {recipe['ot_normalization']}. DPO: the same recipe with `trainer: dpo`.",
+        f"- Compute: training {summary['train_runtime_s']['dpo'] / 60:.1f} + {summary['train_runtime_s']['otpo'] / 60:.1f}"
+        f" min (DPO + OTPO), evaluation {sum(summary['eval_seconds'].values()) / 60:.1f} min (base, DPO, OTPO), on "
+        f"{summary['device']}.",
         f"- Held out: the first {args.max_samples} pairs of the `{args.split}` split "
         f"({held['otpo']['preference']['n_pairs']} scored, {held['otpo']['preference']['n_skipped']} skipped: prompt "
         "longer than max_length); generations for "
@@ -288,12 +300,18 @@ def render(args, recipe, summary, histories, gen_lengths, paths, report_dir):
         "",
         "**Against the paper.** The paper reports shorter answers for OTPO than for DPO (Llama-3-8B-Instruct on the "
         "full UltraFeedback: mean length 1791 vs 2168, -17%). In this small run OTPO's answers are "
-        f"{verdict} than DPO's: mean {mean_otpo:.1f} vs {mean_dpo:.1f} tokens, a paired difference of "
+        f"{verdict} DPO's: mean {mean_otpo:.1f} vs {mean_dpo:.1f} tokens, a paired difference of "
         f"{diff:+.1f} ± {sem:.1f} (standard error) over the same {len(gen_lengths['dpo'])} prompts, "
         + (
             "more than twice its standard error."
             if significant
             else "within twice its standard error: no length difference can be claimed at this scale."
+        )
+        + (
+            f" {pct(max(held[k]['generation']['hit_budget_share'] for k in KINDS))} of the answers stop at the "
+            f"{budget}-token budget, which caps the lengths and hides differences beyond it."
+            if max(held[k]["generation"]["hit_budget_share"] for k in KINDS) > 0.2
+            else ""
         )
         + f" After {args.max_steps} steps on `{Path(recipe['model_name_or_path']).name}` the policies stay close to "
         "the base model, so this is a check of the pipeline more than a test of the paper's claim.",
