@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 import transformers
 from transformers import AutoTokenizer
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
@@ -176,12 +177,6 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     logger.info(f"Script arguments: {script_args}")
     logger.info(f"Model arguments: {model_args}")
     logger.info(f"Training arguments: {training_args}")
-    if "tensorboard" in (training_args.report_to or []):
-        # transformers 5.x has no `logging_dir`: without this variable, TensorBoard writes to ./runs of the caller.
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training_args.output_dir, "runs"))
-        logger.info(
-            f"TensorBoard logs (ot/* scalars, ot/token_weights histogram): {os.environ['TENSORBOARD_LOGGING_DIR']}"
-        )
     checkpoint = find_checkpoint(training_args)
 
     ###############
@@ -261,6 +256,15 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
         peft_config=peft_config,
         quantization_config=quantization_config,
     )
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            # transformers 5.x has no `logging_dir` argument: without TENSORBOARD_LOGGING_DIR, TensorBoard would write
+            # to ./runs of the caller. Keep the logs with the run.
+            callback.logging_dir = os.path.join(training_args.output_dir, "runs")
+            logger.info(
+                f"TensorBoard logs (loss, rewards, ot/* and the ot/token_weights histogram): {callback.logging_dir}"
+            )
 
     for name, loaded, prepared in (
         ("train", train_dataset, trainer.train_dataset),

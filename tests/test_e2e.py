@@ -74,6 +74,7 @@ def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
     # Without an editable install, the child processes find otpo_trl through PYTHONPATH.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("TENSORBOARD_LOGGING_DIR", None)  # the logs must land in output_dir/runs
     result = subprocess.run(
         [ACCELERATE, "launch", *launcher, "scripts/train.py", "--config", str(path), *args],
         cwd=REPO_ROOT,
