@@ -345,3 +345,37 @@ def test_ot_metrics_and_weight_histogram_reach_tensorboard(tiny_model_dir, tmp_p
     assert [h.step for h in histograms] == [1, 2]
     assert histograms[0].histogram_value.min >= 0 and histograms[0].histogram_value.num > 0
     assert "ot/token_weights" in tags["histograms"]
+
+
+def test_moe_router_aux_loss_is_kept(tmp_path):
+    """A Mixture-of-Experts policy with `output_router_logits`: TRL adds the router's load-balancing loss; OTPO keeps
+    it (near-uniform weights reproduce DPO's loss, aux term included)."""
+    from transformers import MixtralConfig
+
+    from .conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-mixtral"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    dpo, otpo = train_pair(str(model_dir), tmp_path, max_steps=2)
+    assert dpo.aux_loss_enabled and otpo.aux_loss_enabled
+    assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
+    # the router loss is really in it: step 1 (policy == reference) is above DPO's ln 2 by the aux term
+    assert losses(dpo)[0] > math.log(2) + 1e-3
