@@ -61,6 +61,15 @@ def tiny_recipe(model_dir, data_dir, output_dir, **changes):
     return recipe
 
 
+def child_env():
+    """The environment of the scripts run by these tests."""
+    # Without an editable install, the child processes find otpo_trl through PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("TENSORBOARD_LOGGING_DIR", None)  # the logs must land in output_dir/runs
+    return env
+
+
 def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
     """Run scripts/train.py through `accelerate launch` from the repository root; return its combined output."""
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
@@ -71,14 +80,10 @@ def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
         # The DDP config through torchrun; `use_cpu: true` in the recipe puts each process on the CPU (gloo).
         # (`accelerate launch --cpu --num_processes N` would start a single process: it needs mpirun for more.)
         launcher = ["--config_file", "configs/accelerate/ddp.yaml", "--num_processes", str(num_processes)]
-    # Without an editable install, the child processes find otpo_trl through PYTHONPATH.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("TENSORBOARD_LOGGING_DIR", None)  # the logs must land in output_dir/runs
     result = subprocess.run(
         [ACCELERATE, "launch", *launcher, "scripts/train.py", "--config", str(path), *args],
         cwd=REPO_ROOT,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -151,8 +156,7 @@ def test_compare_script_trains_both_evaluates_and_writes_the_report(tiny_model_d
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     report = tmp_path / "reports" / "dpo_vs_otpo.md"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = child_env()
     cmd = [sys.executable, "scripts/compare_dpo_otpo.py", "--recipe", str(recipe_path), "--max_steps", "2"]
     cmd += ["--out", str(tmp_path / "runs"), "--report", str(report), "--max_samples", "4"]
     cmd += ["--num_generations", "3", "--max_new_tokens", "8"]
