@@ -29,7 +29,7 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational, m
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from .data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset
+from .data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset, looks_like_local_path
 from .ot_weights import ot_token_weights
 from .otpo_config import OTPOConfig
 from .otpo_trainer import capture_last_hidden
@@ -76,9 +76,8 @@ def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
         if not path.is_dir():
             raise NotADirectoryError(f"{what} {name_or_path!r} is a file; expected a model or adapter folder.")
         return str(path)
-    # Hub ids are "name" or "org/name"; a missing local path would otherwise cost a minute of Hub retries offline.
     parent_exists = path.parent != Path(".") and path.parent.is_dir()
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or parent_exists:
+    if looks_like_local_path(name_or_path) or parent_exists:
         raise FileNotFoundError(f"{what} {name_or_path!r}: no such folder (relative to {Path.cwd()}).{hint}")
     return name_or_path
 

@@ -55,9 +55,10 @@ def validate_columns(column_names, name: str = "dataset") -> None:
 
 
 def _is_empty(value) -> bool:
-    return value is None or (
-        isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value)
-    )
+    """None, blank text or an empty message list."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, list) and not value)
 
 
 def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
@@ -69,22 +70,23 @@ def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
     all_empty = [c for c, flags in empty.items() if all(flags)]
     if all_empty:
         raise ValueError(f"{name}: column(s) {all_empty} are empty in every one of its {len(dataset)} rows.")
-    bad = [i for i, flags in enumerate(zip(*empty.values(), strict=True)) if any(flags)]
-    if bad:
+    keep = [i for i, flags in enumerate(zip(*empty.values(), strict=True)) if not any(flags)]
+    if len(keep) < len(dataset):
         counts = ", ".join(f"{sum(flags)} with an empty '{c}'" for c, flags in empty.items() if any(flags))
-        logger.warning(f"Dropped {len(bad)} of {len(dataset)} pairs of {name}: {counts}.")
-        keep = sorted(set(range(len(dataset))) - set(bad))
+        logger.warning(f"Dropped {len(dataset) - len(keep)} of {len(dataset)} pairs of {name}: {counts}.")
         dataset = dataset.select(keep)
     return dataset
 
 
+def looks_like_local_path(name_or_path: str) -> bool:
+    """True for a name that cannot be a Hub id ("name" or "org/name"): one that starts with `.`, `/` or `~`, or has
+    more than one `/`. Where such a path does not exist, the scripts say so instead of asking the Hub (which, offline,
+    retries for about a minute)."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
 def _looks_like_path(name_or_path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else that is not on disk is a path that does not exist.
-    return (
-        name_or_path.startswith((".", "/", "~"))
-        or name_or_path.count("/") > 1
-        or Path(name_or_path).suffix in DATA_FILE_BUILDERS
-    )
+    return looks_like_local_path(name_or_path) or Path(name_or_path).suffix in DATA_FILE_BUILDERS
 
 
 def _load_data_files(files: list[Path]) -> Dataset:
