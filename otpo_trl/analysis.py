@@ -32,7 +32,7 @@ from trl.trainer.utils import add_fused_lm_head
 from .data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset, looks_like_local_path
 from .ot_weights import ot_token_weights
 from .otpo_config import OTPOConfig
-from .otpo_trainer import capture_last_hidden
+from .otpo_trainer import capture_last_hidden, predicting_states
 
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def pair_token_stats(
     # The hidden state at position t predicts token t + 1, as in OTPOTrainer.
     with capture_last_hidden(_causal_lm(policy).base_model) as box:
         logps = _fused_logps(policy, inputs, labels)
-    hidden = box["hidden"][:, -seq_len - 1 : -1]
+    hidden = predicting_states(box["hidden"], seq_len)
     if reference is None:
         ref_logps = logps
     elif reference is policy:

@@ -57,6 +57,13 @@ def capture_last_hidden(backbone: torch.nn.Module):
         handle.remove()
 
 
+def predicting_states(hidden: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The hidden states (N, seq_len, H) aligned with the shifted labels: the state at position t-1 predicts token t.
+
+    `hidden` is (N, P + T, H) with `T = seq_len + 1` the input length (P virtual positions of prompt-learning PEFT)."""
+    return hidden[:, -seq_len - 1 : -1]
+
+
 class OTWeightHistogramCallback(TrainerCallback):
     """Writes a histogram of the OT token weights (completion tokens of the last training batch) to TensorBoard at
     every logging step, beside the `ot/*` scalars. Added by `OTPOTrainer` when `report_to` includes tensorboard."""
@@ -162,7 +169,9 @@ class OTPOTrainer(DPOTrainer):
                 with capture_last_hidden(self.base_model) as box:
                     outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
                 seq_len = batch.shift_mask.size(1)
-                batch.weights = trainer._compute_ot_weights(box["hidden"][:, -seq_len - 1 : -1], batch.shift_mask)
+                batch.weights = trainer._compute_ot_weights(
+                    predicting_states(box["hidden"], seq_len), batch.shift_mask
+                )
                 if trainer.precompute_ref_logps:
                     trainer._weight_precomputed_ref(batch)
             else:
@@ -194,7 +203,7 @@ class OTPOTrainer(DPOTrainer):
         return {
             "per_token_logps": outputs.log_probs[:, -seq_len:],
             "completion_mask": inputs["completion_mask"][:, 1:].bool(),
-            "hidden_states": box["hidden"][:, -seq_len - 1 : -1],
+            "hidden_states": predicting_states(box["hidden"], seq_len),
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -330,4 +339,4 @@ class OTPOTrainer(DPOTrainer):
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
 
 
-__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden"]
+__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden", "predicting_states"]
