@@ -1,10 +1,15 @@
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from trl import DPOConfig
 
+from .ot_weights import COST_SCALES as OT_COST_SCALES
 from .ot_weights import COSTS as OT_COSTS
 from .ot_weights import NORMALIZATIONS as OT_NORMALIZATIONS
 from .ot_weights import SOLVERS as OT_SOLVERS
+from .ot_weights import WEIGHTINGS as OT_WEIGHTINGS
 
 
 # Every `loss_type` of TRL 1.16's DPOTrainer; all act on (OT-weighted) summed log-probs, so all can be weighted.
@@ -27,6 +32,11 @@ LOSS_TYPES = (
 )
 
 
+def _is_real(value) -> bool:
+    """An int or a float, Python's or NumPy's (NumPy registers its scalars with `numbers`); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class OTPOConfig(DPOConfig):
     r"""
@@ -46,11 +56,18 @@ class OTPOConfig(DPOConfig):
             KL penalty τ on the deviation of the plan's marginals from the all-ones marginals.
         ot_cost (`str`, *optional*, defaults to `"euclidean"`):
             Ground cost between two tokens' hidden states: `"euclidean"` (the official code), `"sqeuclidean"` (as
-            written in the paper) or `"cosine"` (a paper ablation). A pair's cost is divided by its maximum when that
-            exceeds 1.
+            written in the paper) or `"cosine"` (a paper ablation).
+        ot_cost_scale (`str`, *optional*, defaults to `"official"`):
+            What a pair's cost matrix is divided by when that exceeds 1: `"official"` → its maximum over the official
+            code's padded matrix, whose zeroed prompt and padding states bring in each state's cost to the origin
+            (its norm for `"euclidean"`); the paper's ε were tuned under it. `"pair"` → the maximum over the valid
+            tokens only (ignores the norms); `"none"` → no division (ε then sets the scale of raw costs).
         ot_normalization (`str`, *optional*, defaults to `"min"`):
             Target sum of each side's weights: `"min"` → min(|y_w|, |y_l|) (the paper), `"mean"`, `"max"`, `"length"`
             (each side's own length) or `"none"` (raw plan marginals; collapses in the paper's ablation).
+        ot_weighting (`str`, *optional*, defaults to `"ot"`):
+            `"ot"`: the transport plan's marginals. `"uniform"`: 1 per token before the same normalisation, the
+            paper's "w/o OT" ablation (no OT problem is solved).
         ot_solver (`str`, *optional*, defaults to `"batched"`):
             `"batched"` solves all pairs of a batch at once on the hidden states' device; `"pot"` calls
             `ot.unbalanced.sinkhorn_unbalanced` once per pair on the CPU (the reference; slow).
@@ -75,8 +92,18 @@ class OTPOConfig(DPOConfig):
         default="euclidean",
         metadata={
             "help": "Ground cost between hidden states: 'euclidean' (official code), 'sqeuclidean' (paper) or "
-            "'cosine' (ablation). A pair's cost is divided by its maximum when that exceeds 1.",
+            "'cosine' (ablation).",
             "choices": list(OT_COSTS),
+        },
+    )
+    ot_cost_scale: str = field(
+        default="official",
+        metadata={
+            "help": "What a pair's cost matrix is divided by when that exceeds 1: 'official' (its maximum over the "
+            "official code's padded matrix, whose zeroed prompt/padding states add the states' costs to the origin; "
+            "the paper's ot_reg values were tuned under it), 'pair' (the maximum over the valid tokens only) or "
+            "'none' (no division).",
+            "choices": list(OT_COST_SCALES),
         },
     )
     ot_normalization: str = field(
@@ -85,6 +112,14 @@ class OTPOConfig(DPOConfig):
             "help": "Target sum of each side's token weights: 'min' (min of the two lengths, the paper), 'mean', "
             "'max', 'length' (each side's own length) or 'none' (raw plan marginals).",
             "choices": list(OT_NORMALIZATIONS),
+        },
+    )
+    ot_weighting: str = field(
+        default="ot",
+        metadata={
+            "help": "'ot': the transport plan's marginals weight the tokens; 'uniform': 1 per token before the same "
+            "normalisation (the paper's 'w/o OT' ablation).",
+            "choices": list(OT_WEIGHTINGS),
         },
     )
     ot_solver: str = field(
@@ -105,19 +140,23 @@ class OTPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        checks = {
-            "ot_reg": self.ot_reg > 0,
-            "ot_reg_m": self.ot_reg_m > 0,
-            "ot_max_iter": isinstance(self.ot_max_iter, int) and self.ot_max_iter >= 1,
-            "ot_tol": self.ot_tol > 0,
-            "beta": self.beta > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
+        # Numbers from YAML, Python or NumPy (np.float32(0.5) is a number; True, "0.5" and inf are not): checked, then
+        # stored as plain Python numbers so that they reach the solver, the logs and JSON as such.
+        for name in ("ot_reg", "ot_reg_m", "ot_tol", "beta"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+            setattr(self, name, float(value))
+        if not isinstance(self.ot_max_iter, numbers.Integral) or isinstance(self.ot_max_iter, bool):
+            raise ValueError(f"`ot_max_iter` must be an int, got {self.ot_max_iter!r}.")
+        if self.ot_max_iter < 1:
+            raise ValueError(f"`ot_max_iter` must be >= 1, got {self.ot_max_iter!r}.")
+        self.ot_max_iter = int(self.ot_max_iter)
         for name, choices in (
             ("ot_cost", OT_COSTS),
+            ("ot_cost_scale", OT_COST_SCALES),
             ("ot_normalization", OT_NORMALIZATIONS),
+            ("ot_weighting", OT_WEIGHTINGS),
             ("ot_solver", OT_SOLVERS),
         ):
             if getattr(self, name) not in choices:
@@ -126,4 +165,25 @@ class OTPOConfig(DPOConfig):
         unknown = [t for t in loss_types if t not in LOSS_TYPES]
         if unknown:
             raise ValueError(f"`loss_type` {unknown} not supported; choose from {list(LOSS_TYPES)}.")
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            if "use_cpu" not in str(err) or not self.bf16:
+                raise
+            # transformers' message names `use_cpu` only, and following it alone keeps bf16 autocast on the CPU.
+            raise ValueError(
+                "bf16 is on (DPOConfig's default, for GPUs) but there is no GPU that supports it. On the CPU, set "
+                "`bf16=False` (`--bf16 false`, `bf16: false` in a recipe) to train in fp32, the fast choice there "
+                "(with `use_cpu=True` as well for several processes, or to leave a GPU unused), or only "
+                "`use_cpu=True` (`--use_cpu true`) to keep bf16 autocast on the CPU, several times slower."
+            ) from err
+
+
+OT_FIELDS = tuple(f.name for f in fields(OTPOConfig) if f.name.startswith("ot_"))
+
+
+def ot_kwargs(args: Any) -> dict[str, Any]:
+    """The keyword arguments of [`ot_token_weights`] from an object with the `ot_*` attributes of [`OTPOConfig`] (a
+    config, parsed command-line arguments): the field `ot_<name>` is the argument `<name>`. The one place where the
+    settings meet the solver: the trainer, the analysis tools and the report script use it."""
+    return {name.removeprefix("ot_"): getattr(args, name) for name in OT_FIELDS}

@@ -1,5 +1,6 @@
 """Mathematical properties of `ot_token_weights`: agreement with POT, optimality, masking, robustness."""
 
+import itertools
 import math
 import random
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from otpo_trl import ot_weights as W
-from otpo_trl.ot_weights import COSTS, NORMALIZATIONS, ot_token_weights
+from otpo_trl.ot_weights import COST_SCALES, COSTS, NORMALIZATIONS, ot_token_weights
 
 
 def random_batch(seed, B=4, Tc=24, Tr=20, H=16, dtype=torch.float32, offset=3.0, min_tokens=1):
@@ -31,16 +32,21 @@ def pair_rel_err(a, b):
     return float(((a - b).abs().amax(1) / b.abs().amax(1).clamp_min(1e-30)).max())
 
 
-def exact_cost(x, y, cost):
-    """The cost of one pair written directly from its definition, in float64."""
+def exact_cost(x, y, cost, cost_scale="official"):
+    """The cost of one pair written directly from its definition, in float64. The official scaling divides by the
+    largest cost to a zero state too: |x|, |x|^2, or 1 for the cosine cost."""
     x, y = x.double(), y.double()
     if cost == "cosine":
         M = 1 - torch.nn.functional.cosine_similarity(x[:, None], y[None], dim=-1, eps=1e-30)
+        to_zero = torch.ones(1, dtype=torch.float64)
     else:
         d2 = (x[:, None] - y[None]).square().sum(-1)
         M = d2.sqrt() if cost == "euclidean" else d2
+        norms = torch.cat([x, y]).norm(dim=-1)
+        to_zero = norms if cost == "euclidean" else norms.square()
     M = M + 1e-6
-    return M / max(float(M.max()), 1.0)
+    top = {"official": max(float(M.max()), float(to_zero.max()) + 1e-6), "pair": float(M.max()), "none": 1.0}
+    return M / max(top[cost_scale], 1.0)
 
 
 def targets(n, m, normalization):
@@ -70,12 +76,13 @@ def test_batched_matches_pot(cost, normalization):
 def test_batched_matches_pot_small_reg(cost, reg, log_domain, monkeypatch):
     """reg = 0.01 puts max(M) / reg = 100 past the fp32 limit: the log-domain updates must agree with POT too."""
     paths = []
-    sinkhorn = W._sinkhorn
-    monkeypatch.setattr(W, "_sinkhorn", lambda *a: paths.append(a[-1]) or sinkhorn(*a))
+    for name in ("_sinkhorn", "_sinkhorn_stabilized"):
+        solver = getattr(W, name)
+        monkeypatch.setattr(W, name, lambda *a, solver=solver, name=name: paths.append(name) or solver(*a))
     hc, hr, mc, mr = random_batch(7, Tc=30, Tr=26, offset=0.0)  # no offset: cosine costs reach 1 too
     wc, wr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost)
     rc, rr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost, solver="pot")
-    assert paths == [log_domain]
+    assert paths == ["_sinkhorn_stabilized" if log_domain else "_sinkhorn"]
     assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4
 
 
@@ -94,11 +101,14 @@ def test_duplicates_under_a_large_offset_match_pot():
     would cancel catastrophically in fp32; their cost must be ~1e-6, as POT's exact one."""
     hc, hr, mc, mr = random_batch(11, offset=1e3)
     hr[:, 1:6], mr[:, 1:6], mc[:, 1:6] = hc[:, 1:6], True, True
-    for cost in COSTS:
-        wc, wr, info = ot_token_weights(hc, hr, mc, mr, reg=0.05, cost=cost, return_info=True)
-        rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, reg=0.05, cost=cost, solver="pot", return_info=True)
-        assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4, cost
-        if cost != "cosine":  # (under that offset all cosine costs are ~0) near-zero cost: duplicates take the mass
+    for cost, cost_scale in itertools.product(COSTS, COST_SCALES[:2]):
+        kw = {"reg": 0.05, "cost": cost, "cost_scale": cost_scale, "return_info": True}
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, **kw)
+        rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, solver="pot", **kw)
+        assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4, (cost, cost_scale)
+        # Near-zero cost: duplicates take the mass. Not under the official scaling, which divides by the norms (~1e3
+        # times the distances here), nor for cosine costs, which that offset makes all ~0.
+        if cost != "cosine" and cost_scale == "pair":
             assert (info.plan[:, 1:6, 1:6].diagonal(dim1=1, dim2=2) > 0.5).all()
 
 
