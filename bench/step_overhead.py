@@ -94,7 +94,7 @@ def step(trainer, batch):
 def time_ot(trainer):
     """Accumulate the seconds spent in the OT weights (cost matrix + solver + metrics) of an OTPOTrainer."""
     spent = []
-    inner = trainer._compute_ot_weights
+    inner = trainer.compute_token_weights
 
     def timed(*a, **k):
         if torch.cuda.is_available():
@@ -106,7 +106,7 @@ def time_ot(trainer):
         spent.append(time.perf_counter() - t)
         return out
 
-    trainer._compute_ot_weights = timed
+    trainer.compute_token_weights = timed
     return spent
 
 

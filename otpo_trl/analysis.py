@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,14 +32,14 @@ from trl.trainer.utils import add_fused_lm_head
 
 from .data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset, looks_like_local_path
 from .ot_weights import ot_token_weights
-from .otpo_config import OTPOConfig
+from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
 from .otpo_trainer import capture_last_hidden, predicting_states
 
 
 logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "ot")  # DPO's weight 1 per completion token; OTPO's OT weights
-_OT_FIELDS = tuple(f for f in fields(OTPOConfig) if f.name.startswith("ot_"))
+_OT_FIELDS = tuple(f for f in fields(OTPOConfig) if f.name in OT_FIELDS)
 OT_DEFAULTS = {f.name.removeprefix("ot_"): f.default for f in _OT_FIELDS}  # as keyword arguments of ot_token_weights
 DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "max_length")  # TRL's: 1024
 
@@ -54,11 +55,6 @@ def add_ot_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{f.name}", type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
             help=f"{f.metadata['help']} Default: {f.default}.",
         )  # fmt: skip
-
-
-def ot_kwargs(args: Any) -> dict[str, Any]:
-    """The keyword arguments of [`ot_token_weights`] from an object with `ot_*` attributes (parsed args, a config)."""
-    return {f.name.removeprefix("ot_"): getattr(args, f.name) for f in _OT_FIELDS}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -80,6 +76,20 @@ def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
     if looks_like_local_path(name_or_path) or parent_exists:
         raise FileNotFoundError(f"{what} {name_or_path!r}: no such folder (relative to {Path.cwd()}).{hint}")
     return name_or_path
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create the folder `path` if needed; a `ValueError` naming `what` if it is a file or cannot be written to."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; it must be a folder (or not exist yet).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written to: {err.strerror or err}.") from err
+    return path
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
@@ -139,8 +149,18 @@ def load_model_and_tokenizer(
             hint = " Pass `ref` (`--ref`) to load the adapter on a base found elsewhere."
             base = resolve_model_path(base, f"The adapter {path} has base model", hint)
         logger.info(f"Loading the adapter {path} on its base {base}; the reference is the base (adapter disabled).")
+        try:
+            base_model = _load_causal_lm(base, dtype, device, "Base model")
+        except FileNotFoundError as err:
+            if ref is not None:
+                raise
+            raise FileNotFoundError(
+                f"{err}\nThe adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a "
+                "relative path is relative to where it was trained). Pass `ref` (`--ref`) with the base's folder or Hub "
+                "id to load it from elsewhere."
+            ) from err
         # The fused head goes on the base before PEFT wraps it (TRL's order); LoRA layers are found at call time.
-        policy = PeftModel.from_pretrained(_load_causal_lm(base, dtype, device, "Base model"), path).to(device).eval()
+        policy = PeftModel.from_pretrained(base_model, path).to(device).eval()
         reference = policy
     else:
         policy = _load_causal_lm(path, dtype, device, "Model")
@@ -569,7 +589,7 @@ def evaluate(
     """
     started = time.perf_counter()
     ot_options = {**OT_DEFAULTS, **ot_options}
-    wanted = None if max_samples is None else max(max_samples, num_generations)
+    wanted = None if max_samples is None else max(max_samples, num_generations, 1)  # 1: the data are still checked
     dataset = load_preference_dataset(data, split, max_samples=wanted)  # before the model: bad data fails fast
     policy, reference, tokenizer = load_model_and_tokenizer(model_path, ref=ref, dtype=dtype, device=device)
     examples = [maybe_extract_prompt(dict(e)) for e in dataset]
@@ -634,13 +654,25 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite_or_none(value):
+    """`value` with every NaN or infinite float (a mean over no pairs) as None: JSON has no NaN, only null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def write_report(result: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """Write `eval.json` (all but the per-pair and per-response records), `eval.md` and `generations.jsonl`."""
+    """Write `eval.json` (all but the per-pair and per-response records; a metric over no pairs is null),
+    `eval.md` and `generations.jsonl`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: output_dir / name for name in ("eval.json", "eval.md", "generations.jsonl")}
-    summary = {k: v for k, v in result.items() if k not in ("pairs", "generations")}
-    paths["eval.json"].write_text(json.dumps(summary, indent=2) + "\n")
+    summary = _finite_or_none({k: v for k, v in result.items() if k not in ("pairs", "generations")})
+    paths["eval.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     paths["eval.md"].write_text(format_markdown(result))
     with paths["generations.jsonl"].open("w") as f:
         for record in result["generations"]:

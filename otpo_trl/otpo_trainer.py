@@ -1,17 +1,21 @@
 """OTPOTrainer: TRL's DPOTrainer with optimal-transport token weights.
 
-The seam (mirrors TRL 1.16's `DPOTrainer._compute_loss`): TRL calls the model's fused LM head
-(`model(..., labels=..., fused_lm_head=True)`) first for the policy and then for the reference, and sums the returned
-per-token `log_probs`. We wrap that fused forward so that, inside `compute_loss`, the policy call also captures the
-last-layer hidden states, solves the OT problem once per batch, and both calls return *weighted* per-token log-probs.
-Everything downstream (every `loss_type` and their mixtures, LD, f-divergences, MoE aux loss, metrics) is TRL's own
-code, run on OTPO's weighted sums. `tests/test_trainer.py` tests this seam.
+The seam, in one place: TRL 1.16's `DPOTrainer._compute_loss` runs the policy and then the reference through the
+models' fused LM head (`model(..., labels=..., fused_lm_head=True)`) and sums the returned per-token `log_probs`.
+`OTPOTrainer` sets one `_OTStep` per batch (`_ot_step`, a context manager) and registers forward hooks on its policy
+and reference models. The hook of the policy call captures the last-layer hidden states, computes the token weights
+(`compute_token_weights`, OT by default) and weights the policy's per-token log-probs; the hook of the reference call
+weights the reference's with the same weights. Everything downstream (every `loss_type` and their mixtures, LD,
+f-divergences, MoE aux loss, metrics) is TRL's own code, run on OTPO's weighted sums. Hooks, not a patched `forward`:
+the models' `forward` (and so `generate`) stay TRL's, and several trainers may share a model.
 """
 
 import contextlib
+import math
 import textwrap
-import types
 import warnings
+import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +28,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
 from .ot_weights import ot_token_weights
-from .otpo_config import OTPOConfig
+from .otpo_config import OTPOConfig, ot_kwargs
 
 
 logger = logging.get_logger(__name__)
@@ -33,12 +37,23 @@ _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class _OTBatch:
-    """State shared by the policy and the reference forward of one `compute_loss` call."""
+class _OTStep:
+    """The state of one batch, shared by its fused forwards: set by `OTPOTrainer._ot_step`, read by the hooks."""
 
-    inputs: dict[str, Any]
-    shift_mask: torch.Tensor  # (2B, T-1) bool, the completion tokens of [chosen; rejected]
-    weights: torch.Tensor | None = None  # (2B, T-1) float, set by the policy forward
+    trainer: "OTPOTrainer"
+    inputs: dict[str, Any]  # the collated batch; precomputed per-token reference values are replaced by weighted sums
+    shift_mask: torch.Tensor  # (2B, T-1) bool: the completion tokens of [chosen; rejected], aligned with log_probs
+    reference_only: bool = False  # precomputing reference log-probs: every fused call is the reference
+    role: str | None = None  # of the fused call in progress: "policy" or "reference"
+    hidden: torch.Tensor | None = None  # (2B, P+T, H) detached last-layer states of the policy call
+    weights: torch.Tensor | None = None  # (2B, T-1) token weights, set by the policy call
+    policy_log_probs: torch.Tensor | None = None  # (2B, P+T-1) the policy's unweighted per-token log-probs
+    ref_log_probs: torch.Tensor | None = None  # (2B, P+T-1) unweighted, kept by a `reference_only` call
+
+
+# The batch in progress (None outside `compute_loss` / `compute_ref_log_probs`): a context variable, not a trainer
+# field, so that hooks of several trainers on a shared model act only for the trainer whose batch it is.
+_ACTIVE_STEP: ContextVar[_OTStep | None] = ContextVar("otpo_active_step", default=None)
 
 
 @contextlib.contextmanager
@@ -47,13 +62,32 @@ def capture_last_hidden(backbone: torch.nn.Module):
     box = {}
 
     def hook(module, args, output):
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        box["hidden"] = hidden.detach()
+        box["hidden"] = _last_hidden(output)
 
     handle = backbone.register_forward_hook(hook)
     try:
         yield box
     finally:
+        handle.remove()
+
+
+def _last_hidden(output) -> torch.Tensor:
+    return (output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]).detach()
+
+
+def _call_weakly(method):
+    """A hook calling `method` (a bound method) through a weak reference; a no-op once its object is gone."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return hook
+
+
+def _remove_hooks(handles) -> None:
+    for handle in handles:
         handle.remove()
 
 
@@ -87,16 +121,28 @@ class OTPOTrainer(DPOTrainer):
     A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same data formats, same `loss_type`s. For each
     preference pair, the policy's (detached) last-layer hidden states of the chosen and rejected completion tokens
     define an unbalanced OT problem (see [`ot_token_weights`]); the plan's marginals weight the per-token log-probs of
-    both the policy and the reference before TRL sums them into the DPO loss.
+    both the policy and the reference before TRL sums them into the DPO loss. Another token weighting: subclass and
+    override [`compute_token_weights`].
 
     Notes:
         - WPO (`use_weighting=True`) keeps weighting pairs by the policy's *unweighted* sequence probability.
         - The `sft` loss term averages the OT-weighted chosen log-probs.
-        - `precompute_ref_log_probs=True` stores per-token reference log-probs (width `max_length`), since the
-          weights depend on the current policy and can only be applied at train time.
+        - `precompute_ref_log_probs=True` stores per-token reference log-probs (width `max_length`, rounded up to
+          `pad_to_multiple_of`), since the weights depend on the current policy and can only be applied at train time.
+
+    What this relies on in TRL 1.16 (`trl>=1.16,<1.17`, checked by `tests/test_trainer.py`):
+        - `DPOTrainer._compute_loss` calls the policy, then (unless precomputed) the reference, each once per batch as
+          `model(..., labels=..., fused_lm_head=True)`, and sums `outputs.log_probs[:, -(T-1):]` (with `ld_alpha`,
+          shared and tail parts); with PEFT and no `ref_model`, the reference is the policy under TRL's
+          `use_adapter` (adapters disabled, or the adapter named "ref" active). A reference call without a policy
+          call before it is an error here, not a silent unweighted loss.
+        - WPO reads `outputs.log_sum_sq_probs` (`FusedCausalLMOutput`); `_metrics[mode]` collects the logged metrics.
+        - `DPOTrainer.__init__` calls `_precompute_ref_logps` → `compute_ref_log_probs` (before our `__init__`
+          resumes), and `_compute_loss` reads `inputs["ref_chosen_logps"]` / `["ref_rejected_logps"]` after the policy
+          call; `self._precompute_model_hash` keys the cache of those values.
     """
 
-    _tag_names = ["trl", "otpo"]
+    _tag_names = ["trl", "dpo", "otpo"]
     _name = "OTPO"
     _paper = {
         "title": "Optimal Transport-Based Token Weighting scheme for Enhanced Preference Optimization",
@@ -116,7 +162,11 @@ class OTPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: OTPOConfig | None = None, *pargs, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = OTPOConfig(f"{name.split('/')[-1]}-OTPO")
+            # DPOConfig's default bf16 fails without a bf16-capable GPU; fp32 is the fast choice on a CPU.
+            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            if not bf16:
+                logger.info("No bf16-capable GPU: the default OTPOConfig trains in fp32 (bf16=False).")
+            args = OTPOConfig(f"{name.split('/')[-1]}-OTPO", bf16=bf16)
         elif not isinstance(args, OTPOConfig):
             if not isinstance(args, DPOConfig):
                 raise TypeError(f"`args` must be an `OTPOConfig`, got {type(args).__name__}.")
@@ -129,90 +179,125 @@ class OTPOTrainer(DPOTrainer):
                 "`precompute_ref_log_probs=True` needs `max_length`: OTPO stores per-token reference log-probs "
                 "(the OT weights are only known at train time), padded to `max_length`."
             )
-        self._ot_batch: _OTBatch | None = None
-        self._ref_per_token: dict | None = None  # set while precomputing reference log-probs
-        self._ot_wrapped = False
+        self._ot_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._ot_policy: torch.nn.Module | None = None  # the unwrapped policy (a PeftModel with PEFT), hooked
+        self._ot_reference: torch.nn.Module | None = None  # the unwrapped reference model, if any, hooked
         self._ot_warned_fallback = False
+        self._ot_hash_tagged = False
         self._ot_last_weights: torch.Tensor | None = None  # (n_tokens,) of the last training batch, for TensorBoard
         self._ot_histogram = False
         super().__init__(model, ref_model, args, *pargs, **kwargs)
-        self._install_ot_forward()
+        self._install_ot_hooks()
         self._ot_histogram = "tensorboard" in (self.args.report_to or [])
         if self._ot_histogram:
             self.add_callback(OTWeightHistogramCallback(self))
 
-    # ------------------------------------------------------------------ the seam with TRL's fused forward
+    # ------------------------------------------------------------------ the seam with TRL's fused forwards
 
-    def _install_ot_forward(self) -> None:
-        """Wrap the fused forwards TRL 1.16 installs (in `DPOTrainer.__init__`, before precomputing reference
-        log-probs) as an instance `forward` on the unwrapped causal LM (the PEFT base model) and on the reference."""
-        if self._ot_wrapped:
+    def _install_ot_hooks(self) -> None:
+        """Hook the policy, its backbone and the reference (once; TRL's `__init__` may need them before ours runs)."""
+        if self._ot_hooks:
             return
-        self._ot_wrapped = True
-        self._wrap_fused_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self._ot_policy = self.accelerator.unwrap_model(self.model)
+        causal_lm = self._ot_policy.get_base_model() if is_peft_model(self._ot_policy) else self._ot_policy
+        modules = [self._ot_policy]
         if self.ref_model is not None:
-            self._wrap_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+            self._ot_reference = self.accelerator.unwrap_model(self.ref_model)
+            modules.append(self._ot_reference)
+        # The hooks hold the trainer weakly and go with it: a model outliving its trainer (a sweep, a policy handed to
+        # the next trainer) neither keeps the trainer's optimizer state alive nor runs its hooks.
+        for module in modules:
+            pre, post = _call_weakly(self._ot_pre_forward), _call_weakly(self._ot_post_forward)
+            self._ot_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._ot_hooks.append(module.register_forward_hook(post, with_kwargs=True))
+        self._ot_hooks.append(causal_lm.base_model.register_forward_hook(_call_weakly(self._ot_capture_hidden)))
+        weakref.finalize(self, _remove_hooks, list(self._ot_hooks))
 
-    def _wrap_fused_forward(self, module: torch.nn.Module) -> None:
-        fused_forward = module.forward
-        trainer = self
+    @contextlib.contextmanager
+    def _ot_step(self, inputs: dict[str, Any], reference_only: bool = False):
+        """Make `inputs` the batch of the fused forwards run inside; yields its `_OTStep`."""
+        step = _OTStep(self, inputs, inputs["completion_mask"][:, 1:].bool(), reference_only)
+        token = _ACTIVE_STEP.set(step)
+        try:
+            yield step
+        finally:
+            _ACTIVE_STEP.reset(token)
 
-        def forward(self, *args, fused_lm_head=False, **kwargs):
-            batch = trainer._ot_batch
-            if fused_lm_head and trainer._ref_per_token is not None:
-                outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
-                trainer._ref_per_token["log_probs"] = outputs.log_probs
-                return outputs
-            if not fused_lm_head or batch is None:
-                return fused_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
-            if batch.weights is None:  # TRL runs the policy first: this call sets the batch's weights
-                with capture_last_hidden(self.base_model) as box:
-                    outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
-                seq_len = batch.shift_mask.size(1)
-                batch.weights = trainer._compute_ot_weights(
-                    predicting_states(box["hidden"], seq_len), batch.shift_mask
-                )
-                if trainer.precompute_ref_logps:
-                    trainer._weight_precomputed_ref(batch)
-            else:
-                outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
-            trainer._apply_weights(outputs, batch.weights)
-            return outputs
+    def _my_step(self, kwargs: dict[str, Any]) -> _OTStep | None:
+        step = _ACTIVE_STEP.get()
+        return step if step is not None and step.trainer is self and kwargs.get("fused_lm_head") else None
 
-        module.forward = types.MethodType(forward, module)
+    def _ot_pre_forward(self, module, args, kwargs):
+        """Decide, before a fused forward of this trainer's batch, whether it is the policy's or the reference's."""
+        step = self._my_step(kwargs)
+        if step is None:
+            return
+        if step.reference_only or module is self._ot_reference:
+            step.role = "reference"
+        elif getattr(module, "_adapters_disabled", False) or getattr(module, "active_adapter", None) == "ref":
+            step.role = "reference"  # PEFT: TRL's `use_adapter` runs the reference on the policy's backbone
+        else:
+            step.role = "policy"
+
+    def _ot_capture_hidden(self, module, args, output):
+        step = _ACTIVE_STEP.get()
+        if step is not None and step.trainer is self and step.role == "policy":
+            step.hidden = _last_hidden(output)
+
+    def _ot_post_forward(self, module, args, kwargs, outputs):
+        """Weight the per-token log-probs of a fused forward of this trainer's batch (see the module docstring)."""
+        step = self._my_step(kwargs)
+        if step is None or step.role is None:
+            return None
+        role, step.role = step.role, None
+        if step.reference_only:
+            step.ref_log_probs = outputs.log_probs
+            return None
+        if role == "policy":
+            seq_len = step.shift_mask.size(1)
+            hidden = predicting_states(step.hidden, seq_len)
+            step.weights = self.compute_token_weights(*hidden.chunk(2), *step.shift_mask.chunk(2))
+            step.policy_log_probs = outputs.log_probs
+            if self.precompute_ref_logps:
+                self._weight_precomputed_ref(step)
+        elif step.weights is None:
+            raise RuntimeError(
+                "OTPOTrainer: a reference forward ran before the policy forward of its batch, so there are no token "
+                "weights for it. OTPOTrainer relies on TRL 1.16's order (policy first); check the installed TRL."
+            )
+        self._apply_weights(outputs, step.weights)
+        return outputs
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One forward of the concatenated [chosen; rejected] batch through TRL's fused LM head (no full logits).
+        """The policy's forward of a concatenated [chosen; rejected] batch, through the same hooks as training.
+
+        TRL 1.16's `_compute_loss` makes this call itself (training does not call this method); it is here to inspect
+        what a training step sees.
 
         Args:
             model: the policy (possibly wrapped by accelerate / PEFT).
             inputs: a collated batch: `input_ids`, `attention_mask`, `completion_mask`, each (2B, T).
 
         Returns:
-            dict with `per_token_logps` (2B, T-1), unweighted log-prob of token t+1; `completion_mask` (2B, T-1) bool,
-            the completion tokens among them; `hidden_states` (2B, T-1, H), detached last-layer state at position t,
-            the one predicting token t+1 (only the last layer is kept).
+            dict with `per_token_logps` (2B, T-1), unweighted log-prob of token t+1; `weights` (2B, T-1), the token
+            weights; `completion_mask` (2B, T-1) bool, the completion tokens among them; `hidden_states`
+            (2B, T-1, H), the detached last-layer state at position t, the one predicting token t+1.
         """
         model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", *_REF_KEYS)}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        unwrapped = self.accelerator.unwrap_model(model)
-        causal_lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
-        with capture_last_hidden(causal_lm.base_model) as box:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
-        seq_len = inputs["completion_mask"].size(1) - 1
+        with self._ot_step(inputs) as step:
+            model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+        seq_len = step.shift_mask.size(1)
         return {
-            "per_token_logps": outputs.log_probs[:, -seq_len:],
-            "completion_mask": inputs["completion_mask"][:, 1:].bool(),
-            "hidden_states": predicting_states(box["hidden"], seq_len),
+            "per_token_logps": step.policy_log_probs[:, -seq_len:],
+            "weights": step.weights,
+            "completion_mask": step.shift_mask,
+            "hidden_states": predicting_states(step.hidden, seq_len),
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        shift_mask = inputs["completion_mask"][:, 1:].bool()
-        self._ot_batch = _OTBatch(inputs=inputs, shift_mask=shift_mask)
-        try:
+        with self._ot_step(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self._ot_batch = None
 
     @staticmethod
     def _apply_weights(outputs, weights: torch.Tensor) -> None:
@@ -228,13 +313,30 @@ class OTPOTrainer(DPOTrainer):
             outputs.log_sum_sq_probs = outputs.log_sum_sq_probs + (weighted - log_probs).detach()
         outputs.log_probs = weighted
 
+    def compute_token_weights(
+        self,
+        chosen_hidden: torch.Tensor,
+        rejected_hidden: torch.Tensor,
+        chosen_mask: torch.Tensor,
+        rejected_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The token weights of a batch; override this method for another token weighting.
+
+        Args:
+            chosen_hidden, rejected_hidden: (B, T-1, H) detached last-layer states of the policy, the state at
+                position t-1 being the one that predicts token t.
+            chosen_mask, rejected_mask: (B, T-1) bool, True at the completion tokens.
+
+        Returns:
+            (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
+            log-probs (values at masked positions are not read).
+        """
+        return self._compute_ot_weights(chosen_hidden, rejected_hidden, chosen_mask, rejected_mask)
+
     # ------------------------------------------------------------------ OT weights and their metrics
 
-    def _compute_ot_weights(self, hidden: torch.Tensor, shift_mask: torch.Tensor) -> torch.Tensor:
-        """hidden (2B, T-1, H): the state predicting each token of [chosen; rejected]; returns weights (2B, T-1)."""
-        args = self.args
-        chosen_hidden, rejected_hidden = hidden.chunk(2, dim=0)
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+    def _compute_ot_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask) -> torch.Tensor:
+        """OTPO's weights and their `ot/*` metrics; arguments and result as in `compute_token_weights`."""
         with warnings.catch_warnings():  # a fallback is logged once below and counted in `ot/fallbacks`
             warnings.filterwarnings("ignore", message="OT weights: ", category=UserWarning)
             chosen_w, rejected_w, info = ot_token_weights(
@@ -242,17 +344,12 @@ class OTPOTrainer(DPOTrainer):
                 rejected_hidden,
                 chosen_mask,
                 rejected_mask,
-                reg=args.ot_reg,
-                reg_m=args.ot_reg_m,
-                cost=args.ot_cost,
-                normalization=args.ot_normalization,
-                solver=args.ot_solver,
-                max_iter=args.ot_max_iter,
-                tol=args.ot_tol,
+                **ot_kwargs(self.args),
                 return_info=True,
                 return_plan=False,
             )
         weights = torch.cat([chosen_w, rejected_w], dim=0)
+        shift_mask = torch.cat([chosen_mask, rejected_mask], dim=0)
         self._log_ot_metrics(weights, shift_mask, info)
         if self._ot_histogram and self.model.training:
             self._ot_last_weights = weights[shift_mask].cpu()
@@ -290,38 +387,39 @@ class OTPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ precomputed (per-token) reference log-probs
 
-    def compute_ref_log_probs(self, model, inputs):
-        """Per-token reference log-probs of one padded batch, (B, max_length) each for chosen and rejected.
+    def _ref_width(self) -> int:
+        """Width of the stored per-token reference log-probs: the longest padded batch, minus the shifted token."""
+        multiple = self.args.pad_to_multiple_of or 1
+        return math.ceil(self.args.max_length / multiple) * multiple
 
-        TRL 1.16 returns the summed log-probs here; OTPO keeps them per token (zero-padded to a fixed width so TRL's
-        `_precompute_ref_logps` can concatenate batches) and weights them at train time.
+    def compute_ref_log_probs(self, model, inputs):
+        """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected.
+
+        TRL 1.16 returns the summed log-probs here; OTPO keeps them per token (zero-padded to a fixed width,
+        `max_length` rounded up to `pad_to_multiple_of`, so that TRL's `_precompute_ref_logps` can concatenate
+        batches) and weights them at train time.
         """
-        self._install_ot_forward()
-        self._ref_per_token = {}
-        try:
+        self._install_ot_hooks()  # TRL's __init__ precomputes before ours resumes
+        with self._ot_step(inputs, reference_only=True) as step:
             super().compute_ref_log_probs(model, inputs)  # TRL's adapter, no-grad and autocast handling
-            log_probs = self._ref_per_token["log_probs"]
-        finally:
-            self._ref_per_token = None
-        seq_len = inputs["completion_mask"].size(1) - 1
-        per_token = log_probs[:, -seq_len:].float()
-        per_token = torch.nn.functional.pad(per_token, (0, self.args.max_length - seq_len))
+        seq_len = step.shift_mask.size(1)
+        per_token = step.ref_log_probs[:, -seq_len:].float()
+        per_token = torch.nn.functional.pad(per_token, (0, self._ref_width() - seq_len))
         return per_token.chunk(2, dim=0)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        self._install_ot_forward()  # TRL calls this at the end of its __init__, before ours resumes
-        # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums.
-        if self._precompute_model_hash is not None and not getattr(self, "_otpo_hash_tagged", False):
-            self._precompute_model_hash = Hasher.hash(
-                (self._precompute_model_hash, "otpo-per-token", self.args.max_length)
-            )
-            self._otpo_hash_tagged = True
+        # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums, and
+        # apart from any other per-token layout (truncation side, padded width).
+        if self._precompute_model_hash is not None and not self._ot_hash_tagged:
+            layout = (self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of)
+            self._precompute_model_hash = Hasher.hash((self._precompute_model_hash, "otpo-per-token", layout))
+            self._ot_hash_tagged = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def _weight_precomputed_ref(self, batch: _OTBatch) -> None:
-        """Replace the batch's per-token reference log-probs (B, max_length) by their OT-weighted sums (B,), which
-        TRL 1.16's `_compute_loss` reads after the policy forward."""
-        inputs, mask = batch.inputs, batch.shift_mask
+    def _weight_precomputed_ref(self, step: _OTStep) -> None:
+        """Replace the batch's per-token reference log-probs (B, width) by their weighted sums (B,), which TRL 1.16's
+        `_compute_loss` reads after the policy forward."""
+        inputs, mask = step.inputs, step.shift_mask
         seq_len = mask.size(1)
         ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=0)
         if ref.dim() != 2 or ref.size(1) < seq_len:
@@ -329,7 +427,7 @@ class OTPOTrainer(DPOTrainer):
                 f"Precomputed reference log-probs have shape {tuple(ref.shape)}; OTPO needs per-token values of width "
                 f">= {seq_len}. Were they computed by DPOTrainer? Recompute them with OTPOTrainer."
             )
-        ref = ref[:, :seq_len].to(batch.weights.device) * batch.weights * mask
+        ref = ref[:, :seq_len].to(step.weights.device) * step.weights * mask
         if self.ld_alpha is None:
             ref_logps = ref.sum(dim=1)
         else:  # LD-DPO, as in TRL 1.16: tokens past the shorter completion count ld_alpha times

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import train as train_script  # scripts/train.py, beside this file: the same parser as the runs
 
+from otpo_trl.otpo_config import OT_FIELDS
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("dpo", "otpo")
@@ -88,8 +90,9 @@ def evaluate(name, model, args, recipe, out):
         max_samples = 0 if name == "base" else args.max_samples
         cmd = [sys.executable, "scripts/evaluate.py", "--model", str(model), "--data", recipe["dataset_name"]]
         cmd += ["--split", args.split, "--beta", str(recipe["beta"]), "--max_length", str(recipe["max_length"])]
-        for key in ("ot_reg", "ot_reg_m", "ot_cost", "ot_normalization", "ot_solver", "ot_max_iter", "ot_tol"):
-            cmd += [f"--{key}", str(recipe[key])]  # the held-out OT weights are those OTPO trained with
+        for key in OT_FIELDS:  # the held-out OT weights are those OTPO trained with (unset keys: the same defaults)
+            if key in recipe:
+                cmd += [f"--{key}", str(recipe[key])]
         if name != "base" and not recipe["use_peft"]:  # a LoRA run's reference is its base (the adapter disabled)
             cmd += ["--ref", recipe["model_name_or_path"]]
         cmd += ["--max_samples", str(max_samples), "--num_generations", str(args.num_generations)]

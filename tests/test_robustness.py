@@ -54,8 +54,7 @@ def test_identical_chosen_and_rejected_give_symmetric_weights_and_ln2(trainer):
     examples = [{"prompt_ids": [3, 4, 5], "chosen_ids": [20, 21, 22, 23], "rejected_ids": [20, 21, 22, 23]}] * 2
     batch = trainer._prepare_inputs(trainer.data_collator(examples))
     with torch.no_grad():
-        out = trainer.concatenated_forward(trainer.model, batch)
-        weights = trainer._compute_ot_weights(out["hidden_states"], out["completion_mask"])
+        weights = trainer.concatenated_forward(trainer.model, batch)["weights"]
         loss = trainer.compute_loss(trainer.model, batch)
     chosen, rejected = weights.chunk(2)
     torch.testing.assert_close(chosen, rejected)
@@ -66,7 +65,7 @@ def test_non_finite_hidden_states_fall_back_to_uniform_weights(trainer, caplog):
     hidden = torch.randn(4, 6, 16)
     mask = torch.ones(4, 6, dtype=torch.bool)
     hidden[0, 2] = float("nan")  # pair 0 (chosen row 0) is broken, pair 1 is fine
-    weights = trainer._compute_ot_weights(hidden, mask)
+    weights = trainer.compute_token_weights(*hidden.chunk(2), *mask.chunk(2))
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(weights[0], torch.ones(6))  # uniform, summing to min(6, 6)
     torch.testing.assert_close(weights[2], torch.ones(6))
