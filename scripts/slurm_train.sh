@@ -34,7 +34,9 @@ fi
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NUM_NODES=$SLURM_NNODES
-MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first node hosts the rendezvous. (`sed -n 1p` reads all the names: `head` could leave scontrol writing into a
+# closed pipe, which `set -o pipefail` turns into a failed job.)
+MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 
 echo "START $(date) on $NUM_NODES nodes x $GPUS_PER_NODE GPUs: $RECIPE with $ACCELERATE_CONFIG $*"
