@@ -10,7 +10,8 @@ Accepted inputs (each example is one preference pair):
   `score_*` columns. TRL would take the text prompt as explicit and train on the user turn as part of the completion,
   so the shared leading turns become the (conversational) `prompt` and the rest the completions.
 
-Only `prompt`, `chosen` and `rejected` are kept; scores are read before that by [`drop_score_ties`].
+Only `prompt`, `chosen` and `rejected` are kept; scores are read before that by [`drop_score_ties`]. Every row is
+checked before any of this (see [`validate_rows`]): a bad value fails naming its row and column.
 """
 
 import logging
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 REQUIRED_COLUMNS = ("chosen", "rejected")
+# The chat roles TRL 1.16 knows (`trl.data_utils`: system, user, assistant, tool).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Roles of other conventions (ShareGPT, Anthropic HH), named in the error with the role to use instead.
+_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 # (chosen score, rejected score) column names: TRL / H4 UltraFeedback, then Argilla's cleaned UltraFeedback.
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
 # Local file extension -> `datasets` builder.
@@ -54,6 +59,83 @@ def validate_columns(column_names, name: str = "dataset") -> None:
         )
 
 
+def _message_problem(message) -> str | None:
+    """What is wrong with one chat message, or None."""
+    if not isinstance(message, dict):
+        return f"expected a {{'role': ..., 'content': ...}} dict, got {type(message).__name__} {message!r:.60}"
+    role = message.get("role")
+    if role is None:
+        if "from" in message and "value" in message:
+            return "has 'from'/'value' keys (ShareGPT); TRL needs 'role' and 'content'"
+        return f"has no 'role' (keys: {sorted(message)})"
+    if role not in CHAT_ROLES:
+        hint = f"; use {_ROLE_HINTS[role]!r}" if role in _ROLE_HINTS else ""
+        return f"has role {role!r}, not one of {list(CHAT_ROLES)}{hint}"
+    content = message.get("content")
+    if content is None and not message.get("tool_calls"):
+        return f"(role {role!r}) has no 'content'"
+    if content is not None and not isinstance(content, str):
+        return f"(role {role!r}) has a {type(content).__name__} 'content'; expected text"
+    return None
+
+
+_KINDS = {"text": "text", "messages": "a list of messages"}
+
+
+def _value_kind(value, where: str) -> str | None:
+    """'text', 'messages', or None for an empty value (None, blank text, no messages: see [`drop_empty_pairs`])."""
+    if value is None or (isinstance(value, (str, list)) and _is_empty(value)):
+        return None
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        for k, message in enumerate(value):
+            problem = _message_problem(message)
+            if problem is not None:
+                raise ValueError(f"{where}, message {k} {problem}.")
+        return "messages"
+    raise ValueError(f"{where}: expected text or a list of messages, got {type(value).__name__} {value!r:.60}.")
+
+
+def validate_rows(dataset: Dataset, name: str = "dataset") -> None:
+    """Check the `prompt`, `chosen` and `rejected` value of every row, and that all rows share one layout.
+
+    A value is text, a list of chat messages (`{"role": ..., "content": text}` dicts with a role from `CHAT_ROLES`),
+    or empty (None, blank, no messages: dropped later by [`drop_empty_pairs`]). `chosen` and `rejected` are of one
+    kind in every row; `prompt`, when there is one, is present in every row and of one kind (text prompt with message
+    completions is the HuggingFaceH4 layout; a message prompt with text completions is an error).
+
+    Raises:
+        ValueError: naming the row (counting from 0, as `dataset[i]`), the column and the problem.
+    """
+    columns = [c for c in PREFERENCE_COLUMNS if c in dataset.column_names]
+    values = {c: list(dataset[c]) for c in columns}
+    first = {}  # column (the completions share one entry) -> (kind, row) of its first non-empty value
+    for i in range(len(dataset)):
+        kinds = {c: _value_kind(values[c][i], f"{name}: row {i}, column '{c}'") for c in columns}
+        if "prompt" in kinds and values["prompt"][i] is None:
+            raise ValueError(f"{name}: row {i} has no 'prompt' (the column exists, so every row needs one).")
+        if None not in (kinds["chosen"], kinds["rejected"]) and kinds["chosen"] != kinds["rejected"]:
+            raise ValueError(
+                f"{name}: row {i}: 'chosen' is {_KINDS[kinds['chosen']]} but 'rejected' is {_KINDS[kinds['rejected']]}."
+            )
+        for column, key in (("prompt", "prompt"), ("chosen", "completions"), ("rejected", "completions")):
+            kind = kinds.get(column)
+            if kind is None:
+                continue
+            seen, row = first.setdefault(key, (kind, i))
+            if kind != seen:
+                raise ValueError(
+                    f"{name}: row {i}, column '{column}' is {_KINDS[kind]} but row {row} is {_KINDS[seen]}: every row must use one "
+                    "layout (all text, or all lists of messages)."
+                )
+    if first.get("prompt", ("",))[0] == "messages" and first.get("completions", ("",))[0] == "text":
+        raise ValueError(
+            f"{name}: 'prompt' is a list of messages but the completions are text (row {first['completions'][1]}); "
+            "use text for all three, or messages for all three."
+        )
+
+
 def _is_empty(value) -> bool:
     """None, blank text or an empty message list."""
     if isinstance(value, str):
@@ -71,6 +153,8 @@ def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
     if all_empty:
         raise ValueError(f"{name}: column(s) {all_empty} are empty in every one of its {len(dataset)} rows.")
     keep = [i for i, flags in enumerate(zip(*empty.values(), strict=True)) if not any(flags)]
+    if not keep:
+        raise ValueError(f"{name}: every one of its {len(dataset)} pairs has an empty 'chosen' or 'rejected'.")
     if len(keep) < len(dataset):
         counts = ", ".join(f"{sum(flags)} with an empty '{c}'" for c, flags in empty.items() if any(flags))
         logger.warning(f"Dropped {len(dataset) - len(keep)} of {len(dataset)} pairs of {name}: {counts}.")
@@ -89,7 +173,17 @@ def _looks_like_path(name_or_path: str) -> bool:
     return looks_like_local_path(name_or_path) or Path(name_or_path).suffix in DATA_FILE_BUILDERS
 
 
+def _holds_no_rows(file: Path) -> bool:
+    """An empty file, blank text, or a .json holding an empty list (datasets fails on these with StopIteration)."""
+    if file.stat().st_size > 1024 or file.suffix == ".parquet":
+        return False
+    text = file.read_text(errors="replace").strip()
+    return not text or (file.suffix == ".json" and text.replace(" ", "") in ("[]", "{}"))
+
+
 def _load_data_files(files: list[Path]) -> Dataset:
+    if all(_holds_no_rows(f) for f in files):
+        raise ValueError(f"{', '.join(map(str, files))}: no rows (the file is empty).")
     builder = DATA_FILE_BUILDERS[files[0].suffix]
     return load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
@@ -170,6 +264,26 @@ def drop_identical_pairs(dataset: Dataset) -> Dataset:
     return kept
 
 
+def split_off_eval(dataset: Dataset, size: float, seed: int = 42) -> tuple[Dataset, Dataset]:
+    """Hold out pairs of `dataset` for evaluation: `(train, eval)`, disjoint, drawn at random with `seed`.
+
+    Args:
+        dataset: the pairs to split.
+        size: a share of the pairs (0 < size < 1, rounded, at least 1) or a number of pairs (size >= 1).
+        seed: seed of the shuffle, so that a resumed run holds out the same pairs.
+    """
+    if size <= 0 or (size >= 1 and size != int(size)):
+        raise ValueError(f"`eval_split_size` must be a share in (0, 1) or a whole number of pairs, got {size}.")
+    count = max(1, round(size * len(dataset))) if size < 1 else int(size)
+    if count >= len(dataset):
+        raise ValueError(
+            f"`eval_split_size` {size} holds out {count} of {len(dataset)} pairs: none would be left to train on."
+        )
+    split = dataset.train_test_split(test_size=count, shuffle=True, seed=seed)
+    logger.info(f"Held out {count} of {len(dataset)} pairs for evaluation (eval_split_size={size}, seed {seed}).")
+    return split["train"], split["test"]
+
+
 def detect_layout(example: dict) -> str:
     """Name the layout of one example.
 
@@ -214,8 +328,9 @@ def load_preference_dataset(
 ) -> Dataset:
     """Load one split of a preference data set in TRL's preference format.
 
-    Steps: load (see [`load_raw_split`]) → check the columns (see [`validate_columns`]) → drop pairs with an empty
-    side (see [`drop_empty_pairs`]) → drop tied / identical pairs if asked → keep the first `max_samples` pairs → map to TRL's format (see [`to_preference_format`]).
+    Steps: load (see [`load_raw_split`]) → check the columns (see [`validate_columns`]) and every row (see
+    [`validate_rows`]) → drop pairs with an empty side (see [`drop_empty_pairs`]) → drop tied / identical pairs if
+    asked → keep the first `max_samples` pairs → map to TRL's format (see [`to_preference_format`]).
 
     Args:
         name_or_path: a Hub data set id or a local file / folder.
@@ -227,15 +342,26 @@ def load_preference_dataset(
 
     Returns:
         `Dataset` with columns `chosen`, `rejected` and, for an explicit prompt, `prompt`.
+
+    Raises:
+        ValueError: a row is malformed (see [`validate_rows`]), or no pair is left, or `max_samples` < 1.
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or unset, for all pairs), got {max_samples}.")
+    name = f"{name_or_path} [{split}]"
     dataset = load_raw_split(name_or_path, split, config)
-    validate_columns(dataset.column_names, name=f"{name_or_path} [{split}]")
-    logger.info(f"Loaded {len(dataset)} pairs from {name_or_path} [{split}].")
-    dataset = drop_empty_pairs(dataset, name=f"{name_or_path} [{split}]")
+    validate_columns(dataset.column_names, name=name)
+    logger.info(f"Loaded {len(dataset)} pairs from {name}.")
+    validate_rows(dataset, name=name)
+    dataset = drop_empty_pairs(dataset, name=name)
+    loaded = len(dataset)
     if drop_ties:
         dataset = drop_score_ties(dataset)
     if drop_identical:
         dataset = drop_identical_pairs(dataset)
+    if len(dataset) == 0:
+        filters = " and ".join(f for f, on in (("drop_ties", drop_ties), ("drop_identical", drop_identical)) if on)
+        raise ValueError(f"{name}: {filters} removed all {loaded} pairs; nothing is left to train or evaluate on.")
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     return to_preference_format(dataset)

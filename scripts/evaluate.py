@@ -15,14 +15,23 @@ Writes to `--output_dir`:
 
 The reference is `--ref`, else an adapter's base (the adapter disabled); a full model without `--ref` is its own
 reference, and every margin is then 0. A pair counts as correct when its chosen reward is strictly larger (ties are
-wrong, as in TRL's `rewards/accuracies`). The work is done by `otpo_trl.analysis.evaluate`.
+wrong, as in TRL's `rewards/accuracies`); with no pair scored, the accuracy and margins are `null` in `eval.json`. The
+work is done by `otpo_trl.analysis.evaluate`.
 """
 
 import argparse
 import logging
 import sys
 
-from otpo_trl.analysis import DEFAULT_MAX_LENGTH, add_ot_arguments, evaluate, format_markdown, ot_kwargs, write_report
+from otpo_trl.analysis import (
+    DEFAULT_MAX_LENGTH,
+    add_ot_arguments,
+    evaluate,
+    format_markdown,
+    ot_kwargs,
+    writable_dir,
+    write_report,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     logging.getLogger("otpo_trl").setLevel(logging.INFO)  # what is loaded and used as the reference
+    writable_dir(args.output_dir, "--output_dir")  # before the evaluation, not after it
     result = evaluate(
         args.model, args.data, ref=args.ref, split=args.split, max_samples=args.max_samples,
         batch_size=args.batch_size, beta=args.beta, num_generations=args.num_generations,
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         **ot_kwargs(args),
     )  # fmt: skip
     paths = write_report(result, args.output_dir)
+    if result["preference"]["n_pairs"] == 0 and args.max_samples != 0:
+        logging.getLogger(__name__).warning("No pair was scored: the accuracy and margins in eval.json are null.")
     print(format_markdown(result))
     print(f"Wrote {', '.join(str(p) for p in paths.values())} in {result['seconds']:.1f} s.")
     return result

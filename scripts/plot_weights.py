@@ -11,11 +11,20 @@ The top panels show the chosen and the rejected completion token by token, each 
 weight OTPO gives its log-prob; DPO gives every token 1); the bottom panel shows the transport plan between them. The
 weights come from the policy's last hidden states, as in training (see `otpo_trl.analysis.pair_token_stats`). With a
 reference (an adapter's base, or `--ref`), the title also gives the pair's implicit-reward margin under both weightings.
+
+Text is drawn with DejaVu Sans, falling back, character by character, to Noto Sans CJK (Chinese, Japanese, Korean;
+Debian/Ubuntu package `fonts-noto-cjk`) and Symbola (emoji and symbols; `fonts-symbola`) where they are installed; a
+character that no installed font has is drawn as a box, with a warning naming the package to install. A character that
+the tokenizer splits over several tokens (byte-level BPE does so with most emoji and many CJK characters) is drawn on
+the token that completes it; the tokens before show `⋯`.
 """
 
 import argparse
+import logging
 import sys
 import textwrap
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -24,9 +33,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from otpo_trl.analysis import (  # noqa: E402
@@ -41,6 +52,48 @@ from otpo_trl.analysis import (  # noqa: E402
 from otpo_trl.data import load_preference_dataset  # noqa: E402
 
 
+# Fonts tried in turn for each character after DejaVu Sans (matplotlib's own: Latin, Greek, Cyrillic, arrows, a few
+# emoji), with the Debian/Ubuntu package of each. Colour emoji fonts (Noto Color Emoji) are bitmaps Agg cannot draw.
+FALLBACK_FONTS = {"Noto Sans CJK JP": "fonts-noto-cjk", "Symbola": "fonts-symbola"}
+_FONT_FILES = {"Noto Sans CJK JP": "NotoSansCJK", "Symbola": "Symbola"}  # how their files' names start
+SPLIT_CHARACTER = "⋯"  # the label of a token that holds only the first bytes of a character
+
+
+def font_families() -> list[str]:
+    """DejaVu Sans, then those of `FALLBACK_FONTS` that are installed. A font installed after matplotlib cached its
+    font list is missing from that list: it is looked for among the system's font files and added."""
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    if not set(FALLBACK_FONTS) <= installed:
+        for path in font_manager.findSystemFonts():
+            if any(Path(path).name.startswith(_FONT_FILES[name]) for name in set(FALLBACK_FONTS) - installed):
+                font_manager.fontManager.addfont(path)
+        installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
+def missing_glyphs(texts: list[str], families: list[str]) -> str:
+    """The characters of `texts` (whitespace aside) that none of the font `families` can draw, sorted."""
+    fonts = [FT2Font(font_manager.findfont(FontProperties(family=f), fallback_to_default=False)) for f in families]
+    characters = {c for text in texts for c in text if not c.isspace()}
+    return "".join(sorted(c for c in characters if not any(font.get_char_index(ord(c)) for font in fonts)))
+
+
+def warn_missing_glyphs(texts: list[str], families: list[str]) -> str:
+    """Warn (naming the font packages to install) when some character of `texts` has no glyph; return those."""
+    missing = missing_glyphs(texts, families)
+    if missing:
+        absent = [
+            f"{name} (Debian/Ubuntu: {package})" for name, package in FALLBACK_FONTS.items() if name not in families
+        ]
+        fix = f"install {' and '.join(absent)}" if absent else "no font configured here covers them"
+        warnings.warn(f"No installed font draws {missing[:40]!r}: they appear as boxes. To draw them, {fix}.")
+    return missing
+
+
+FONT_FAMILIES = font_families()
+matplotlib.rcParams["font.family"] = FONT_FAMILIES  # before any FontProperties: each takes the family list
+# Symbola has no bold face: matplotlib would say so for every bold title. Missing glyphs are warned about above.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 FIG_WIDTH = 12.0  # inches
 MARGIN = 0.4  # inches, left and right
 DPI = 150
@@ -101,6 +154,23 @@ def load_example(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------ drawing
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token in `ids`, decoded in sequence: a character split over several byte-level tokens (which
+    decode one by one to "\ufffd") is given to the token that completes it; the tokens before get `SPLIT_CHARACTER`."""
+    labels, pending = [], []
+    for token in ids:
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd"):
+            labels.append(SPLIT_CHARACTER)
+            continue
+        labels.append(text)
+        pending = []
+    if pending:  # bytes that never form a character: show them as decoded
+        labels[-len(pending) :] = [tokenizer.decode([token]) for token in pending]
+    return labels
 
 
 def _shown(token: str) -> tuple[str, bool, bool]:
@@ -265,6 +335,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     stats = pair_token_stats(policy, reference, tokenizer, [example], max_length=args.max_length, **options)
     if not stats.chosen_mask.any() or not stats.rejected_mask.any():
         raise ValueError(f"The pair has no completion tokens within --max_length {args.max_length}.")
+    stats = replace(stats, **{
+        f"{side}_tokens": [token_labels(tokenizer, ids[mask].tolist()) for ids, mask in
+                           zip(getattr(stats, f"{side}_ids"), getattr(stats, f"{side}_mask"))]
+        for side in ("chosen", "rejected")
+    })  # fmt: skip
 
     model_name = Path(args.model.rstrip("/")).name
     title = [
@@ -279,6 +354,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             margins[weighting] = float(chosen[0] - rejected[0])
         title.append(f"Implicit-reward margin (β={args.beta}): uniform (DPO) {margins['uniform']:+.4f}, "
                      f"OT (OTPO) {margins['ot']:+.4f}")  # fmt: skip
+    warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
     fig = plot_pair(stats, 0, title, args.max_tokens)
 
     out = Path(args.out)

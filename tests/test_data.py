@@ -13,8 +13,10 @@ from otpo_trl.data import (
     drop_score_ties,
     load_preference_dataset,
     load_raw_split,
+    split_off_eval,
     to_preference_format,
     validate_columns,
+    validate_rows,
 )
 
 
@@ -196,3 +198,98 @@ def test_a_column_empty_everywhere_fails_naming_it(tmp_path):
         load_preference_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows)))
     with pytest.raises(ValueError, match="my data has no rows"):
         drop_empty_pairs(Dataset.from_dict({"chosen": [], "rejected": []}), name="my data")
+
+
+# ------------------------------------------------------------------ every row checked, naming its row and column
+
+
+def message(role, content="text", **extra):
+    return {"role": role, "content": content, **extra}
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([STANDARD_EXPLICIT, {**STANDARD_EXPLICIT, "chosen": 5}], r"row 1, column 'chosen': expected text .*int 5"),
+        ([STANDARD_EXPLICIT, {**STANDARD_EXPLICIT, "rejected": {"text": "x"}}], r"row 1, column 'rejected'.*dict"),
+        (
+            [STANDARD_EXPLICIT, STANDARD_EXPLICIT, TRL_EXPLICIT],
+            "row 2, column 'prompt' is a list of messages but row 0 is text: every row must use one layout",
+        ),
+        ([{**STANDARD_EXPLICIT, "rejected": [assistant(BAD)]}], "row 0: 'chosen' is text but 'rejected' is a list"),
+        (
+            [TRL_IMPLICIT, {**TRL_IMPLICIT, "chosen": [user(PROMPT), {"role": "assistant"}]}],
+            r"row 1, column 'chosen', message 1 \(role 'assistant'\) has no 'content'",
+        ),
+        (
+            [{**TRL_IMPLICIT, "rejected": [message("human", PROMPT), message("bot", BAD)]}],
+            r"row 0, column 'rejected', message 0 has role 'human', not one of .*; use 'user'",
+        ),
+        (
+            [{"chosen": [{"from": "human", "value": PROMPT}], "rejected": [{"from": "gpt", "value": BAD}]}],
+            r"row 0, column 'chosen', message 0 has 'from'/'value' keys \(ShareGPT\)",
+        ),
+        ([{**TRL_IMPLICIT, "chosen": [user(PROMPT), message("assistant", 3)]}], "has a int 'content'; expected text"),
+        ([{"prompt": [user(PROMPT)], "chosen": GOOD, "rejected": BAD}], "'prompt' is a list of messages but the"),
+        ([STANDARD_EXPLICIT, {**STANDARD_EXPLICIT, "prompt": None}], "row 1 has no 'prompt'"),
+    ],
+    ids=[
+        "number",
+        "dict",
+        "mixed_rows",
+        "mixed_in_row",
+        "no_content",
+        "roles",
+        "sharegpt",
+        "content_type",
+        "message_prompt_text_completions",
+        "missing_prompt",
+    ],  # fmt: skip
+)
+def test_bad_rows_fail_naming_row_and_column(tmp_path, rows, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=expected) as err:
+        load_preference_dataset(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_good_rows_pass_including_tool_calls_and_empty_values():
+    tool_call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}
+    rows = [
+        {**TRL_IMPLICIT, "chosen": [user(PROMPT), tool_call, message("tool", "4"), assistant(GOOD)]},
+        {**TRL_IMPLICIT, "rejected": []},  # empty: dropped later, not an error
+        TRL_IMPLICIT,
+    ]
+    validate_rows(Dataset.from_list(rows))
+    validate_rows(Dataset.from_list([H4, H4]))  # text prompt, message completions
+
+
+def test_nothing_left_fails_clearly(tmp_path):
+    same = [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 3
+    with pytest.raises(ValueError, match="drop_identical removed all 3 pairs"):
+        load_preference_dataset(str(write_jsonl(tmp_path / "same.jsonl", same)), drop_identical=True)
+    ties = [STANDARD_EXPLICIT | {"score_chosen": 1, "score_rejected": 1}] * 2
+    with pytest.raises(ValueError, match="drop_ties removed all 2 pairs"):
+        load_preference_dataset(str(write_jsonl(tmp_path / "ties.jsonl", ties)), drop_ties=True)
+    half_empty = [{"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": ""}]
+    with pytest.raises(ValueError, match="every one of its 2 pairs has an empty 'chosen' or 'rejected'"):
+        load_preference_dataset(str(write_jsonl(tmp_path / "half.jsonl", half_empty)))
+    for max_samples in (0, -1):
+        with pytest.raises(ValueError, match=f"max_samples must be >= 1.*got {max_samples}"):
+            load_preference_dataset(str(tmp_path / "same.jsonl"), max_samples=max_samples)
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: no rows"):
+            load_preference_dataset(str(tmp_path / name))
+
+
+def test_split_off_eval_holds_out_disjoint_pairs():
+    dataset = Dataset.from_list([{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)])
+    train, held_out = split_off_eval(dataset, 0.2, seed=1)
+    assert (len(train), len(held_out)) == (8, 2)
+    assert sorted([*train["prompt"], *held_out["prompt"]]) == sorted(dataset["prompt"])
+    assert list(split_off_eval(dataset, 0.2, seed=1)[1]["prompt"]) == list(held_out["prompt"])  # same seed, same pairs
+    assert len(split_off_eval(dataset, 3)[1]) == 3
+    for size, message in ((10, "none would be left to train on"), (2.5, "a whole number"), (0, "a share")):
+        with pytest.raises(ValueError, match=message):
+            split_off_eval(dataset, size)

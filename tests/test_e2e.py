@@ -117,8 +117,13 @@ def test_lora_run_saves_everything_and_resumes_at_the_saved_step(tiny_model_dir,
     assert sorted(first) == [1, 2, 3]
     assert len(set(first.values())) > 1  # the model trained
 
-    # Lose the last checkpoint: the same command resumes from checkpoint-2 and redoes step 3 identically.
+    # The same command again: the run is finished, nothing is stepped.
+    assert "holds this run, finished at step 3: nothing to train" in launch(tmp_path, recipe)
+    # A kill during step 3 (checkpoint-3 lost, the run not finished): the same command resumes from checkpoint-2 and
+    # redoes step 3 identically.
     shutil.rmtree(out / "checkpoint-3")
+    record = json.loads((out / "run_args.json").read_text())
+    (out / "run_args.json").write_text(json.dumps({**record, "status": "started"}))
     output = launch(tmp_path, recipe)
     assert f"resuming training from {out / 'checkpoint-2'}" in output
     resumed = logged(out)

@@ -1,0 +1,221 @@
+"""scripts/train.py's run directory: the same run resumes or says it has finished, a different run is refused before any
+model loads, `--overwrite_output_dir` clears, incomplete checkpoints are skipped (issue 12, items 1-3)."""
+
+import importlib.util
+import json
+import logging
+import shutil
+
+import pytest
+import transformers
+
+from .conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def train():
+    """scripts/train.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_argv(model_dir, data_dir, output_dir, *extra):
+    """A 2-step full fine-tune of the tiny model on 8 UltraFeedback pairs, a checkpoint every step, CPU fp32."""
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(output_dir)]
+    argv += ["--max_train_samples", "8", "--max_steps", "2", "--per_device_train_batch_size", "2"]
+    argv += ["--learning_rate", "1e-3", "--max_length", "512", "--bf16", "false", "--use_cpu", "true"]
+    argv += ["--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", "--report_to", "none"]
+    argv += ["--dataloader_drop_last", "true", "--activation_checkpointing", "false", "--seed", "0"]
+    return [*argv, *extra]
+
+
+def forbid_models(monkeypatch, train):
+    """Make any model load fail the test: the checks under test must stop the run before one."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(train, "TRAINERS", {"otpo": refuse, "dpo": refuse})
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.fixture(scope="module")
+def finished_run(train, tiny_model_dir, sample_data_dir, tmp_path_factory):
+    """A finished 2-step run; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, out)))
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def record(out):
+    return json.loads((out / "run_args.json").read_text())
+
+
+def global_step(out):
+    return json.loads((out / "trainer_state.json").read_text())["global_step"]
+
+
+def test_a_run_records_its_arguments_and_finishes(finished_run):
+    saved = record(finished_run)
+    assert saved["status"] == "finished" and saved["global_step"] == 2 == global_step(finished_run)
+    settings = saved["settings"]
+    assert settings["beta"] == 0.1 and settings["max_steps"] == 2 and settings["world_size"] == 1
+    assert settings["model_name_or_path"].startswith("/")  # local paths absolute
+    assert "output_dir" not in settings and "logging_steps" not in settings and "hub_token" not in settings
+
+
+def test_the_same_run_again_is_reported_finished_without_a_step(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                monkeypatch, caplog):  # fmt: skip
+    forbid_models(monkeypatch, train)
+    before = (run_copy / "trainer_state.json").read_text()
+    # Logging and saving options do not make another run.
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--logging_steps", "5", "--save_total_limit", "1")
+    with caplog.at_level(logging.INFO):
+        train.main(*train.parse_args(argv))
+    assert "holds this run, finished at step 2: nothing to train" in caplog.text
+    assert (run_copy / "trainer_state.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "described"),
+    [
+        (["--beta", "0.5", "--ot_reg", "0.1"], "beta: 0.1 -> 0.5, ot_reg: 1.0 -> 0.1"),
+        (["--max_steps", "4"], "max_steps: 2 -> 4"),
+        (["--use_peft", "true"], "use_peft: False -> True"),  # a LoRA run into a full fine-tune's folder
+        (["--max_train_samples", "6"], "max_train_samples: 8 -> 6"),
+    ],
+    ids=["hyper_parameters", "max_steps", "lora", "data"],
+)
+def test_a_different_run_is_refused_before_any_model_loads(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                           monkeypatch, change, described):  # fmt: skip
+    forbid_models(monkeypatch, train)
+    before = (run_copy / "run_args.json").read_text()
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, *change))
+    with pytest.raises(train.InputError, match="holds a run with other arguments") as err:
+        train.main(*args)
+    message = str(err.value)
+    assert described in message
+    assert "new `--output_dir`" in message and "--resume_from_checkpoint" in message
+    assert "--overwrite_output_dir" in message
+    assert (run_copy / "run_args.json").read_text() == before  # nothing written
+
+
+def test_resume_false_in_a_used_dir_needs_overwrite(train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch):
+    forbid_models(monkeypatch, train)
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--resume_from_checkpoint", "false")
+    with pytest.raises(train.InputError, match="would leave its checkpoints for a later run to resume from"):
+        train.main(*train.parse_args(argv))
+    assert (run_copy / "checkpoint-2").exists()
+
+    # With the flag, the old run is deleted (checkpoints, results, weights) and a fresh one recorded ...
+    args = train.parse_args([*argv, "--overwrite_output_dir", "true", "--beta", "0.5"])
+    plan, *_ = train.prepare_run(*args)
+    assert plan.action == "train" and plan.checkpoint is None and plan.clear
+    assert not list(run_copy.glob("checkpoint-*"))
+    for name in ("trainer_state.json", "all_results.json", "model.safetensors"):
+        assert not (run_copy / name).exists(), name
+    assert record(run_copy)["status"] == "started" and record(run_copy)["settings"]["beta"] == 0.5
+    # ... so that a later plain run of the same arguments has no stale checkpoint to resume from.
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.5"))
+    assert train.plan_run(args[0], args[1], train.run_settings(*args)).checkpoint is None
+
+
+def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run_copy, tiny_model_dir,
+                                                                       sample_data_dir):  # fmt: skip
+    for resume in ("true", str(run_copy / "checkpoint-1")):
+        args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
+                                          "--resume_from_checkpoint", resume))  # fmt: skip
+        with pytest.raises(ValueError, match="cannot be combined"):
+            train.plan_run(args[0], args[1], train.run_settings(*args))
+
+
+def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(train, run_copy, tiny_model_dir,
+                                                                    sample_data_dir, caplog):  # fmt: skip
+    # A kill during step 2's save: the run is not finished and checkpoint-2 lacks what is written last.
+    (run_copy / "run_args.json").write_text(json.dumps({**record(run_copy), "status": "started"}))
+    (run_copy / "checkpoint-2" / "trainer_state.json").unlink()
+    (run_copy / "checkpoint-2" / "optimizer.pt").unlink()
+    with caplog.at_level(logging.INFO):
+        train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy)))
+    assert f"Skipping the incomplete checkpoint {run_copy / 'checkpoint-2'}" in caplog.text
+    assert "no trainer_state.json, optimizer state" in caplog.text
+    assert f"resuming training from {run_copy / 'checkpoint-1'}" in caplog.text
+    assert record(run_copy)["status"] == "finished" and global_step(run_copy) == 2
+
+
+def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it(train, run_copy, tiny_model_dir,
+                                                                                sample_data_dir, monkeypatch):  # fmt: skip
+    forbid_models(monkeypatch, train)
+    missing = run_copy / "checkpoint-7"
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--resume_from_checkpoint", str(missing))
+    with pytest.raises(train.InputError, match="checkpoint-7`: no such checkpoint folder"):
+        train.main(*train.parse_args(argv))
+    (run_copy / "checkpoint-2" / "model.safetensors").write_bytes(b"")  # a save cut short by a full disk
+    argv = tiny_argv(
+        tiny_model_dir, sample_data_dir, run_copy, "--resume_from_checkpoint", str(run_copy / "checkpoint-2")
+    )
+    with pytest.raises(
+        train.InputError, match=r"checkpoint-2` is incomplete \(no model weights\).*\['checkpoint-1'\]"
+    ):
+        train.main(*train.parse_args(argv))
+
+
+def test_explicit_resume_with_new_arguments_is_recorded(train, run_copy, tiny_model_dir, sample_data_dir):
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--beta", "0.2",
+                                      "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
+    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    assert plan.action == "train" and plan.checkpoint == str(run_copy / "checkpoint-2")
+    [change] = plan.record["resumed_with_changes"]
+    assert change["changes"] == {"beta": [0.1, 0.2], "max_steps": [2, 3]}
+    # At or past its end, the checkpoint is reported finished, not stepped again.
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2",
+                                      "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
+    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    assert plan.action == "finished" and "nothing to train" in plan.message
+
+
+def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, tiny_model_dir, sample_data_dir):
+    (run_copy / "run_args.json").unlink()  # written by an older version of the script, or by another tool
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
+    with pytest.raises(ValueError, match="no run_args.json: the arguments of that run are unknown"):
+        train.plan_run(args[0], args[1], train.run_settings(*args))
+
+
+def test_checkpoint_problems(tmp_path, train):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    assert train.checkpoint_problems(checkpoint) == ["trainer_state.json", "model weights", "optimizer state"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x")
+    assert train.checkpoint_problems(checkpoint) == ["optimizer state"]
+    assert train.checkpoint_problems(checkpoint, save_only_model=True) == []
+    (checkpoint / "optimizer.pt").write_bytes(b"x")
+    assert train.checkpoint_problems(checkpoint) == []
+    (checkpoint / "trainer_state.json").write_text('{"global_st')  # cut mid-write
+    assert train.checkpoint_problems(checkpoint) == ["trainer_state.json"]
+    deepspeed = tmp_path / "checkpoint-4"
+    (deepspeed / "global_step4").mkdir(parents=True)
+    (deepspeed / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    assert train.checkpoint_problems(deepspeed) == []  # ZeRO keeps weights and optimizer in global_step<N>/
+
+
+def test_a_kill_during_the_final_save_is_not_stepped_again(train, run_copy, tiny_model_dir, sample_data_dir):
+    (run_copy / "run_args.json").write_text(json.dumps({**record(run_copy), "status": "started"}))
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
+    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    assert plan.action == "finished" and "the trained weights are in" in plan.message
+
+
+def test_the_dpo_baseline_does_not_compare_ot_arguments(train, tiny_model_dir, sample_data_dir, tmp_path):
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--trainer", "dpo"))
+    settings = train.run_settings(*args)
+    assert settings["trainer"] == "dpo" and not [key for key in settings if key.startswith("ot_")]

@@ -1,0 +1,273 @@
+"""Bad arguments, paths and data stop scripts/train.py (and evaluate.py) before any model loads, with a message that
+names the problem (issue 12, items 5-10)."""
+
+import importlib.util
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import transformers
+import yaml
+
+from otpo_trl import OTPOConfig
+
+from .conftest import REPO_ROOT
+from .test_run_dir import forbid_models, tiny_argv
+
+
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_script("train")
+
+
+@pytest.fixture
+def no_model(train, monkeypatch):
+    forbid_models(monkeypatch, train)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pairs(n, prompt="What is 2 + 2?"):
+    return [
+        {"prompt": f"{prompt} ({i})", "chosen": f"It is 4 ({i}).", "rejected": f"It is 5 ({i})."} for i in range(n)
+    ]
+
+
+def run(train, argv):
+    train.main(*train.parse_args(argv))
+
+
+# ------------------------------------------------------------------ the recipe and the arguments
+
+
+def test_trainer_from_the_recipe_is_checked(train, tmp_path):
+    recipe = {**yaml.safe_load(QUICKSTART.read_text()), "trainer": "ppo"}  # YAML bypasses argparse's choices
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"`trainer` must be one of \['otpo', 'dpo'\], got 'ppo'"):
+        train.parse_args(["--config", str(tmp_path / "r.yaml")])
+
+
+def test_missing_or_broken_config_file(train, tmp_path):
+    with pytest.raises(ValueError, match="`--config .*nope.yaml`: no such file"):
+        train.parse_args(["--config", str(tmp_path / "nope.yaml")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("beta: 0.1\nlora_target_modules: [q_proj, v_proj\nmax_steps: 3\n")
+    with pytest.raises(ValueError, match="is not valid YAML at line 3, column 10"):
+        train.parse_args(["--config", str(broken)])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- beta: 0.1\n")
+    with pytest.raises(ValueError, match="must hold a YAML mapping"):
+        train.parse_args(["--config", str(listing)])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ot_reg", float("inf"), "`ot_reg` must be a finite number > 0, got inf"),
+        ("ot_reg_m", float("nan"), "`ot_reg_m` must be a finite number > 0, got nan"),
+        ("ot_tol", "small", "`ot_tol` must be a finite number > 0, got 'small'"),
+        ("beta", True, "`beta` must be a finite number > 0, got True"),
+        ("ot_max_iter", 10.5, "`ot_max_iter` must be an int, got 10.5"),
+        ("ot_max_iter", 0, "`ot_max_iter` must be >= 1, got 0"),
+    ],
+)
+def test_ot_numbers_are_checked_by_type_and_value(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        OTPOConfig(output_dir=str(tmp_path), bf16=False, **{key: value})
+
+
+def test_numpy_numbers_are_numbers(tmp_path):
+    args = OTPOConfig(output_dir=str(tmp_path), bf16=False, ot_reg=np.float32(0.5), ot_max_iter=np.int64(20))
+    assert (args.ot_reg, args.ot_max_iter) == (0.5, 20)
+    assert type(args.ot_reg) is float and type(args.ot_max_iter) is int  # stored as plain Python numbers
+
+
+def test_ot_numbers_from_the_recipe(train, tmp_path):
+    path = tmp_path / "r.yaml"
+    for line, message in (("ot_reg: .inf", "`ot_reg` must be a finite number"), ("ot_max_iter: 10.5", "an int")):
+        path.write_text(QUICKSTART.read_text() + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            train.parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_train_samples_below_one_is_refused(train, value):
+    with pytest.raises(ValueError, match=f"`max_train_samples` must be an int >= 1 .*got {value}"):
+        train.parse_args(["--config", str(QUICKSTART), "--max_train_samples", value])
+
+
+def test_bf16_without_a_gpu_says_what_to_set(train, monkeypatch):
+    # As on a machine without a bf16 GPU, whatever this one has.
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(transformers.training_args, "is_torch_xla_available", lambda: False)
+    argv = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]  # flags only: bf16 by default
+    with pytest.raises(
+        ValueError, match=r"set `bf16=False` \(`--bf16 false`, `bf16: false` in a recipe\) to train in fp32"
+    ):
+        train.parse_args(argv)
+    train.parse_args([*argv, "--bf16", "false", "--use_cpu", "true"])  # what it says works
+
+
+# ------------------------------------------------------------------ output_dir and checkpoints
+
+
+def test_output_dir_that_is_a_file_or_read_only(
+    train, tiny_model_dir, sample_data_dir, tmp_path, no_model, monkeypatch
+):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(train.InputError, match="`output_dir` .*a-file is a file"):
+        run(train, tiny_argv(tiny_model_dir, sample_data_dir, a_file))
+    with pytest.raises(train.InputError, match="`output_dir` .*a-file/out cannot be written to: Not a directory"):
+        run(train, tiny_argv(tiny_model_dir, sample_data_dir, a_file / "out"))
+
+    def read_only(*args, **kwargs):  # (chmod does not stop root, who runs CI)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(train.InputError, match="cannot be written to: Permission denied"):
+        run(train, tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ data, before the model
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([*pairs(2), {"prompt": "p", "chosen": 7, "rejected": "r"}], r"row 2, column 'chosen': expected text .*int 7"),
+        (
+            [
+                *pairs(1),
+                {
+                    "prompt": "p",
+                    "chosen": [{"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "assistant", "content": "b"}],
+                },
+            ],  # fmt: skip
+            "row 1, column 'chosen' is a list of messages but row 0 is text",
+        ),
+    ],
+    ids=["number", "mixed_layout"],
+)
+def test_bad_rows_fail_before_the_model(train, tiny_model_dir, tmp_path, no_model, rows, message):
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(train.InputError, match=message):
+        run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))
+    assert not (tmp_path / "out" / "run_args.json").exists()  # nothing recorded for a run that did not start
+
+
+def test_nothing_left_after_drop_identical(train, tiny_model_dir, tmp_path, no_model):
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(train.InputError, match="drop_identical removed all 3 pairs"):
+        run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out", "--drop_identical", "true"))
+
+
+def test_empty_data_file(train, tiny_model_dir, tmp_path, no_model):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(train.InputError, match="train.jsonl: no rows"):
+        run(train, tiny_argv(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "out"))
+
+
+def test_fewer_pairs_than_one_batch_with_drop_last(train, tiny_model_dir, tmp_path, no_model):
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(1))
+    with pytest.raises(train.InputError, match=r"Only 1 train pair\(s\) .*fewer than one batch"):
+        run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))  # batch 2, dataloader_drop_last
+
+
+def test_every_prompt_longer_than_max_length(train, tiny_model_dir, tmp_path, no_model):
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(4, prompt="Please explain the answer step by step. " * 20))
+    with pytest.raises(train.InputError, match=r"4 of the 4 train pairs have a prompt of at least max_length \(64\)"):
+        run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out", "--max_length", "64"))
+
+
+def test_single_file_with_do_eval_needs_a_held_out_split(train, tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(10))
+    argv = tiny_argv(tiny_model_dir, data, tmp_path / "out", "--do_eval", "true")
+    forbid_models(monkeypatch, train)
+    with pytest.raises(train.InputError, match="single file, so a single split.*`eval_split_size`"):
+        run(train, argv)
+    monkeypatch.undo()
+    args = train.parse_args([*argv, "--eval_split_size", "0.3"])
+    plan, train_pairs, eval_pairs, _ = train.prepare_run(*args)
+    assert (len(train_pairs), len(eval_pairs)) == (7, 3)
+    assert not {row["prompt"] for row in train_pairs} & {row["prompt"] for row in eval_pairs}  # held out
+    assert plan.record["settings"]["eval_split_size"] == 0.3  # part of what is trained on
+
+
+# ------------------------------------------------------------------ evaluate.py
+
+
+def test_evaluate_checks_its_output_dir_first(tmp_path, tiny_model_dir, monkeypatch):
+    evaluate = load_script("evaluate")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated before checking the output folder")
+
+    monkeypatch.setattr(evaluate, "evaluate", refuse)
+    (tmp_path / "eval").write_text("x")
+    argv = ["--model", tiny_model_dir, "--data", "d", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(ValueError, match="--output_dir .*eval is a file"):
+        evaluate.main(argv)
+
+
+def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "eval"
+    # Every prompt is longer than max_length: both pairs are skipped, as DPOTrainer drops them.
+    argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--max_samples", "2", "--max_length", "4",
+            "--num_generations", "0", "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
+    result = load_script("evaluate").main(argv)
+    assert math.isnan(result["preference"]["uniform"]["accuracy"])  # in memory, a mean over nothing
+    text = (out / "eval.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))  # strict JSON
+    assert (summary["preference"]["n_pairs"], summary["preference"]["n_skipped"]) == (0, 2)
+    assert summary["preference"]["uniform"]["accuracy"] is None and summary["preference"]["ot"]["margin_mean"] is None
+
+
+# ------------------------------------------------------------------ adapters record an absolute base path
+
+
+def test_adapter_from_a_relative_model_path_loads_from_elsewhere(train, tiny_model_dir, sample_data_dir, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    from otpo_trl.analysis import load_model_and_tokenizer
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "tiny").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(work)
+    argv = tiny_argv("models/tiny", sample_data_dir, "out", "--use_peft", "true", "--lora_r", "2", "--max_steps", "1")
+    argv += ["--lora_target_modules", "q_proj", "v_proj"]
+    run(train, argv)
+    config = json.loads((work / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(work / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)  # another directory: the adapter still finds its base
+    policy, reference, _ = load_model_and_tokenizer(str(work / "out"), device="cpu")
+    assert reference is policy
+
+    # An adapter saved elsewhere with a relative base: the error suggests --ref. (Offline, as in CI: "models/tiny" may
+    # be a Hub id, and online lookups would retry for a minute.)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config["base_model_name_or_path"] = "models/tiny"
+    (work / "out" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match=r"records this base .*Pass `ref` \(`--ref`\)"):
+        load_model_and_tokenizer(str(work / "out"), device="cpu")
+    load_model_and_tokenizer(str(work / "out"), ref=str(Path(tiny_model_dir)), device="cpu")
