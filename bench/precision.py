@@ -1,7 +1,7 @@
 """OTPO training steps in fp32 vs bf16 mixed precision (DPOConfig's default) on the same model, batches and LoRA.
 
-On a GPU bf16 is the paper's setting and the fast one; on a CPU without bf16 matrix units, autocast to bf16 is much
-slower than fp32, which is why the CPU quickstart sets `bf16: false`. This measures by how much, here.
+On a GPU bf16 is the paper's setting and the fast one. On a CPU it depends on the CPU: with bf16 instructions
+(AVX512-BF16, AMX) bf16 autocast can beat fp32; without them it is emulated and much slower. This measures it here.
 
     python bench/precision.py --model models/SmolLM2-135M-Instruct --batch 2 --max-length 512 --steps 2
 
