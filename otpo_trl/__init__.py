@@ -1,4 +1,12 @@
-"""OTPO for TRL: optimal-transport token weighting as a swap-in for `DPOTrainer`."""
+"""OTPO for TRL: optimal-transport token weighting as a swap-in for `DPOTrainer`.
+
+- `ot_weights`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT.
+- `otpo_config`: `OTPOConfig` (`DPOConfig` + the `ot_*` fields, checked) and `ot_kwargs`, its mapping to the solver.
+- `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards), and `fused_forward`.
+- `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
+  tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
+- `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
+"""
 
 __version__ = "0.1.0"
 

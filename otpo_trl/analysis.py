@@ -1,8 +1,9 @@
 """Look inside a trained model: per-token OT weights and plans, implicit-reward accuracy, greedy generation lengths.
 
-The shared core of `scripts/plot_weights.py` and `scripts/evaluate.py`. Pairs are tokenised as TRL 1.16's
-`DPOTrainer` does and batched by its `DataCollatorForPreference`; per-token log-probs come from TRL's fused LM head
-and the OT weights from [`ot_token_weights`] on the policy's last hidden states, as in [`OTPOTrainer`]. So the numbers
+The library behind `scripts/plot_weights.py` and `scripts/evaluate.py` (their command lines and reports are in
+`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does and
+batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last hidden states come from the
+same fused forward as in training ([`fused_forward`]), and the OT weights from [`ot_token_weights`]. So the numbers
 here are the ones the trainer computes, without a trainer.
 
 ```python
@@ -12,174 +13,37 @@ result = evaluate("out/otpo-lora", "../shared/data/ultrafeedback", split="test",
 ```
 """
 
-import argparse
 import json
 import logging
 import math
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import add_fused_lm_head
 
-from .data import DEFAULT_CHAT_TEMPLATE, load_preference_dataset, looks_like_local_path
+from .data import load_preference_dataset
+from .loading import load_model_and_tokenizer
 from .ot_weights import ot_token_weights
 from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
-from .otpo_trainer import capture_last_hidden, predicting_states
+from .otpo_trainer import fused_forward
 
 
 logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "ot")  # DPO's weight 1 per completion token; OTPO's OT weights
-_OT_FIELDS = tuple(f for f in fields(OTPOConfig) if f.name in OT_FIELDS)
-OT_DEFAULTS = {f.name.removeprefix("ot_"): f.default for f in _OT_FIELDS}  # as keyword arguments of ot_token_weights
+# OTPOConfig's defaults, as keyword arguments of ot_token_weights
+OT_DEFAULTS = ot_kwargs(SimpleNamespace(**{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS}))
 DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "max_length")  # TRL's: 1024
 
 
-# ------------------------------------------------------------------ command-line options shared by the scripts
-
-
-def add_ot_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--ot_reg`, `--ot_reg_m`, ... with the types, defaults, choices and help of [`OTPOConfig`]'s fields."""
-    group = parser.add_argument_group("OT token weights (the `ot_*` fields of OTPOConfig)")
-    for f in _OT_FIELDS:
-        group.add_argument(
-            f"--{f.name}", type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} Default: {f.default}.",
-        )  # fmt: skip
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`"auto"`: the GPU if there is one, else the CPU; anything else is passed to `torch.device`."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 # ------------------------------------------------------------------ models
-
-
-def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
-    """`name_or_path` as given if it is a local folder or may be a Hub id; a clear error for a missing path."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{what} {name_or_path!r} is a file; expected a model or adapter folder.")
-        return str(path)
-    parent_exists = path.parent != Path(".") and path.parent.is_dir()
-    if looks_like_local_path(name_or_path) or parent_exists:
-        raise FileNotFoundError(f"{what} {name_or_path!r}: no such folder (relative to {Path.cwd()}).{hint}")
-    return name_or_path
-
-
-def writable_dir(path: str | Path, what: str) -> Path:
-    """Create the folder `path` if needed; a `ValueError` naming `what` if it is a file or cannot be written to."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file; it must be a folder (or not exist yet).")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise ValueError(f"{what} {path} cannot be written to: {err.strerror or err}.") from err
-    return path
-
-
-def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
-    try:
-        return loader.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        if Path(name_or_path).expanduser().exists():
-            raise
-        raise FileNotFoundError(
-            f"{what} {name_or_path!r} is not a local folder (relative to {Path.cwd()}) and could not be loaded as a "
-            f"Hub id: {err}"
-        ) from err
-
-
-def _load_causal_lm(name_or_path: str, dtype, device: torch.device, what: str) -> PreTrainedModel:
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path, what, dtype=dtype)
-    # Per-token log-probs without (B, T, V) logits, as DPOTrainer computes them; generation is left unchanged.
-    add_fused_lm_head(model)
-    return model.to(device).eval()
-
-
-def load_model_and_tokenizer(
-    path: str, ref: str | None = None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
-) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase]:
-    """Load a policy, its reference and the tokenizer, in eval mode on `device`.
-
-    Args:
-        path: a model folder or Hub id, or a PEFT adapter folder (one with `adapter_config.json`).
-        ref: the reference model (folder or Hub id). For an adapter it is also the base the adapter is loaded on,
-            instead of the `base_model_name_or_path` of its `adapter_config.json`.
-        dtype: `"auto"` (the checkpoint's), `"float32"`, `"bfloat16"`, ... or a `torch.dtype`.
-        device: `"auto"` (CUDA if available, else CPU), `"cpu"`, `"cuda:1"`, ...
-
-    Returns:
-        `(policy, reference, tokenizer)`. The reference is a separate model when `ref` is given for a full model;
-        the policy itself for an adapter (a `PeftModel`, whose reference forward runs under `disable_adapter()`, i.e.
-        the base, as DPOTrainer does with LoRA); `None` for a full model without `ref`: the policy is then its own
-        reference and every implicit reward and margin is 0 (a warning says so). The tokenizer has a pad token
-        (EOS if it had none) and a chat template (the ChatML-style default if it had none), as in `scripts/train.py`.
-
-    Raises:
-        FileNotFoundError: `path`, `ref` or the adapter's base is neither a local folder nor a loadable Hub id.
-    """
-    device = resolve_device(device) if isinstance(device, str) else device
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    path = resolve_model_path(path, "Model")
-    ref = None if ref is None else resolve_model_path(ref, "Reference model")
-    is_adapter = (Path(path) / "adapter_config.json").exists()
-
-    if is_adapter:
-        from peft import PeftConfig, PeftModel
-
-        base = ref or PeftConfig.from_pretrained(path).base_model_name_or_path
-        if base is None:
-            raise ValueError(f"The adapter {path} names no base model (`base_model_name_or_path`); pass `ref`.")
-        if ref is None:
-            hint = " Pass `ref` (`--ref`) to load the adapter on a base found elsewhere."
-            base = resolve_model_path(base, f"The adapter {path} has base model", hint)
-        logger.info(f"Loading the adapter {path} on its base {base}; the reference is the base (adapter disabled).")
-        try:
-            base_model = _load_causal_lm(base, dtype, device, "Base model")
-        except FileNotFoundError as err:
-            if ref is not None:
-                raise
-            raise FileNotFoundError(
-                f"{err}\nThe adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a "
-                "relative path is relative to where it was trained). Pass `ref` (`--ref`) with the base's folder or Hub "
-                "id to load it from elsewhere."
-            ) from err
-        # The fused head goes on the base before PEFT wraps it (TRL's order); LoRA layers are found at call time.
-        policy = PeftModel.from_pretrained(base_model, path).to(device).eval()
-        reference = policy
-    else:
-        policy = _load_causal_lm(path, dtype, device, "Model")
-        reference = None if ref is None else _load_causal_lm(ref, dtype, device, "Reference model")
-        if reference is None:
-            logger.warning(
-                "No reference model: the policy is its own reference, so every implicit reward and margin (uniform "
-                "and OT) is 0. Pass the model it was trained from as `ref` (`--ref`)."
-            )
-
-    has_tokenizer = (Path(path) / "tokenizer_config.json").exists() or not is_adapter
-    tokenizer_path = path if has_tokenizer else (ref or base)
-    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_path, "Tokenizer")
-    if tokenizer.chat_template is None:
-        logger.info("The tokenizer has no chat template; using the default ChatML-style one.")
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return policy, reference, tokenizer
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
@@ -193,11 +57,25 @@ def _device(model: torch.nn.Module) -> torch.device:
 # ------------------------------------------------------------------ tokenisation, as DPOTrainer does it
 
 
+def template_kwargs(example: dict) -> dict[str, Any]:
+    """The chat-template arguments of a conversational example, as TRL 1.16's `DPOTrainer` passes them: `tools` (its
+    `tools` column, a list or a JSON string of one; None if absent) and the entries of its `chat_template_kwargs`."""
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    extra = example.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(
+            f"`chat_template_kwargs` must be a mapping of template arguments, got {type(extra).__name__}."
+        )
+    return {"tools": tools, **extra}
+
+
 def tokenize_pair(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
     """Tokenise one preference pair as TRL 1.16's `DPOTrainer._prepare_dataset` does.
 
     The prompt is extracted if implicit (shared leading turns); standard (text) completions get EOS appended;
-    conversational ones go through the chat template, the prompt with the generation prompt. The completion starts
+    conversational ones go through the chat template, the prompt with the generation prompt, with the example's
+    `tools` (a list, or a JSON string of one) and `chat_template_kwargs` columns if it has them ([`template_kwargs`]). The completion starts
     where the tokenised prompt and prompt + completion diverge (TRL's `common_prefix_length`). Truncation to
     `max_length` is left to `DataCollatorForPreference`, as in training.
 
@@ -207,9 +85,10 @@ def tokenize_pair(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str
     example = maybe_extract_prompt(dict(example))
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     if is_conversational(example):
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
+        kwargs = template_kwargs(example)
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        chosen_ids = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
+        rejected_ids = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
     else:
         eos = tokenizer.eos_token
         chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
@@ -221,10 +100,11 @@ def tokenize_pair(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str
             "rejected_ids": rejected_ids[prompt_len:]}  # fmt: skip
 
 
-def tokenize_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a prompt to generate from: the chat template with its generation prompt, or plain text."""
+def tokenize_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, **kwargs) -> list[int]:
+    """Token ids of a prompt to generate from: the chat template with its generation prompt (and `kwargs`, e.g.
+    [`template_kwargs`]), or plain text."""
     if isinstance(prompt, list):
-        return _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        return _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
     return _tokenize(tokenizer, prompt)["input_ids"]
 
 
@@ -284,13 +164,6 @@ def _left_align(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
-def _fused_logps(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """(N, T-1) log-prob of token t+1 at position t; TRL's fused head (0 where the label is -100)."""
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                fused_lm_head=True, use_cache=False)  # fmt: skip
-    return out.log_probs[:, -(labels.size(1) - 1) :]  # prompt-learning PEFT prepends virtual positions
-
-
 @torch.no_grad()
 def pair_token_stats(
     policy: torch.nn.Module,
@@ -317,23 +190,17 @@ def pair_token_stats(
     """
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
     inputs = {k: v.to(_device(policy)) for k, v in collator([tokenize_pair(e, tokenizer) for e in examples]).items()}
-    completion_mask = inputs["completion_mask"]
-    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-    seq_len = completion_mask.size(1) - 1
-
     # The hidden state at position t predicts token t + 1, as in OTPOTrainer.
-    with capture_last_hidden(_causal_lm(policy).base_model) as box:
-        logps = _fused_logps(policy, inputs, labels)
-    hidden = predicting_states(box["hidden"], seq_len)
+    logps, hidden = fused_forward(policy, inputs, capture_hidden=True)
     if reference is None:
         ref_logps = logps
     elif reference is policy:
         with policy.disable_adapter():
-            ref_logps = _fused_logps(policy, inputs, labels)
+            ref_logps, _ = fused_forward(policy, inputs)
     else:
-        ref_logps = _fused_logps(reference, inputs, labels)  # loaded on the policy's device
+        ref_logps, _ = fused_forward(reference, inputs)  # loaded on the policy's device
 
-    token_ids, shift_mask = inputs["input_ids"][:, 1:], completion_mask[:, 1:].bool()
+    token_ids, shift_mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:].bool()
     sides = {}
     for side, rows in zip(("chosen", "rejected"), torch.arange(len(token_ids), device=logps.device).chunk(2)):
         index, valid = _left_align(shift_mask[rows])
@@ -482,6 +349,7 @@ def generate_responses(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
+    prompt_template_kwargs: list[dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy responses to `prompts`, batched with left padding, each stopped at EOS or after `max_new_tokens`.
@@ -494,6 +362,7 @@ def generate_responses(
         max_new_tokens: the budget of new tokens per response.
         batch_size: prompts per `generate` call.
         max_prompt_length: keep only the last this many prompt tokens (the end is what the response continues).
+        prompt_template_kwargs: for each conversational prompt, chat-template arguments ([`template_kwargs`]).
         progress: show a tqdm bar.
 
     Returns:
@@ -501,7 +370,8 @@ def generate_responses(
         and including the first EOS), `hit_budget` (no EOS within `max_new_tokens`).
     """
     eos_ids = _eos_ids(model, tokenizer)
-    prompt_ids = [tokenize_prompt(p, tokenizer) for p in prompts]
+    kwargs = prompt_template_kwargs or [{}] * len(prompts)
+    prompt_ids = [tokenize_prompt(p, tokenizer, **kw) for p, kw in zip(prompts, kwargs, strict=True)]
     if max_prompt_length is not None:
         prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
     device, pad_id = _device(model), tokenizer.pad_token_id
@@ -602,6 +472,7 @@ def evaluate(
     generations = generate_responses(
         policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
         max_prompt_length=max_length, progress=progress,
+        prompt_template_kwargs=[template_kwargs(e) for e in examples[:num_generations]],
     )  # fmt: skip
     for record, prompt in zip(generations, prompts):
         record["prompt"] = prompt
@@ -621,79 +492,16 @@ def evaluate(
     }
 
 
-def format_markdown(result: dict[str, Any]) -> str:
-    """A Markdown report of one [`evaluate`] result: the preference table (uniform vs OT) and the generation one."""
-    pref = result["preference"]
-    reference = result["reference"] or "none: the policy is its own reference, so every margin is 0"
-    lines = [
-        f"# Evaluation of `{result['model']}`",
-        "",
-        f"Data: `{result['data']}` [{result['split']}], {pref['n_pairs']} pairs"
-        + (f" ({pref['n_skipped']} skipped: prompt longer than max_length)" if pref["n_skipped"] else "")
-        + f"; reference: {reference}; beta = {result['beta']}.",
-        "OT: " + ", ".join(f"{k}={v}" for k, v in result["ot"].items()) + ".",
-        "",
-        "| token weights | accuracy | mean margin | mean chosen reward | mean rejected reward |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for weighting, label in (("uniform", "uniform (DPO)"), ("ot", "OT (OTPO)")):
-        m = pref[weighting]
-        lines.append(f"| {label} | {m['accuracy']:.3f} | {m['margin_mean']:.4f} | {m['chosen_reward_mean']:.4f} | "
-                     f"{m['rejected_reward_mean']:.4f} |")  # fmt: skip
-    lines += ["", "Accuracy: share of pairs whose chosen reward is strictly larger (ties count as wrong, as in TRL)."]
-    gen = result["generation"]
-    if gen is not None:
-        lines += [
-            "",
-            f"Greedy generation, {gen['n']} prompts, budget {gen['max_new_tokens']} new tokens:",
-            "",
-            "| mean length | median length | share hitting the budget |",
-            "|---:|---:|---:|",
-            f"| {gen['length_mean']:.1f} | {gen['length_median']:.1f} | {gen['hit_budget_share']:.3f} |",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _finite_or_none(value):
-    """`value` with every NaN or infinite float (a mean over no pairs) as None: JSON has no NaN, only null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def write_report(result: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """Write `eval.json` (all but the per-pair and per-response records; a metric over no pairs is null),
-    `eval.md` and `generations.jsonl`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: output_dir / name for name in ("eval.json", "eval.md", "generations.jsonl")}
-    summary = _finite_or_none({k: v for k, v in result.items() if k not in ("pairs", "generations")})
-    paths["eval.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    paths["eval.md"].write_text(format_markdown(result))
-    with paths["generations.jsonl"].open("w") as f:
-        for record in result["generations"]:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return paths
-
-
 __all__ = [
     "PairStats",
-    "add_ot_arguments",
     "evaluate",
-    "format_markdown",
     "generate_responses",
     "generation_metrics",
     "implicit_rewards",
     "inline_example",
-    "load_model_and_tokenizer",
-    "ot_kwargs",
     "pair_token_stats",
     "preference_metrics",
     "score_preferences",
+    "template_kwargs",
     "tokenize_pair",
-    "write_report",
 ]

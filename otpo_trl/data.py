@@ -20,6 +20,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import extract_prompt, is_conversational
 
+from .loading import looks_like_local_path
+
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +35,6 @@ _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model":
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
 # Local file extension -> `datasets` builder.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# For tokenizers without a chat template (base models): ChatML markers as plain text, every turn closed by EOS so
-# that completions teach the model to stop.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def validate_columns(column_names, name: str = "dataset") -> None:
@@ -160,13 +155,6 @@ def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
         logger.warning(f"Dropped {len(dataset) - len(keep)} of {len(dataset)} pairs of {name}: {counts}.")
         dataset = dataset.select(keep)
     return dataset
-
-
-def looks_like_local_path(name_or_path: str) -> bool:
-    """True for a name that cannot be a Hub id ("name" or "org/name"): one that starts with `.`, `/` or `~`, or has
-    more than one `/`. Where such a path does not exist, the scripts say so instead of asking the Hub (which, offline,
-    retries for about a minute)."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
 def _looks_like_path(name_or_path: str) -> bool:

@@ -173,9 +173,10 @@ class OTPOConfig(DPOConfig):
             # transformers' message names `use_cpu` only, and following it alone keeps bf16 autocast on the CPU.
             raise ValueError(
                 "bf16 is on (DPOConfig's default, for GPUs) but there is no GPU that supports it. On the CPU, set "
-                "`bf16=False` (`--bf16 false`, `bf16: false` in a recipe) to train in fp32, the fast choice there "
+                "`bf16=False` (`--bf16 false`, `bf16: false` in a recipe) to train in fp32, which runs well on any CPU "
                 "(with `use_cpu=True` as well for several processes, or to leave a GPU unused), or only "
-                "`use_cpu=True` (`--use_cpu true`) to keep bf16 autocast on the CPU, several times slower."
+                "`use_cpu=True` (`--use_cpu true`) to keep bf16 autocast on the CPU (fast with AVX512-BF16 or AMX, "
+                "much slower than fp32 without them)."
             ) from err
 
 

@@ -98,6 +98,36 @@ def predicting_states(hidden: torch.Tensor, seq_len: int) -> torch.Tensor:
     return hidden[:, -seq_len - 1 : -1]
 
 
+def fused_forward(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], capture_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused-LM-head forward of a collated [chosen; rejected] batch, as TRL 1.16's `DPOTrainer` calls the models.
+
+    Training makes this call through TRL (the trainer's hooks then capture and weight); `concatenated_forward` and the
+    analysis code (`otpo_trl.analysis.pair_token_stats`) make it here.
+
+    Args:
+        model: a causal LM with TRL's fused head (`trl.trainer.utils.add_fused_lm_head`), or a PeftModel on one.
+        inputs: a batch of `DataCollatorForPreference`: `input_ids`, `attention_mask`, `completion_mask`, each (N, T)
+            (precomputed reference values are not passed to the model).
+        capture_hidden: also return the last-layer hidden states.
+
+    Returns:
+        `(log_probs, hidden)`: log_probs (N, T-1), the log-prob of token t+1 at position t (0 outside completions);
+        hidden (N, T-1, H), the detached last-layer state at position t (the one predicting token t+1), or None.
+    """
+    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", *_REF_KEYS)}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    seq_len = labels.size(1) - 1
+    capture = contextlib.nullcontext({})
+    if capture_hidden:
+        capture = capture_last_hidden((model.get_base_model() if is_peft_model(model) else model).base_model)
+    with capture as box:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+    hidden = predicting_states(box["hidden"], seq_len) if capture_hidden else None
+    return outputs.log_probs[:, -seq_len:], hidden  # prompt-learning PEFT prepends virtual positions
+
+
 class OTWeightHistogramCallback(TrainerCallback):
     """Writes a histogram of the OT token weights (completion tokens of the last training batch) to TensorBoard at
     every logging step, beside the `ot/*` scalars. Added by `OTPOTrainer` when `report_to` includes tensorboard."""
@@ -162,7 +192,7 @@ class OTPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: OTPOConfig | None = None, *pargs, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            # DPOConfig's default bf16 fails without a bf16-capable GPU; fp32 is the fast choice on a CPU.
+            # DPOConfig's default bf16 fails without a bf16-capable GPU (unless use_cpu); fp32 runs well on any CPU.
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             if not bf16:
                 logger.info("No bf16-capable GPU: the default OTPOConfig trains in fp32 (bf16=False).")
@@ -283,10 +313,8 @@ class OTPOTrainer(DPOTrainer):
             weights; `completion_mask` (2B, T-1) bool, the completion tokens among them; `hidden_states`
             (2B, T-1, H), the detached last-layer state at position t, the one predicting token t+1.
         """
-        model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", *_REF_KEYS)}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with self._ot_step(inputs) as step:
-            model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+            fused_forward(model, inputs)  # the hooks capture, weight and keep what is returned below
         seq_len = step.shift_mask.size(1)
         return {
             "per_token_logps": step.policy_log_probs[:, -seq_len:],
@@ -437,4 +465,4 @@ class OTPOTrainer(DPOTrainer):
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
 
 
-__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden", "predicting_states"]
+__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden", "fused_forward", "predicting_states"]

@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import train as train_script  # scripts/train.py, beside this file: the same parser as the runs
-
+from otpo_trl.cli import train as train_cli  # scripts/train.py's parser: the recipe as the runs resolve it
 from otpo_trl.otpo_config import OT_FIELDS
 
 
@@ -189,7 +188,7 @@ def paired_difference(a, b):
 def main(argv=None):
     args = parse_args(argv)
     # The recipe as scripts/train.py resolves it (its defaults included), for the report's settings.
-    script_args, training_args, model_args = train_script.parse_args(["--config", str(REPO_ROOT / args.recipe)])
+    script_args, training_args, model_args = train_cli.parse_args(["--config", str(REPO_ROOT / args.recipe)])
     recipe = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
     out = REPO_ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)

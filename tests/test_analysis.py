@@ -1,7 +1,6 @@
 """otpo_trl.analysis and the scripts on top of it (plot_weights.py, evaluate.py), on a tiny Llama (CPU, offline)."""
 
 import argparse
-import importlib.util
 import json
 import shutil
 from types import SimpleNamespace
@@ -14,17 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
-from otpo_trl.analysis import (
-    add_ot_arguments,
-    inline_example,
-    load_model_and_tokenizer,
-    pair_token_stats,
-    score_preferences,
-    tokenize_pair,
-)
+from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences, tokenize_pair
+from otpo_trl.cli import evaluate as evaluate_cli
+from otpo_trl.cli import plot_weights as plot_weights_cli
+from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
-
-from .conftest import REPO_ROOT
+from otpo_trl.loading import load_model_and_tokenizer
 
 
 # As in test_trainer.py: a huge entropic regularisation makes the plan uniform and "length" makes every weight 1.
@@ -39,14 +33,6 @@ ANSWERS = [
     ("Two plus two is four.", "It is five, I think, or maybe six."),
     ("Water boils at 100 degrees Celsius.", "Water boils when it feels like it."),
 ]
-
-
-def load_script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +111,7 @@ def test_missing_model_path_errors_clearly(tmp_path, adapter_dir, data_file):
         load_model_and_tokenizer(str(missing))
     argv = ["--model", str(missing), "--data", str(data_file), "--output_dir", str(tmp_path)]
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        load_script("evaluate").main(argv)
+        evaluate_cli.main(argv)
     # An adapter whose base has moved: the message names the base and suggests `ref`.
     moved = tmp_path / "adapter"
     shutil.copytree(adapter_dir, moved)
@@ -152,6 +138,38 @@ def test_tokenize_pair_matches_dpo_trainer(tiny_model_dir, data_file, tmp_path):
             assert ids == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
 
 
+# A chat template that renders the `tools` and a `style` argument, so that dropping either changes the tokens.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for tool in tools %}{{ tool['name'] }};{% endfor %}</tools>\n{% endif %}"
+    "{% if style is defined %}[{{ style }}]\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tokenize_pair_passes_tools_and_chat_template_kwargs_as_dpo_trainer(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    rows = []
+    for i, (tool, style) in enumerate([("get_weather", "terse"), ("search", "long")]):
+        pair = inline_example(f"Question {i}?", "Yes.", "No.")
+        rows.append({**pair, "tools": json.dumps([{"name": tool}]), "chat_template_kwargs": {"style": style}})
+    dataset = Dataset.from_list(rows)
+    fake_trainer = SimpleNamespace(_tokenizer=tokenizer)  # `_prepare_dataset` reads only this attribute
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    expected = DPOTrainer._prepare_dataset(fake_trainer, dataset, tokenizer, args, "test")
+    for example, row in zip(dataset, expected):
+        ids = tokenize_pair(example, tokenizer)
+        assert ids == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        prompt = tokenizer.decode(ids["prompt_ids"])
+        assert f"<tools>{json.loads(example['tools'])[0]['name']};</tools>" in prompt
+        assert f"[{example['chat_template_kwargs']['style']}]" in prompt
+        plain = tokenize_pair({k: example[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)
+        assert plain["prompt_ids"] != ids["prompt_ids"]  # the columns matter here
+    with pytest.raises(ValueError, match="`chat_template_kwargs` must be a mapping"):
+        tokenize_pair({**rows[0], "chat_template_kwargs": "terse"}, tokenizer)
+
+
 @pytest.mark.parametrize("trainer_cls", [DPOTrainer, OTPOTrainer], ids=["uniform", "ot"])
 def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, adapter_models, data_file, tmp_path):
     """Our implicit-reward accuracy and margin equal those DPOTrainer (uniform) / OTPOTrainer (OT) log in eval."""
@@ -164,6 +182,7 @@ def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, 
     config_cls = OTPOConfig if trainer_cls is OTPOTrainer else DPOConfig
     args = config_cls(output_dir=str(tmp_path), per_device_eval_batch_size=len(dataset), max_length=64, beta=0.1,
                       report_to="none", use_cpu=True, bf16=False)  # fmt: skip
+    # (fp32: the trainer's numbers are compared with the analysis tools' at fp32 tolerance.)
     # The base as an explicit reference: given a PeftModel alone, TRL takes a copy of the adapter as the reference.
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=dataset,
@@ -203,7 +222,7 @@ def test_plot_weights_inline_pair(tiny_model_dir, tmp_path):
     out = tmp_path / "paris.png"
     argv = ["--model", tiny_model_dir, "--out", str(out), "--svg", "--device", "cpu"]
     argv += [arg for key, value in PARIS.items() for arg in (f"--{key}", value)]
-    paths = load_script("plot_weights").main(argv)
+    paths = plot_weights_cli.main(argv)
     assert paths == [out, out.with_suffix(".svg")]
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     assert "<svg" in out.with_suffix(".svg").read_text()
@@ -213,10 +232,10 @@ def test_plot_weights_dataset_pair_with_adapter(adapter_dir, data_file, tmp_path
     out = tmp_path / "pair.png"
     argv = ["--model", adapter_dir, "--data", str(data_file), "--index", "1", "--out", str(out), "--max_tokens", "4",
             "--ot_cost", "cosine", "--device", "cpu"]  # fmt: skip
-    load_script("plot_weights").main(argv)  # max_tokens below the completions' lengths: the truncated plan
+    plot_weights_cli.main(argv)  # max_tokens below the completions' lengths: the truncated plan
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     with pytest.raises(IndexError, match="out of range"):
-        load_script("plot_weights").main([*argv[:4], "--index", "99", "--out", str(out)])
+        plot_weights_cli.main([*argv[:4], "--index", "99", "--out", str(out)])
 
 
 def test_evaluate_script(adapter_dir, data_file, tmp_path):
@@ -224,7 +243,7 @@ def test_evaluate_script(adapter_dir, data_file, tmp_path):
     argv = ["--model", adapter_dir, "--data", str(data_file), "--split", "test", "--max_samples", "5",
             "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "6", "--output_dir", str(out),
             "--device", "cpu"]  # fmt: skip
-    result = load_script("evaluate").main(argv)
+    result = evaluate_cli.main(argv)
     summary = json.loads((out / "eval.json").read_text())
     assert summary["reference"] == "base (adapter disabled)"
     assert summary["preference"]["n_pairs"] == 5

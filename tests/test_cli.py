@@ -1,16 +1,17 @@
 """scripts/train.py's command line: every recipe parses, unknown keys and bad values fail by name, configs load."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import trl
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from trl import DPOConfig
 
 from otpo_trl import OTPOConfig
+from otpo_trl.cli import train as train_cli
 
 from .conftest import REPO_ROOT
 
@@ -23,11 +24,8 @@ QUICKSTART = CONFIGS / "quickstart.yaml"
 
 @pytest.fixture(scope="module")
 def train():
-    """scripts/train.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command line of scripts/train.py (a thin wrapper around it)."""
+    return train_cli
 
 
 def recipe_argv(path):
@@ -118,6 +116,17 @@ def test_command_line_overrides_the_recipe(train):
     assert script_args.trainer == "dpo"
     recipe = yaml.safe_load(QUICKSTART.read_text())
     assert training_args.per_device_train_batch_size == recipe["per_device_train_batch_size"]  # kept from the recipe
+
+
+def test_script_arguments_are_trls_plus_ours(train, tmp_path):
+    """`ScriptArguments` extends `trl.ScriptArguments`: TRL's `dataset_*` flags parse into it, ours beside them."""
+    assert issubclass(train.ScriptArguments, trl.ScriptArguments)
+    script_args, *_ = train.parse_args(
+        ["--config", str(QUICKSTART), "--dataset_config", "default", "--ignore_bias_buffers", "true"]
+    )
+    assert (script_args.dataset_config, script_args.ignore_bias_buffers) == ("default", True)
+    with pytest.raises(ValueError, match="`dataset_streaming` is not supported"):
+        train.parse_args(["--config", str(write_recipe(tmp_path, dataset_streaming=True))])
 
 
 def test_unknown_key_in_recipe_fails_naming_it(train, tmp_path):

@@ -1,13 +1,11 @@
 """scripts/plot_weights.py draws what UltraFeedback holds: CJK and emoji through fallback fonts (a warning naming the
 package when none is installed), and characters split over byte-level tokens on the token that completes them."""
 
-import importlib.util
-
 import pytest
 from matplotlib import font_manager
 from transformers import AutoTokenizer
 
-from .conftest import REPO_ROOT
+from otpo_trl.cli import plot_weights as plot_weights_cli
 
 
 CJK_AND_EMOJI = "巴黎 한국어 😀 🚀 🍕"
@@ -15,10 +13,8 @@ CJK_AND_EMOJI = "巴黎 한국어 😀 🚀 🍕"
 
 @pytest.fixture(scope="module")
 def plot_weights():
-    spec = importlib.util.spec_from_file_location("plot_weights_script", REPO_ROOT / "scripts" / "plot_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command line of scripts/plot_weights.py (a thin wrapper around it)."""
+    return plot_weights_cli
 
 
 def test_without_fallback_fonts_a_warning_names_the_packages(plot_weights):

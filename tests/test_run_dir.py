@@ -1,7 +1,6 @@
 """scripts/train.py's run directory: the same run resumes or says it has finished, a different run is refused before any
 model loads, `--overwrite_output_dir` clears, incomplete checkpoints are skipped (issue 12, items 1-3)."""
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -9,20 +8,19 @@ import shutil
 import pytest
 import transformers
 
-from .conftest import REPO_ROOT
+from otpo_trl.cli import run_dir
+from otpo_trl.cli import train as train_cli
 
 
 @pytest.fixture(scope="module")
 def train():
-    """scripts/train.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command line of scripts/train.py (a thin wrapper around it)."""
+    return train_cli
 
 
 def tiny_argv(model_dir, data_dir, output_dir, *extra):
-    """A 2-step full fine-tune of the tiny model on 8 UltraFeedback pairs, a checkpoint every step, CPU fp32."""
+    """A 2-step full fine-tune of the tiny model on 8 UltraFeedback pairs, a checkpoint every step, CPU fp32 (these
+    tests are about the run directory, and fp32 is the fast precision on a CPU)."""
     argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(output_dir)]
     argv += ["--max_train_samples", "8", "--max_steps", "2", "--per_device_train_batch_size", "2"]
     argv += ["--learning_rate", "1e-3", "--max_length", "512", "--bf16", "false", "--use_cpu", "true"]
@@ -126,7 +124,7 @@ def test_resume_false_in_a_used_dir_needs_overwrite(train, run_copy, tiny_model_
     assert record(run_copy)["status"] == "started" and record(run_copy)["settings"]["beta"] == 0.5
     # ... so that a later plain run of the same arguments has no stale checkpoint to resume from.
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.5"))
-    assert train.plan_run(args[0], args[1], train.run_settings(*args)).checkpoint is None
+    assert run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args)).checkpoint is None
 
 
 def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run_copy, tiny_model_dir,
@@ -135,7 +133,7 @@ def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run
         args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
                                           "--resume_from_checkpoint", resume))  # fmt: skip
         with pytest.raises(ValueError, match="cannot be combined"):
-            train.plan_run(args[0], args[1], train.run_settings(*args))
+            run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
 
 
 def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(train, run_copy, tiny_model_dir,
@@ -172,14 +170,14 @@ def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it
 def test_explicit_resume_with_new_arguments_is_recorded(train, run_copy, tiny_model_dir, sample_data_dir):
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--beta", "0.2",
                                       "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
-    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
     assert plan.action == "train" and plan.checkpoint == str(run_copy / "checkpoint-2")
     [change] = plan.record["resumed_with_changes"]
     assert change["changes"] == {"beta": [0.1, 0.2], "max_steps": [2, 3]}
     # At or past its end, the checkpoint is reported finished, not stepped again.
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2",
                                       "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
-    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
     assert plan.action == "finished" and "nothing to train" in plan.message
 
 
@@ -187,35 +185,35 @@ def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, ti
     (run_copy / "run_args.json").unlink()  # written by an older version of the script, or by another tool
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
     with pytest.raises(ValueError, match="no run_args.json: the arguments of that run are unknown"):
-        train.plan_run(args[0], args[1], train.run_settings(*args))
+        run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
 
 
 def test_checkpoint_problems(tmp_path, train):
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
-    assert train.checkpoint_problems(checkpoint) == ["trainer_state.json", "model weights", "optimizer state"]
+    assert run_dir.checkpoint_problems(checkpoint) == ["trainer_state.json", "model weights", "optimizer state"]
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
     (checkpoint / "adapter_model.safetensors").write_bytes(b"x")
-    assert train.checkpoint_problems(checkpoint) == ["optimizer state"]
-    assert train.checkpoint_problems(checkpoint, save_only_model=True) == []
+    assert run_dir.checkpoint_problems(checkpoint) == ["optimizer state"]
+    assert run_dir.checkpoint_problems(checkpoint, save_only_model=True) == []
     (checkpoint / "optimizer.pt").write_bytes(b"x")
-    assert train.checkpoint_problems(checkpoint) == []
+    assert run_dir.checkpoint_problems(checkpoint) == []
     (checkpoint / "trainer_state.json").write_text('{"global_st')  # cut mid-write
-    assert train.checkpoint_problems(checkpoint) == ["trainer_state.json"]
+    assert run_dir.checkpoint_problems(checkpoint) == ["trainer_state.json"]
     deepspeed = tmp_path / "checkpoint-4"
     (deepspeed / "global_step4").mkdir(parents=True)
     (deepspeed / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
-    assert train.checkpoint_problems(deepspeed) == []  # ZeRO keeps weights and optimizer in global_step<N>/
+    assert run_dir.checkpoint_problems(deepspeed) == []  # ZeRO keeps weights and optimizer in global_step<N>/
 
 
 def test_a_kill_during_the_final_save_is_not_stepped_again(train, run_copy, tiny_model_dir, sample_data_dir):
     (run_copy / "run_args.json").write_text(json.dumps({**record(run_copy), "status": "started"}))
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
-    plan = train.plan_run(args[0], args[1], train.run_settings(*args))
+    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
     assert plan.action == "finished" and "the trained weights are in" in plan.message
 
 
 def test_the_dpo_baseline_does_not_compare_ot_arguments(train, tiny_model_dir, sample_data_dir, tmp_path):
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--trainer", "dpo"))
-    settings = train.run_settings(*args)
+    settings = run_dir.run_settings(*args)
     assert settings["trainer"] == "dpo" and not [key for key in settings if key.startswith("ot_")]

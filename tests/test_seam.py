@@ -25,6 +25,7 @@ def make(tiny_model_dir, tmp_path, name, ref_model, policy=None, cls=OTPOTrainer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg_cls = OTPOConfig if cls is OTPOTrainer else DPOConfig
     policy = policy if policy is not None else perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    # fp32: these compare losses of trainers with each other to 1e-6; bf16 is covered in test_precision / test_oracle.
     args = config(cfg_cls, tmp_path / name, per_device_train_batch_size=4, bf16=False, **overrides)
     return cls(
         model=policy, ref_model=ref_model, args=args, train_dataset=conversational_pairs(4), processing_class=tok

@@ -1,7 +1,6 @@
 """Bad arguments, paths and data stop scripts/train.py (and evaluate.py) before any model loads, with a message that
 names the problem (issue 12, items 5-10)."""
 
-import importlib.util
 import json
 import math
 import tempfile
@@ -14,6 +13,8 @@ import transformers
 import yaml
 
 from otpo_trl import OTPOConfig
+from otpo_trl.cli import evaluate as evaluate_cli
+from otpo_trl.cli import train as train_cli
 
 from .conftest import REPO_ROOT
 from .test_run_dir import forbid_models, tiny_argv
@@ -22,17 +23,10 @@ from .test_run_dir import forbid_models, tiny_argv
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
 
-def load_script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train():
-    return load_script("train")
+    """The command line of scripts/train.py (a thin wrapper around it)."""
+    return train_cli
 
 
 @pytest.fixture
@@ -218,16 +212,15 @@ def test_single_file_with_do_eval_needs_a_held_out_split(train, tiny_model_dir, 
 
 
 def test_evaluate_checks_its_output_dir_first(tmp_path, tiny_model_dir, monkeypatch):
-    evaluate = load_script("evaluate")
 
     def refuse(*args, **kwargs):
         raise AssertionError("evaluated before checking the output folder")
 
-    monkeypatch.setattr(evaluate, "evaluate", refuse)
+    monkeypatch.setattr(evaluate_cli, "evaluate", refuse)
     (tmp_path / "eval").write_text("x")
     argv = ["--model", tiny_model_dir, "--data", "d", "--output_dir", str(tmp_path / "eval")]
     with pytest.raises(ValueError, match="--output_dir .*eval is a file"):
-        evaluate.main(argv)
+        evaluate_cli.main(argv)
 
 
 def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_dir, tmp_path):
@@ -235,7 +228,7 @@ def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_
     # Every prompt is longer than max_length: both pairs are skipped, as DPOTrainer drops them.
     argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--max_samples", "2", "--max_length", "4",
             "--num_generations", "0", "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
-    result = load_script("evaluate").main(argv)
+    result = evaluate_cli.main(argv)
     assert math.isnan(result["preference"]["uniform"]["accuracy"])  # in memory, a mean over nothing
     text = (out / "eval.json").read_text()
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))  # strict JSON
@@ -248,7 +241,7 @@ def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_
 
 def test_adapter_from_a_relative_model_path_loads_from_elsewhere(train, tiny_model_dir, sample_data_dir, tmp_path,
                                                                  monkeypatch):  # fmt: skip
-    from otpo_trl.analysis import load_model_and_tokenizer
+    from otpo_trl.loading import load_model_and_tokenizer
 
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)

@@ -1,0 +1,364 @@
+"""Plot the OT token weights and the transport plan that a model gives one preference pair.
+
+```bash
+python scripts/plot_weights.py --model models/SmolLM2-135M-Instruct --out docs/paris_vs_italy.png \
+    --prompt "What's the capital of France?" --chosen "The capital of France is Paris." \
+    --rejected "The capital of France is Italy, which is definitely incorrect."
+python scripts/plot_weights.py --model out/otpo-lora --data ../shared/data/ultrafeedback --split test --index 3 --svg
+```
+
+The top panels show the chosen and the rejected completion token by token, each token shaded by its OT weight (the
+weight OTPO gives its log-prob; DPO gives every token 1); the bottom panel shows the transport plan between them. The
+weights come from the policy's last hidden states, as in training (see `otpo_trl.analysis.pair_token_stats`). With a
+reference (an adapter's base, or `--ref`), the title also gives the pair's implicit-reward margin under both weightings.
+
+Text is drawn with DejaVu Sans, falling back, character by character, to Noto Sans CJK (Chinese, Japanese, Korean;
+Debian/Ubuntu package `fonts-noto-cjk`) and Symbola (emoji and symbols; `fonts-symbola`) where they are installed; a
+character that no installed font has is drawn as a box, with a warning naming the package to install. A character that
+the tokenizer splits over several tokens (byte-level BPE does so with most emoji and many CJK characters) is drawn on
+the token that completes it; the tokens before show `⋯`.
+"""
+
+import argparse
+import logging
+import sys
+import textwrap
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from ..analysis import implicit_rewards, inline_example, pair_token_stats  # noqa: E402
+from ..data import load_preference_dataset  # noqa: E402
+from ..loading import load_model_and_tokenizer  # noqa: E402
+from ..otpo_config import ot_kwargs  # noqa: E402
+from .options import add_max_length_argument, add_model_arguments, add_ot_arguments  # noqa: E402
+
+
+# Fonts tried in turn for each character after DejaVu Sans (matplotlib's own: Latin, Greek, Cyrillic, arrows, a few
+# emoji), with the Debian/Ubuntu package of each. Colour emoji fonts (Noto Color Emoji) are bitmaps Agg cannot draw.
+FALLBACK_FONTS = {"Noto Sans CJK JP": "fonts-noto-cjk", "Symbola": "fonts-symbola"}
+_FONT_FILES = {"Noto Sans CJK JP": "NotoSansCJK", "Symbola": "Symbola"}  # how their files' names start
+SPLIT_CHARACTER = "⋯"  # the label of a token that holds only the first bytes of a character
+
+
+def font_families() -> list[str]:
+    """DejaVu Sans, then those of `FALLBACK_FONTS` that are installed. A font installed after matplotlib cached its
+    font list is missing from that list: it is looked for among the system's font files and added."""
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    if not set(FALLBACK_FONTS) <= installed:
+        for path in font_manager.findSystemFonts():
+            if any(Path(path).name.startswith(_FONT_FILES[name]) for name in set(FALLBACK_FONTS) - installed):
+                font_manager.fontManager.addfont(path)
+        installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
+def missing_glyphs(texts: list[str], families: list[str]) -> str:
+    """The characters of `texts` (whitespace aside) that none of the font `families` can draw, sorted."""
+    fonts = [FT2Font(font_manager.findfont(FontProperties(family=f), fallback_to_default=False)) for f in families]
+    characters = {c for text in texts for c in text if not c.isspace()}
+    return "".join(sorted(c for c in characters if not any(font.get_char_index(ord(c)) for font in fonts)))
+
+
+def warn_missing_glyphs(texts: list[str], families: list[str]) -> str:
+    """Warn (naming the font packages to install) when some character of `texts` has no glyph; return those."""
+    missing = missing_glyphs(texts, families)
+    if missing:
+        absent = [
+            f"{name} (Debian/Ubuntu: {package})" for name, package in FALLBACK_FONTS.items() if name not in families
+        ]
+        fix = f"install {' and '.join(absent)}" if absent else "no font configured here covers them"
+        warnings.warn(f"No installed font draws {missing[:40]!r}: they appear as boxes. To draw them, {fix}.")
+    return missing
+
+
+FONT_FAMILIES = font_families()
+matplotlib.rcParams["font.family"] = FONT_FAMILIES  # before any FontProperties: each takes the family list
+# Symbola has no bold face: matplotlib would say so for every bold title. Missing glyphs are warned about above.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+FIG_WIDTH = 12.0  # inches
+MARGIN = 0.4  # inches, left and right
+DPI = 150
+TOKEN_FONT = FontProperties(size=12)
+LINE_HEIGHT = 0.34  # inches per line of tokens
+WEIGHT_CMAP = "YlOrRd"
+PLAN_CMAP = "Blues"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_model_arguments(parser)
+    source = parser.add_argument_group(
+        "the pair: from a data set (--data, --index) or inline (--prompt, --chosen, --rejected)"
+    )
+    source.add_argument("--data", help="Hub data set id, or a local .jsonl / .json / .parquet file or folder.")
+    source.add_argument("--split", default="test", help="Split of --data. Default: test.")
+    source.add_argument("--index", type=int, default=0, help="Index of the pair in the split. Default: 0.")
+    source.add_argument("--prompt", help="User prompt of an inline pair.")
+    source.add_argument("--chosen", help="Chosen assistant answer of an inline pair.")
+    source.add_argument("--rejected", help="Rejected assistant answer of an inline pair.")
+    parser.add_argument("--out", default="ot_weights.png", help="PNG file to write. Default: ot_weights.png.")
+    parser.add_argument("--svg", action="store_true", help="Also write an SVG next to the PNG.")
+    parser.add_argument(
+        "--max_tokens", type=int, default=64, help="Show at most this many tokens per side in the plan. Default: 64."
+    )
+    add_max_length_argument(parser)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta for the margins in the title.")
+    add_ot_arguments(parser)
+    args = parser.parse_args(argv)
+    inline = [args.prompt, args.chosen, args.rejected]
+    if any(x is not None for x in inline) and not all(x is not None for x in inline):
+        parser.error("an inline pair needs all of --prompt, --chosen and --rejected.")
+    if (args.data is None) == (args.prompt is None):
+        parser.error("give either --data (with --index) or an inline pair (--prompt, --chosen, --rejected).")
+    if args.max_tokens < 1:
+        parser.error("--max_tokens must be >= 1.")
+    return args
+
+
+def load_example(args: argparse.Namespace) -> dict:
+    if args.prompt is not None:
+        return inline_example(args.prompt, args.chosen, args.rejected)
+    if args.index < 0:
+        raise ValueError(f"--index must be >= 0, got {args.index}.")
+    dataset = load_preference_dataset(args.data, args.split, max_samples=args.index + 1)
+    if args.index >= len(dataset):
+        raise IndexError(f"--index {args.index} is out of range: {args.data} [{args.split}] has {len(dataset)} pairs.")
+    return dataset[args.index]
+
+
+# ------------------------------------------------------------------ drawing
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token in `ids`, decoded in sequence: a character split over several byte-level tokens (which
+    decode one by one to "\ufffd") is given to the token that completes it; the tokens before get `SPLIT_CHARACTER`."""
+    labels, pending = [], []
+    for token in ids:
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd"):
+            labels.append(SPLIT_CHARACTER)
+            continue
+        labels.append(text)
+        pending = []
+    if pending:  # bytes that never form a character: show them as decoded
+        labels[-len(pending) :] = [tokenizer.decode([token]) for token in pending]
+    return labels
+
+
+def _shown(token: str) -> tuple[str, bool, bool]:
+    """(label, starts with a space, ends the line): leading spaces become a gap, whitespace-only tokens a symbol."""
+    breaks = "\n" in token
+    label = token.replace("\n", "↵").replace("\t", "⇥").lstrip(" ")
+    return label or "␣", token.startswith(" ") and bool(label), breaks
+
+
+def _layout(tokens: list[str], width: float, measure) -> list[tuple[int, float, float, str]]:
+    """Wrap `tokens` into lines `width` inches wide: (line, x, box width, label) per token, x from the left."""
+    gap, pad = measure(" "), 0.03
+    boxes, line, x = [], 0, 0.0
+    for token in tokens:
+        label, space, breaks = _shown(token)
+        w = measure(label) + 2 * pad
+        x += gap if space and x > 0 else 0
+        if x + w > width and x > 0:
+            line, x = line + 1, 0.0
+        boxes.append((line, x, w, label))
+        x += w
+        if breaks:
+            line, x = line + 1, 0.0
+    return boxes
+
+
+def _text_color(rgba) -> str:
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return "black" if luminance > 0.5 else "white"
+
+
+def _draw_tokens(canvas, boxes, weights, top: float, cmap, norm) -> None:
+    """Token boxes shaded by weight on `canvas` (data units: inches), the first line's top at height `top`."""
+    for (line, x, w, label), weight in zip(boxes, weights):
+        y = top - (line + 1) * LINE_HEIGHT
+        color = cmap(norm(weight))
+        canvas.add_patch(Rectangle((MARGIN + x, y + 0.04), w, LINE_HEIGHT - 0.06, facecolor=color, edgecolor="white",
+                                   linewidth=0.8))  # fmt: skip
+        canvas.text(MARGIN + x + w / 2, y + LINE_HEIGHT / 2 + 0.01, label, ha="center", va="center",
+                    fontproperties=TOKEN_FONT, color=_text_color(color), parse_math=False)  # fmt: skip
+
+
+def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
+    """The figure for pair `i` of `stats` (an `otpo_trl.analysis.PairStats`), as wide as its content needs."""
+    chosen_tokens, rejected_tokens = stats.chosen_tokens[i], stats.rejected_tokens[i]
+    n, m = len(chosen_tokens), len(rejected_tokens)
+    chosen_w = stats.chosen_weights[i, :n].cpu().numpy()
+    rejected_w = stats.rejected_weights[i, :m].cpu().numpy()
+    plan = stats.plan[i, :n, :m].cpu().numpy()
+
+    # Sizes in inches, measured before the figure exists so that the figure is made at its final size.
+    renderer = FigureCanvasAgg(plt.Figure(dpi=DPI)).get_renderer()
+
+    def measure(text, prop=TOKEN_FONT):
+        return renderer.get_text_width_height_descent(text, prop, ismath=False)[0] / DPI
+
+    text_width = FIG_WIDTH - 2 * MARGIN
+    layouts = [_layout(tokens, text_width, measure) for tokens in (chosen_tokens, rejected_tokens)]
+    text_heights = [(max((b[0] for b in boxes), default=0) + 1) * LINE_HEIGHT for boxes in layouts]
+
+    # The plan: cells up to 0.3 in, the matrix no wider than the text, the token labels beside and below it.
+    rows, cols = min(n, max_tokens), min(m, max_tokens)
+    cell = min(0.3, (text_width - 2.5) / cols)
+    label_font = FontProperties(size=max(5.0, min(10.0, cell * 72 * 0.8)))  # one label per cell
+    y_labels, x_labels = ([_shown(t)[0] for t in tokens] for tokens in (chosen_tokens[:rows], rejected_tokens[:cols]))
+    y_room, x_room = (max(measure(t, label_font) for t in labels) + 0.45 for labels in (y_labels, x_labels))
+    cell = min(cell, (text_width - y_room - 1.1) / cols)
+    plan_w, plan_h = cols * cell, rows * cell
+
+    title_fonts = [FontProperties(size=14, weight="bold")] + [FontProperties(size=11)] * (len(title_lines) - 1)
+    cbar_len = 4.0
+    right = max(
+        *(MARGIN + x + w for boxes in layouts for _, x, w, _ in boxes),
+        *(MARGIN + measure(line, font) for line, font in zip(title_lines, title_fonts)),
+        MARGIN + 1.5 + cbar_len + 0.3,
+        MARGIN + y_room + plan_w + 1.2,  # the plan's colour bar and its label
+    )
+    fig_w = min(FIG_WIDTH, right + MARGIN)
+
+    title_h, head_h, cbar_h, gap = 0.28 * len(title_lines) + 0.15, 0.32, 0.95, 0.25
+    fig_h = sum([title_h, head_h, text_heights[0], gap, head_h, text_heights[1], cbar_h, head_h, plan_h, x_room])
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
+    # Everything but the plan and the colour bars is drawn on one axes spanning the figure, in inches: its transform
+    # stays consistent with the other axes' when `bbox_inches="tight"` crops the figure (`dpi_scale_trans` would not).
+    canvas = fig.add_axes([0, 0, 1, 1], xlim=(0, fig_w), ylim=(0, fig_h))
+    canvas.axis("off")
+
+    def add_axes(left, bottom, width, height):
+        return fig.add_axes([left / fig_w, bottom / fig_h, width / fig_w, height / fig_h])
+
+    top = fig_h
+    for k, (line, font) in enumerate(zip(title_lines, title_fonts)):
+        canvas.text(MARGIN, top - 0.1 - 0.28 * k, line, va="top", parse_math=False, fontproperties=font)
+    top -= title_h
+
+    vmax = max(float(chosen_w.max(initial=0)), float(rejected_w.max(initial=0)), 1e-12)
+    norm, cmap = Normalize(0, vmax), plt.get_cmap(WEIGHT_CMAP)
+    for k, (side, boxes, weights, tokens) in enumerate(
+        (("Chosen", layouts[0], chosen_w, chosen_tokens), ("Rejected", layouts[1], rejected_w, rejected_tokens))
+    ):
+        if k:
+            top -= gap
+        summary = f"{len(tokens)} tokens, weights sum to {weights.sum():.2f}"
+        canvas.text(MARGIN, top - head_h / 2, side, va="center", fontsize=13, weight="bold",
+                    color="#1a7f37" if k == 0 else "#b42318")  # fmt: skip
+        canvas.text(MARGIN + 1.05, top - head_h / 2, summary, va="center", fontsize=11, color="0.35")
+        top -= head_h
+        _draw_tokens(canvas, boxes, weights, top, cmap, norm)
+        top -= text_heights[k]
+
+    # Colour scale of the token weights; DPO's weight 1 marked when within it.
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, cmap), cax=add_axes(MARGIN + 1.5, top - 0.5, cbar_len, 0.16),
+                        orientation="horizontal")  # fmt: skip
+    cbar.ax.tick_params(labelsize=10)
+    canvas.text(MARGIN, top - 0.42, "OT token weight", va="center", fontsize=11)
+    if 1 <= vmax:
+        cbar.ax.axvline(1, color="black", linewidth=1.5)
+        cbar.ax.text(1, 1.25, "DPO: 1", transform=cbar.ax.get_xaxis_transform(), ha="center", fontsize=9)
+    top -= cbar_h
+
+    truncated = rows < n or cols < m
+    note = f" (first {rows} of {n} chosen × {cols} of {m} rejected tokens)" if truncated else ""
+    canvas.text(MARGIN, top - head_h / 2, f"Transport plan{note}", va="center", fontsize=13, weight="bold")
+    top -= head_h
+    left = MARGIN + y_room
+    ax = add_axes(left, top - plan_h, plan_w, plan_h)
+    image = ax.imshow(plan[:rows, :cols], cmap=PLAN_CMAP, aspect="auto", interpolation="nearest", vmin=0)
+    ax.set_yticks(range(rows), y_labels, fontproperties=label_font)
+    ax.set_xticks(range(cols), x_labels, fontproperties=label_font, rotation=90)
+    ax.set_ylabel("chosen tokens", fontsize=11)
+    ax.set_xlabel("rejected tokens", fontsize=11)
+    ax.tick_params(length=0)
+    for label in (*ax.get_xticklabels(), *ax.get_yticklabels()):
+        label.set_parse_math(False)
+    plan_bar = fig.colorbar(image, cax=add_axes(left + plan_w + 0.15, top - plan_h, 0.15, plan_h))
+    plan_bar.set_label("transport mass", fontsize=11)
+    plan_bar.ax.tick_params(labelsize=9)
+    return fig
+
+
+def _one_line(text: str, width: int = 110) -> str:
+    return textwrap.shorten(" ".join(text.split()), width, placeholder=" …")
+
+
+def _prompt_text(example: dict) -> str:
+    prompt = example.get("prompt")
+    if prompt is None:  # implicit prompt: the turns the two completions share
+        from trl.data_utils import extract_prompt
+
+        prompt = extract_prompt(example)["prompt"]
+    if isinstance(prompt, list):
+        return " / ".join(m["content"] for m in prompt if m["role"] == "user") or prompt[-1]["content"]
+    return prompt
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    example = load_example(args)
+    policy, reference, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype,
+                                                            device=args.device)  # fmt: skip
+    options = ot_kwargs(args)
+    stats = pair_token_stats(policy, reference, tokenizer, [example], max_length=args.max_length, **options)
+    if not stats.chosen_mask.any() or not stats.rejected_mask.any():
+        raise ValueError(f"The pair has no completion tokens within --max_length {args.max_length}.")
+    stats = replace(stats, **{
+        f"{side}_tokens": [token_labels(tokenizer, ids[mask].tolist()) for ids, mask in
+                           zip(getattr(stats, f"{side}_ids"), getattr(stats, f"{side}_mask"))]
+        for side in ("chosen", "rejected")
+    })  # fmt: skip
+
+    model_name = Path(args.model.rstrip("/")).name
+    title = [
+        f"OT token weights · {model_name}",
+        f"Prompt: “{_one_line(_prompt_text(example))}”",
+        "OT: " + ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("solver", "max_iter", "tol")),
+    ]
+    if stats.has_reference:
+        margins = {}
+        for weighting in ("uniform", "ot"):
+            chosen, rejected = implicit_rewards(stats, args.beta, weighting)
+            margins[weighting] = float(chosen[0] - rejected[0])
+        title.append(f"Implicit-reward margin (β={args.beta}): uniform (DPO) {margins['uniform']:+.4f}, "
+                     f"OT (OTPO) {margins['ot']:+.4f}")  # fmt: skip
+    warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
+    fig = plot_pair(stats, 0, title, args.max_tokens)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_suffix(".png") if out.suffix.lower() != ".png" else out]
+    if args.svg:
+        paths.append(paths[0].with_suffix(".svg"))
+    for path in paths:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+        print(f"Wrote {path}")
+    plt.close(fig)
+    return paths
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`scripts/plot_weights.py`: bad input exits with its message."""
+    try:
+        main(argv)
+    except (FileNotFoundError, NotADirectoryError, IndexError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,313 @@
+"""The run directory of `scripts/train.py`: it cannot lie.
+
+`output_dir/run_args.json` records the arguments that decide what is trained ([`run_settings`]). [`plan_run`] decides,
+from what `output_dir` holds, whether a run trains afresh, resumes from its last complete checkpoint, has finished, or
+must stop (a different run is there); [`apply_run_plan`] then clears and records, and [`mark_finished`] closes it.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trl import ModelConfig
+
+from ..otpo_config import OTPOConfig
+
+
+if TYPE_CHECKING:
+    from .train import ScriptArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create the folder `path` if needed; a `ValueError` naming `what` if it is a file or cannot be written to."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; it must be a folder (or not exist yet).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written to: {err.strerror or err}.") from err
+    return path
+
+
+RUN_FILE = "run_args.json"
+# Arguments that say where and how a run is logged, saved, evaluated or launched, not what it trains: a run that
+# differs from the one recorded in output_dir only in these continues it. Every other argument is compared.
+NOT_TRAINING_ARGS = frozenset(
+    {
+        # output_dir and resuming
+        *("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ignore_data_skip"),
+        *("restore_callback_states_from_checkpoint", "save_strategy", "save_steps", "save_total_limit"),
+        *("save_on_each_node", "save_only_model", "enable_jit_checkpoint"),
+        # logging and the Hub
+        *("logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_on_each_node"),
+        *("log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id"),
+        *("trackio_bucket_id", "trackio_static_space_id", "include_num_input_tokens_seen", "skip_memory_metrics"),
+        *("debug", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push"),
+        "hub_revision",
+        # TRL's script arguments that do not change what is trained (streaming is refused; DDP's ignored buffers)
+        *("dataset_streaming", "ignore_bias_buffers"),
+        # evaluation
+        *("do_train", "do_eval", "do_predict", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start"),
+        *("per_device_eval_batch_size", "prediction_loss_only", "eval_do_concat_batches", "eval_use_gather_object"),
+        *("eval_accumulation_steps", "include_for_metrics", "batch_eval_metrics", "load_best_model_at_end"),
+        *("metric_for_best_model", "greater_is_better", "bf16_full_eval", "fp16_full_eval", "dataset_test_split"),
+        "max_eval_samples",
+        # the machine and the launch (the number of processes is compared, as `world_size`)
+        *("use_cpu", "local_rank", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers"),
+        *("ddp_static_graph", "ddp_backend", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory"),
+        *("dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context"),
+        *("torch_empty_cache_steps", "dataset_num_proc", "precompute_ref_batch_size", "deepspeed", "fsdp"),
+        *("fsdp_config", "accelerator_config", "parallelism_config"),
+    }
+)
+# What a run leaves at the top of output_dir besides its checkpoint-<step> folders: a folder holding any of these (or
+# a checkpoint) is "used". `--overwrite_output_dir` deletes them, with the `model-*.safetensors` shards; the tokenizer,
+# config and model card are rewritten by the new run's save.
+RUN_OUTPUTS = (
+    *(RUN_FILE, "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "runs"),
+    *("training_args.bin", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"),
+    *("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _jsonable(value):
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def run_settings(script_args: "ScriptArguments", training_args: OTPOConfig, model_args: ModelConfig) -> dict:
+    """The arguments that decide what a run trains, as JSON values: all but `NOT_TRAINING_ARGS` (and the `ot_*` ones
+    for `trainer: dpo`, which does not use them), plus the number of processes (`world_size`); local data, model and
+    template paths made absolute."""
+    settings = {"world_size": training_args.world_size}
+    for args in (script_args, model_args, training_args):
+        settings |= {f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name not in NOT_TRAINING_ARGS}
+    if script_args.trainer == "dpo":
+        settings = {k: v for k, v in settings.items() if not k.startswith("ot_")}
+    for key in ("dataset_name", "model_name_or_path", "chat_template"):
+        value = settings.get(key)
+        if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
+            settings[key] = os.path.abspath(os.path.expanduser(value))
+    return json.loads(json.dumps(settings, default=_jsonable))
+
+
+def _differences(old: dict, new: dict) -> dict:
+    unset = "<unset>"
+    return {k: [old.get(k, unset), new.get(k, unset)] for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
+
+
+def _describe(changes: dict, limit: int = 8) -> str:
+    text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:limit])
+    return text + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders of `output_dir`, by step."""
+    found = [p for p in Path(output_dir).iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name)[1]))
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_dir() or path.stat().st_size > 0
+
+
+def checkpoint_problems(path: str | Path, save_only_model: bool = False) -> list[str]:
+    """What the checkpoint folder `path` lacks for a resume; empty when it is complete.
+
+    HF Trainer writes the weights, then the optimizer, scheduler and RNG states, and `trainer_state.json` last, so a
+    save cut short (a kill, a full disk) lacks at least `trainer_state.json`. Weights: `model*.safetensors`,
+    `adapter_model.*`, `pytorch_model*` (FSDP: a `pytorch_model_fsdp_*` folder) or a DeepSpeed `global_step*` folder,
+    which also holds the optimizer; else `optimizer.pt` / `.bin` or FSDP's `optimizer_*` (unless `save_only_model`).
+    """
+    path = Path(path)
+    entries = [p for p in path.iterdir() if _nonempty(p)]
+    names = [p.name for p in entries]
+    deepspeed = any(n.startswith("global_step") for n in names)
+    missing = []
+    try:
+        json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        missing.append("trainer_state.json")
+    if not deepspeed and not any(n.startswith(("model", "adapter_model", "pytorch_model")) for n in names):
+        missing.append("model weights")
+    if not (save_only_model or deepspeed or any(n.startswith("optimizer") for n in names)):
+        missing.append("optimizer state")
+    return missing
+
+
+def last_complete_checkpoint(output_dir: str | Path, save_only_model: bool = False) -> Path | None:
+    """The last checkpoint of `output_dir` with nothing missing; incomplete later ones are skipped with a warning."""
+    for checkpoint in reversed(checkpoint_folders(output_dir)):
+        problems = checkpoint_problems(checkpoint, save_only_model)
+        if not problems:
+            return checkpoint
+        logger.warning(
+            f"Skipping the incomplete checkpoint {checkpoint} (no {', '.join(problems)}: its save was cut short, "
+            "e.g. by a kill or a full disk); looking for an earlier one."
+        )
+    return None
+
+
+def _reached_the_end(state: dict, training_args: OTPOConfig) -> bool:
+    if training_args.max_steps > 0:
+        return state["global_step"] >= training_args.max_steps
+    return state.get("epoch", 0) >= training_args.num_train_epochs - 1e-6
+
+
+@dataclass
+class RunPlan:
+    """What to do with `output_dir`: `action` "train" (from `checkpoint`, or afresh when None) or "finished" (nothing
+    to train: `message` says why); `clear`: delete the previous run's outputs first; `record`: the new run_args.json."""
+
+    action: str
+    checkpoint: str | None = None
+    message: str = ""
+    clear: bool = False
+    record: dict = field(default_factory=dict)
+
+
+def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings: dict) -> RunPlan:
+    """Decide, from what `output_dir` holds and the arguments, whether to train afresh, resume, or stop.
+
+    Nothing is written but `output_dir` itself (created, to check that it is writable): [`apply_run_plan`] does the
+    rest, once the data have been checked.
+
+    Raises:
+        ValueError: `output_dir` is a file or read-only; it holds a different run, a run without a record, or (with
+            `--resume_from_checkpoint false`) any run, and `--overwrite_output_dir` is not given; the requested
+            checkpoint is missing or incomplete. The message says how to go on.
+    """
+    out = writable_dir(training_args.output_dir, "`output_dir`")
+    save_only_model = training_args.save_only_model
+    record = None
+    if (out / RUN_FILE).exists():
+        try:
+            record = json.loads((out / RUN_FILE).read_text())
+            record["settings"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{out / RUN_FILE} is not a run record ({err}); delete it or use a new `output_dir`.")
+    checkpoints = checkpoint_folders(out)
+    used = [p.name for p in checkpoints] + [n for n in RUN_OUTPUTS if n != RUN_FILE and (out / n).exists()]
+    history = (record or {}).get("resumed_with_changes", [])
+    new_record = {"status": "started", "settings": settings}
+    requested = training_args.resume_from_checkpoint
+    mode = "auto" if requested is None else str(requested).lower()
+    mode = {"true": "last", "yes": "last", "false": "never", "no": "never", "none": "never"}.get(mode, mode)
+    how = (
+        f"To go on, use a new `--output_dir`; or continue that run with these arguments from one of its checkpoints, "
+        f"`--resume_from_checkpoint {out}/checkpoint-<step>`; or delete its checkpoints and results and start afresh "
+        "with `--overwrite_output_dir`."
+    )
+
+    clear = script_args.overwrite_output_dir and bool(used)
+    if script_args.overwrite_output_dir:
+        inside = mode not in ("auto", "never", "last") and out.resolve() in Path(requested).resolve().parents
+        if mode == "last" or inside:
+            raise ValueError(
+                "`--overwrite_output_dir` deletes the checkpoints in `output_dir`: it cannot be combined with "
+                f"`--resume_from_checkpoint {requested}`."
+            )
+        if mode in ("auto", "never"):
+            return RunPlan("train", clear=clear, record=new_record)
+        record, history = None, []  # an outside checkpoint into a cleared output_dir: a new run from there
+
+    if mode not in ("auto", "never", "last"):  # an explicit checkpoint
+        checkpoint = Path(requested).expanduser()
+        if not checkpoint.is_dir():
+            where = f"relative to {Path.cwd()}"
+            raise ValueError(f"`--resume_from_checkpoint {requested}`: no such checkpoint folder ({where}).")
+        problems = checkpoint_problems(checkpoint, save_only_model)
+        if problems:
+            siblings = checkpoint_folders(checkpoint.parent)
+            complete = [p.name for p in siblings if not checkpoint_problems(p, save_only_model)]
+            raise ValueError(
+                f"`--resume_from_checkpoint {requested}` is incomplete (no {', '.join(problems)}): its save was cut "
+                f"short. Complete checkpoints beside it: {complete or 'none'}."
+            )
+        changes = _differences(record["settings"], settings) if record is not None else {}
+        if changes:
+            logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {_describe(changes)}.")
+            history = [*history, {"checkpoint": str(checkpoint), "changes": changes}]
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if _reached_the_end(state, training_args):
+            return RunPlan("finished", message=(
+                f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
+                f"(max_steps {training_args.max_steps}, num_train_epochs {training_args.num_train_epochs}): nothing "
+                "to train. Raise max_steps (or num_train_epochs) to train further."
+            ))  # fmt: skip
+        kept = {**new_record, "resumed_with_changes": history} if history else new_record
+        return RunPlan("train", str(checkpoint), clear=clear, record=kept)
+
+    if not used:
+        return RunPlan("train", record=new_record)
+    if mode == "never":
+        raise ValueError(
+            f"`--resume_from_checkpoint false`, but {out} holds an earlier run ({', '.join(used[:6])}): starting "
+            "afresh there would leave its checkpoints for a later run to resume from, mixing two runs. Add "
+            "`--overwrite_output_dir` to delete them first, or use a new `--output_dir`."
+        )
+    if record is None:
+        raise ValueError(
+            f"{out} holds checkpoints or results ({', '.join(used[:6])}) but no {RUN_FILE}: the arguments of that "
+            f"run are unknown, so it is not resumed automatically. {how}"
+        )
+    changes = _differences(record["settings"], settings)
+    if changes:
+        raise ValueError(f"{out} holds a run with other arguments ({_describe(changes)}). {how}")
+    if record.get("status") == "finished":
+        return RunPlan("finished", message=(
+            f"{out} holds this run, finished at step {record.get('global_step')}: nothing to train. To train it "
+            "again, add `--overwrite_output_dir` or use a new `--output_dir`."
+        ))  # fmt: skip
+    checkpoint = last_complete_checkpoint(out, save_only_model)
+    kept = {**new_record, "resumed_with_changes": history} if history else new_record
+    if checkpoint is None:
+        if mode == "last":
+            raise ValueError(f"`--resume_from_checkpoint true`: {out} holds no complete checkpoint.")
+        logger.info(f"{out} holds this run but no complete checkpoint: training from the start.")
+        return RunPlan("train", record=kept)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if _reached_the_end(state, training_args):
+        return RunPlan("finished", message=(
+            f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
+            f"finish: the trained weights are in {checkpoint}. Nothing to train."
+        ))  # fmt: skip
+    logger.info(f"Checkpoint detected in {out}: resuming training from {checkpoint}.")
+    return RunPlan("train", str(checkpoint), record=kept)
+
+
+def _write_record(output_dir: str | Path, record: dict) -> None:
+    path = Path(output_dir) / RUN_FILE
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: a kill leaves the old record or the new one
+
+
+def apply_run_plan(plan: RunPlan, output_dir: str | Path) -> None:
+    """On the main process: delete the previous run's outputs if `plan.clear`, and write the new run record."""
+    out = Path(output_dir).expanduser()
+    if plan.clear:
+        doomed = checkpoint_folders(out) + [out / n for n in RUN_OUTPUTS] + list(out.glob("model-*.safetensors"))
+        doomed = [p for p in doomed if p.exists()]
+        for path in doomed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info(f"--overwrite_output_dir: deleted {', '.join(p.name for p in doomed)} from {out}.")
+    _write_record(out, plan.record)
+
+
+def mark_finished(output_dir: str | Path, global_step: int) -> None:
+    """Record in run_args.json that the run finished (trained and saved): a later identical run does not step again."""
+    record = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    _write_record(output_dir, {**record, "status": "finished", "global_step": global_step})
