@@ -301,8 +301,11 @@ class OTPOTrainer(DPOTrainer):
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The policy's forward of a concatenated [chosen; rejected] batch, through the same hooks as training.
 
-        TRL 1.16's `_compute_loss` makes this call itself (training does not call this method); it is here to inspect
-        what a training step sees.
+        Training does not call this method: TRL 1.16's `_compute_loss` makes the policy call itself, and routing it
+        through here would mean copying that method (~250 lines: every loss type, LD, f-divergences, metrics) or
+        calling the (DDP / DeepSpeed-wrapped) policy twice per batch. So the work of a training step is in the hooks
+        (`_ot_post_forward` → `compute_token_weights`), and this method runs the same forward through the same hooks
+        to inspect what a training step sees.
 
         Args:
             model: the policy (possibly wrapped by accelerate / PEFT).
