@@ -1,0 +1,364 @@
+"""Does the learned reward depend on length? DPO vs OTPO vs uniform weights, over seeds, with bootstrap intervals.
+
+```bash
+make study                                  # = python scripts/length_study.py (~2 h on 2 CPU cores)
+python scripts/length_study.py --quick      # 2 steps, 1 seed, 16 pairs (~6 min): checks the pipeline
+python scripts/length_study.py --seeds 42 43 --learning_rate 5e-5   # unknown flags go to scripts/train.py
+```
+
+Three arms train from one recipe with the same data, steps, LoRA and seed: `dpo` (`trainer: dpo`), `otpo`, and
+`uniform` (OTPO's normalisation with `ot_weighting: uniform`, the paper's "w/o OT"). Each trained model scores every
+held-out pair (the first `--test_pairs` of the test split and the last `--held_out_train` of the train split, which
+training never reaches) with DPO's uniform-weight implicit reward, as `scripts/evaluate.py` does. The primary measure
+is corr(margin, chosen tokens - rejected tokens): how much the reward follows length. Intervals are paired bootstrap
+intervals over held-out pairs (the same resample for every arm and seed). A finished run (`all_results.json`) and a
+run's scores (`scores/<run>.json`) are reused, so an interrupted study resumes.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from trl.data_utils import maybe_extract_prompt
+
+from ..analysis import generate_responses, score_preferences, template_kwargs, tokenize_pair
+from ..data import load_preference_dataset
+from ..loading import load_model_and_tokenizer
+from ..otpo_config import ot_kwargs
+from . import train as train_cli
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STUDY_REPORT = "reports/length_study.md"
+SET_PER_RUN = ("--config", "--trainer", "--ot_weighting", "--seed", "--output_dir", "--max_train_samples")
+ARMS = {"dpo": ["--trainer", "dpo"], "otpo": ["--trainer", "otpo", "--ot_weighting", "ot"],
+        "uniform": ["--trainer", "otpo", "--ot_weighting", "uniform"]}  # fmt: skip
+METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap")
+# The study's setting on top of the recipe (issue 13's measurement, sized for ~2 h on 2 CPU cores); flags override it.
+STUDY = {"max_steps": 60, "max_length": 256, "learning_rate": 1e-4, "train_pairs": 200, "held_out_train": 100,
+         "test_pairs": 100, "seeds": [42, 43, 44], "num_generations": 32, "max_new_tokens": 128, "bootstrap": 2000}  # fmt: skip
+HELP = {"max_steps": "training steps of every run", "max_length": "truncation of prompt + completion (train, score)",
+        "learning_rate": "learning rate of every run", "train_pairs": "the first N train pairs are the training pool",
+        "held_out_train": "the last N train pairs are held out (never trained on)",
+        "test_pairs": "the first N test pairs are held out", "seeds": "one run per arm and seed",
+        "num_generations": "held-out prompts answered greedily", "max_new_tokens": "token budget of each answer",
+        "bootstrap": "bootstrap resamples of the held-out pairs"}  # fmt: skip
+QUICK = {"max_steps": 2, "max_length": 512, "train_pairs": 8, "held_out_train": 8, "test_pairs": 8, "seeds": [42],
+         "num_generations": 4, "max_new_tokens": 8, "bootstrap": 200}  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to scripts/train.py.",
+                                allow_abbrev=False)  # `--seed` is train.py's, not `--seeds`  # fmt: skip
+    p.add_argument("--recipe", default="configs/quickstart.yaml", help="the training recipe every arm shares")
+    p.add_argument("--model", help="override the recipe's model_name_or_path")
+    p.add_argument("--data", help="override the recipe's dataset_name (a folder with train.jsonl and test.jsonl)")
+    p.add_argument("--quick", action="store_true", help="a tiny study for tests: " + json.dumps(QUICK))
+    for key, value in STUDY.items():
+        p.add_argument(f"--{key}", type=type(value[0]) if isinstance(value, list) else type(value),
+                       nargs="+" if isinstance(value, list) else None, help=f"{HELP[key]} (default {value})")  # fmt: skip
+    p.add_argument("--out", help="folder for the runs and their scores (default out/length_study[_quick])")
+    p.add_argument("--report", help="the Markdown report, JSON and figures beside it (default "
+                   "reports/length_study.md; with --quick out/length_study_quick/report/length_study.md)")  # fmt: skip
+    args, train_flags = p.parse_known_args(argv)
+    taken = sorted({f.split("=")[0] for f in train_flags} & set(SET_PER_RUN))
+    if taken:
+        p.error(f"{', '.join(taken)} cannot be passed on to scripts/train.py: the study sets them for each run "
+                "(seeds: --seeds; the recipe: --recipe).")  # fmt: skip
+    for key, value in {**STUDY, **(QUICK if args.quick else {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    # A quick study never overwrites the real report.
+    args.out = args.out or ("out/length_study_quick" if args.quick else "out/length_study")
+    args.report = args.report or ("out/length_study_quick/report/length_study.md" if args.quick else STUDY_REPORT)
+    args.train_flags = train_flags
+    return args
+
+
+# ------------------------------------------------------------------ statistics (pure numpy)
+
+
+def pair_metrics(margins, length_diffs):
+    """The study's measures of (..., N) margins and length differences; every leading axis is kept.
+
+    Returns dict of (...) arrays: `accuracy` (share of margins > 0), `margin_mean`, `corr_margin_length` (Pearson),
+    `acc_chosen_longer` / `acc_chosen_shorter` (accuracy on the pairs whose length difference is > 0 / < 0; NaN when
+    a subset is empty) and `subset_gap` (longer - shorter).
+    """
+    m, d = np.asarray(margins, float), np.asarray(length_diffs, float)
+    correct = m > 0
+    mc, dc = m - m.mean(-1, keepdims=True), d - d.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (mc * dc).sum(-1) / np.sqrt((mc**2).sum(-1) * (dc**2).sum(-1))
+        longer = (correct & (d > 0)).sum(-1) / (d > 0).sum(-1)
+        shorter = (correct & (d < 0)).sum(-1) / (d < 0).sum(-1)
+    return {"accuracy": correct.mean(-1), "margin_mean": m.mean(-1), "corr_margin_length": corr,
+            "acc_chosen_longer": longer, "acc_chosen_shorter": shorter, "subset_gap": longer - shorter}  # fmt: skip
+
+
+def bootstrap(margins, length_diffs, n_resamples=2000, seed=0, level=0.95):
+    """Per-arm means over seeds and paired bootstrap intervals over pairs, for each metric and arm difference.
+
+    Args:
+        margins: {arm: (S, N) array}, S seeds, the same N held-out pairs in the same order for every arm.
+        length_diffs: (N,) chosen - rejected tokens.
+        n_resamples, seed, level: resamples of the N pairs (shared by every arm and seed), their RNG seed, the level.
+
+    Returns:
+        {name: {metric: {"mean", "low", "high"}}}, name an arm or `"otpo-dpo"` / `"otpo-uniform"` when those arms are
+        there; `mean` is the metric on all pairs (averaged over seeds), low/high the percentile interval.
+    """
+    d = np.asarray(length_diffs, float)
+    index = np.random.default_rng(seed).integers(0, len(d), size=(n_resamples, len(d)))
+    point, boot = {}, {}
+    with warnings.catch_warnings():  # an empty subset gives NaN, and says so in the report
+        warnings.filterwarnings("ignore", "Mean of empty slice|All-NaN slice", RuntimeWarning)
+        for arm, m in margins.items():
+            m = np.asarray(m, float)
+            point[arm] = {k: np.nanmean(v) for k, v in pair_metrics(m, d).items()}
+            boot[arm] = {k: np.nanmean(v, 0) for k, v in pair_metrics(m[:, index], d[index]).items()}  # (B,)
+    for a, b in (("otpo", "dpo"), ("otpo", "uniform")):
+        if a in margins and b in margins:
+            point[f"{a}-{b}"] = {k: point[a][k] - point[b][k] for k in METRICS}
+            boot[f"{a}-{b}"] = {k: boot[a][k] - boot[b][k] for k in METRICS}
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        return {name: {k: {"mean": float(point[name][k]), "low": float(np.nanpercentile(boot[name][k], tail)),
+                           "high": float(np.nanpercentile(boot[name][k], 100 - tail))} for k in METRICS}
+                for name in point}  # fmt: skip
+
+
+def significance(stats):
+    """One sentence per arm difference: which metrics' intervals exclude 0."""
+    out = []
+    for name in ("otpo-dpo", "otpo-uniform"):
+        if name in stats:
+            sig = [k for k, v in stats[name].items() if v["low"] > 0 or v["high"] < 0]
+            nan = [k for k, v in stats[name].items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
+            rest = [k for k in METRICS if k not in sig + nan]
+            a, b = (x.upper() for x in name.split("-"))
+            out.append(f"{a} - {b}: the 95% interval excludes 0 for {', '.join(sig) or 'no metric'}; it includes 0 "
+                       f"for {', '.join(rest) or 'no metric'}"
+                       + (f"; undefined (an empty subset or constant values) for {', '.join(nan)}." if nan else "."))  # fmt: skip
+    return " ".join(out)
+
+
+# ------------------------------------------------------------------ runs and scores
+
+
+def held_out_pairs(args, recipe):
+    """The first `test_pairs` of the test split and the last `held_out_train` of the train split (never trained on),
+    after the recipe's filters; each example tagged with its `source` and row."""
+    if recipe.get("eval_split_size") is not None:  # the training pool would be a shuffled part of the train split
+        raise ValueError("the recipe sets `eval_split_size`: remove it, the study holds out its own pairs.")
+    kwargs = {"drop_ties": recipe["drop_ties"], "drop_identical": recipe["drop_identical"]}
+    train = load_preference_dataset(recipe["dataset_name"], recipe["dataset_train_split"], **kwargs)
+    if args.train_pairs + args.held_out_train > len(train):
+        raise ValueError(f"train_pairs {args.train_pairs} + held_out_train {args.held_out_train} exceed the "
+                         f"{len(train)} pairs of the train split: the held-out pairs would be trained on.")  # fmt: skip
+    test = load_preference_dataset(recipe["dataset_name"], recipe["dataset_test_split"], **kwargs)
+    rows = [(test, "test", i) for i in range(min(args.test_pairs, len(test)))]
+    rows += [(train, "train", i) for i in range(len(train) - args.held_out_train, len(train))]
+    return [{**maybe_extract_prompt(dict(data[i])), "source": source, "row": i} for data, source, i in rows]
+
+
+def train_flags(args, arm, seed, run_dir):
+    flags = ["--config", args.recipe, *ARMS[arm], "--seed", str(seed), "--max_steps", str(args.max_steps)]
+    flags += ["--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate)]
+    flags += ["--max_train_samples", str(args.train_pairs), "--output_dir", str(run_dir)]
+    flags += ["--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
+    overrides = {"model_name_or_path": args.model, "dataset_name": args.data}
+    flags += [flag for key, value in overrides.items() if value for flag in (f"--{key}", value)]
+    return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "true"]) + args.train_flags
+
+
+def train(args, arm, seed, run_dir):
+    """Train one run in this process with `scripts/train.py`'s code, unless it has finished (an interrupted one
+    resumes from its last checkpoint)."""
+    if (run_dir / "all_results.json").exists():
+        print(f"{run_dir.name}: reusing the finished run")
+        return
+    print(f"{run_dir.name}: training", flush=True)
+    train_cli.main(*train_cli.parse_args(train_flags(args, arm, seed, run_dir)))
+
+
+def score(args, recipe, run_dir, pairs, path):
+    """Uniform-weight margins and token counts of every held-out pair, and greedy generation lengths; cached (reused
+    only if made with the same held-out pairs and scoring settings)."""
+    setting = {"pairs": [[p["source"], p["row"]] for p in pairs], "max_length": args.max_length,
+               "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    if path.exists() and json.loads(path.read_text())["setting"] == setting:
+        print(f"{run_dir.name}: reusing {path}")
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    ref = None if recipe["use_peft"] else recipe["model_name_or_path"]  # an adapter's reference is its base
+    policy, reference, tokenizer = load_model_and_tokenizer(str(run_dir), ref=ref, dtype=recipe["dtype"] or "auto")
+    scored = score_preferences(policy, reference, tokenizer, pairs, beta=recipe["beta"], max_length=args.max_length,
+                               progress=False, **ot_kwargs(argparse.Namespace(**recipe)))  # fmt: skip
+    prompts = pairs[: args.num_generations]
+    gens = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=args.max_new_tokens,
+                              max_prompt_length=args.max_length, progress=False,
+                              prompt_template_kwargs=[template_kwargs(p) for p in prompts])  # fmt: skip
+    full = [tokenize_pair(p, tokenizer) for p in pairs]  # the whole completions: length as a reader sees it
+    result = {"pairs": [{"source": pairs[p["index"]]["source"], "row": pairs[p["index"]]["row"],
+                         "margin": p["margin_uniform"], "chosen_tokens": len(full[p["index"]]["chosen_ids"]),
+                         "rejected_tokens": len(full[p["index"]]["rejected_ids"]),
+                         "scored_tokens": [p["chosen_tokens"], p["rejected_tokens"]]} for p in scored["pairs"]],
+              "generation_lengths": [g["length"] for g in gens], "hit_budget": [g["hit_budget"] for g in gens],
+              "setting": setting, "seconds": time.perf_counter() - start}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------ report
+
+
+def figures(margins, diffs, stats, gens, budget, fig_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    colors = {"dpo": "tab:blue", "otpo": "tab:orange", "uniform": "tab:green"}
+    fig, axes = plt.subplots(1, len(margins), figsize=(4 * len(margins), 3.6), sharey=True, squeeze=False)
+    for ax, (arm, m) in zip(axes[0], margins.items()):
+        x, y = np.tile(diffs, len(m)), m.ravel()  # every seed's points
+        ax.scatter(x, y, s=6, alpha=0.4, color=colors[arm])
+        if np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            ax.plot(np.sort(x), slope * np.sort(x) + intercept, "k-", lw=1)
+        ax.set_title(f"{arm.upper()}: corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
+        ax.set_xlabel("chosen - rejected tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("implicit-reward margin")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "length_study_scatter.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for k, subset in enumerate(("acc_chosen_longer", "acc_chosen_shorter")):
+        for j, arm in enumerate(margins):
+            s = stats[arm][subset]
+            ax.bar(k * (len(margins) + 1) + j, s["mean"], color=colors[arm], label=arm.upper() if k == 0 else None,
+                   yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], capsize=3)  # fmt: skip
+    ax.set_xticks(
+        [(len(margins) - 1) / 2, len(margins) + 1 + (len(margins) - 1) / 2], ["chosen longer", "chosen shorter"]
+    )
+    ax.set_ylabel("held-out accuracy (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(fig_dir / "length_study_subsets.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for arm, lengths in gens.items():
+        ax.hist(lengths, bins=np.linspace(0, budget, 17), alpha=0.5, color=colors[arm], label=arm.upper())
+    ax.set_xlabel(f"greedy response length (tokens, budget {budget})")
+    ax.set_ylabel("responses (all seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(fig_dir / "length_study_generation.png", dpi=120)
+    plt.close(fig)
+    return [fig_dir / f"length_study_{n}.png" for n in ("scatter", "subsets", "generation")]
+
+
+def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_dir):
+    def cell(s, pct):
+        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:+.3g}")
+        return f"{f(s['mean'])} [{f(s['low'])}, {f(s['high'])}]"
+
+    pct = {"accuracy", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap"}
+    lines = ["# Length exploitation: DPO vs OTPO vs uniform weights", "", f"Made by `{command}`.", "",
+             "## Setting", "",
+             f"- Recipe `{args.recipe}`: model `{recipe['model_name_or_path']}`, data `{recipe['dataset_name']}`, "
+             f"{args.max_steps} steps, batch {recipe['per_device_train_batch_size']}, learning rate "
+             f"{recipe['learning_rate']}, beta {recipe['beta']}, max_length {args.max_length}, seeds {args.seeds}; "
+             f"the first {args.train_pairs} pairs of the train split are the training pool.",
+             f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
+             f"(never trained on); {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
+             "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length) with uniform "
+             "weights, the reference being the base model; length difference: chosen - rejected tokens of the whole "
+             "completions. corr_margin_length is Pearson's; acc_chosen_longer / shorter the accuracy on the pairs "
+             "whose chosen side is longer / shorter, subset_gap their difference.",
+             f"- Intervals: 95% paired bootstrap over held-out pairs ({args.bootstrap} resamples, the same for every "
+             "arm and seed; seeds are not resampled). Percentages for accuracies.", "",
+             "## Results (mean over seeds [95% CI])", "",
+             "| | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+    for name, row in stats.items():
+        lines.append(f"| {name.upper()} | " + " | ".join(cell(row[k], k in pct) for k in METRICS) + " |")
+    lines += ["", f"**Significance.** {significance(stats)}", "", "## Per seed", "",
+              "| arm | seed | accuracy | corr | longer | shorter |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for (arm, seed), m in per_seed.items():
+        lines.append(f"| {arm} | {seed} | {100 * m['accuracy']:.1f} | {m['corr_margin_length']:+.3f} | "
+                     f"{100 * m['acc_chosen_longer']:.1f} | {100 * m['acc_chosen_shorter']:.1f} |")  # fmt: skip
+    lines += ["", f"## Greedy generations ({args.num_generations} held-out prompts, budget {args.max_new_tokens})", "",
+              "| arm | mean tokens | share at the budget |", "|---|---|---|"]  # fmt: skip
+    for arm, g in gen.items():
+        lines.append(f"| {arm} | {np.mean(g['lengths']):.1f} | {100 * np.mean(g['hit_budget']):.1f}% |")
+    lines += ["", *(f"![{p.stem}]({os.path.relpath(p, report_dir)})\n" for p in paths)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Run the study (paths, the recipe's included, are relative to the repository root); returns the JSON's dict."""
+    cwd = Path.cwd()
+    os.chdir(REPO_ROOT)  # training runs in this process: the recipe's relative paths must resolve as in `make`
+    try:
+        return _study(
+            parse_args(argv), "python scripts/length_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        )
+    finally:
+        os.chdir(cwd)
+
+
+def _study(args, command):
+    out, report = Path(args.out).resolve(), Path(args.report).resolve()
+    # The recipe as the runs resolve it (scripts/train.py's parser, its defaults and checks included).
+    script_args, training_args, model_args = train_cli.parse_args(train_flags(args, "otpo", args.seeds[0], out))
+    recipe = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
+    pairs = held_out_pairs(args, recipe)
+
+    scores = {}
+    for arm in ARMS:
+        for seed in args.seeds:
+            run_dir = out / f"{arm}-seed{seed}"
+            train(args, arm, seed, run_dir)
+            scores[arm, seed] = score(args, recipe, run_dir, pairs, out / "scores" / f"{run_dir.name}.json")
+
+    # The pairs every run scored, in one order (the same tokenizer skips the same ones).
+    keys = set.intersection(*({(p["source"], p["row"]) for p in s["pairs"]} for s in scores.values()))
+    table = {k: {(p["source"], p["row"]): p for p in s["pairs"]} for k, s in scores.items()}
+    order = sorted(keys)
+    first = table[next(iter(table))]
+    diffs = np.array([first[k]["chosen_tokens"] - first[k]["rejected_tokens"] for k in order], float)
+    margins = {arm: np.array([[table[arm, s][k]["margin"] for k in order] for s in args.seeds]) for arm in ARMS}
+    stats = bootstrap(margins, diffs, n_resamples=args.bootstrap)
+    per_seed = {(arm, s): {k: float(v) for k, v in pair_metrics(margins[arm][i], diffs).items()}
+                for arm in ARMS for i, s in enumerate(args.seeds)}  # fmt: skip
+    gen = {arm: {"lengths": sum((scores[arm, s]["generation_lengths"] for s in args.seeds), []),
+                 "hit_budget": sum((scores[arm, s]["hit_budget"] for s in args.seeds), [])} for arm in ARMS}  # fmt: skip
+
+    report.parent.mkdir(parents=True, exist_ok=True)
+    paths = figures(margins, diffs, stats, {a: g["lengths"] for a, g in gen.items()}, args.max_new_tokens,
+                    report.parent / "figures")  # fmt: skip
+    summary = {"command": command, "settings": {k: getattr(args, k) for k in (*STUDY, "recipe", "quick")},
+               "stats": stats, "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
+               "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
+               "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in ARMS for i, s in enumerate(args.seeds)},
+               "generation": gen}  # fmt: skip
+    report.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    report.write_text(render(args, recipe, command, stats, per_seed, gen, len(order), paths, report.parent))
+    print(f"wrote {report}, {report.with_suffix('.json')} and {len(paths)} figures")
+    return summary
+
+
+__all__ = ["bootstrap", "main", "pair_metrics", "parse_args", "significance"]

@@ -1,0 +1,148 @@
+"""scripts/length_study.py: its statistics on numbers whose answer is known, and the quick study end to end."""
+
+import json
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from otpo_trl.cli import length_study
+from otpo_trl.cli import train as train_cli
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_pair_metrics_known_values():
+    # Pairs 1, 2, 6 chosen longer (one right: 6 is a tie, wrong as in TRL), 3-4 chosen shorter (both right), 5 the
+    # same length (in neither subset).
+    m = np.array([1.0, -1.0, 0.5, 2.0, -3.0, 0.0])
+    d = np.array([3.0, 5.0, -2.0, -4.0, 0.0, 1.0])
+    got = length_study.pair_metrics(m, d)
+    assert got["accuracy"] == pytest.approx(3 / 6)
+    assert got["margin_mean"] == pytest.approx(-0.5 / 6)
+    assert got["acc_chosen_longer"] == pytest.approx(1 / 3)
+    assert got["acc_chosen_shorter"] == pytest.approx(1.0)
+    assert got["subset_gap"] == pytest.approx(1 / 3 - 1)
+    assert got["corr_margin_length"] == pytest.approx(np.corrcoef(m, d)[0, 1])
+
+
+def test_pair_metrics_correlation_and_empty_subset():
+    d = np.array([1.0, 2.0, 3.0, 4.0])
+    assert length_study.pair_metrics(2 * d + 7, d)["corr_margin_length"] == pytest.approx(1.0)
+    assert length_study.pair_metrics(-d, d)["corr_margin_length"] == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    m, d = rng.normal(size=(3, 50)), rng.normal(size=50)  # leading axes (seeds) are kept
+    corr = length_study.pair_metrics(m, d)["corr_margin_length"]
+    assert corr == pytest.approx([np.corrcoef(row, d)[0, 1] for row in m])
+    # No pair has its chosen side shorter: that accuracy is undefined (NaN), not 0.
+    assert np.isnan(length_study.pair_metrics(np.ones(4), np.arange(1.0, 5.0))["acc_chosen_shorter"])
+
+
+def test_bootstrap_interval_of_a_known_accuracy():
+    # 2,000 pairs, 70% right: the 95% interval of the accuracy is about 0.7 ± 1.96 * sqrt(0.21 / 2000) = ± 0.020.
+    n = 2000
+    correct = np.zeros(n, bool)
+    correct[: int(0.7 * n)] = True
+    margins = np.where(correct, 1.0, -1.0)[None]
+    stats = length_study.bootstrap({"dpo": margins}, np.ones(n), n_resamples=2000, seed=1)
+    acc = stats["dpo"]["accuracy"]
+    assert acc["mean"] == pytest.approx(0.7)
+    assert acc["low"] == pytest.approx(0.7 - 0.020, abs=0.002)
+    assert acc["high"] == pytest.approx(0.7 + 0.020, abs=0.002)
+
+
+def test_bootstrap_differences_are_paired():
+    # OTPO = DPO + 0.5 on every pair: with the same resample for both arms the difference is exactly 0.5 in every
+    # resample (an interval of width 0), though each arm's own margin varies widely between resamples.
+    rng = np.random.default_rng(0)
+    dpo = rng.normal(size=(2, 300)) * 3
+    d = rng.normal(size=300)
+    stats = length_study.bootstrap({"dpo": dpo, "otpo": dpo + 0.5, "uniform": dpo}, d, n_resamples=500)
+    diff = stats["otpo-dpo"]["margin_mean"]
+    assert (
+        diff["mean"] == pytest.approx(0.5) and diff["low"] == pytest.approx(0.5) and diff["high"] == pytest.approx(0.5)
+    )
+    assert stats["dpo"]["margin_mean"]["high"] - stats["dpo"]["margin_mean"]["low"] > 0.2
+    assert stats["otpo-uniform"]["margin_mean"]["low"] == pytest.approx(0.5)
+    # Shifting every margin leaves the correlation with length unchanged: a difference of exactly 0.
+    assert stats["otpo-dpo"]["corr_margin_length"] == pytest.approx({"mean": 0, "low": 0, "high": 0}, abs=1e-9)
+    excludes, includes = length_study.significance(stats).split("OTPO - UNIFORM")[0].split("; it includes 0 for ")
+    assert "margin_mean" in excludes and "corr_margin_length" in includes and "margin_mean" not in includes
+    assert "OTPO - UNIFORM: " in length_study.significance(stats)
+
+
+def test_held_out_pairs_never_overlap_training(sample_data_dir):
+    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
+              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    args = Namespace(train_pairs=900, held_out_train=200, test_pairs=5)
+    with pytest.raises(ValueError, match="held-out pairs would be trained on"):
+        length_study.held_out_pairs(args, recipe)
+    args.train_pairs = 100
+    pairs = length_study.held_out_pairs(args, recipe)
+    train_rows = [p["row"] for p in pairs if p["source"] == "train"]
+    assert len(train_rows) == 200 and min(train_rows) >= 100 and [p["source"] for p in pairs[:5]] == ["test"] * 5
+    assert all(isinstance(p["prompt"], list) for p in pairs)  # the implicit prompt is extracted
+    with pytest.raises(ValueError, match="eval_split_size"):  # a shuffled training pool could reach the held-out rows
+        length_study.held_out_pairs(args, {**recipe, "eval_split_size": 0.1})
+
+
+def test_options_quick_never_writes_the_real_report():
+    args = length_study.parse_args(["--quick", "--beta", "0.2"])  # unknown flags go to scripts/train.py
+    assert args.max_steps == 2 and args.seeds == [42] and args.train_flags == ["--beta", "0.2"]
+    assert args.report != length_study.STUDY_REPORT and args.out != length_study.parse_args([]).out
+    full = length_study.parse_args(["--max_steps", "5"])
+    assert full.report == "reports/length_study.md" and full.max_steps == 5 and full.seeds == [42, 43, 44]
+    # `--seed` (not `--seeds`) would give every run the same seed: refused, like the other per-run flags.
+    for flag in ("--seed", "--trainer", "--output_dir=x"):
+        with pytest.raises(SystemExit):
+            length_study.parse_args([flag, "1"])
+
+
+# ------------------------------------------------------------------ the quick study, end to end
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data_dir, monkeypatch):
+    out, report = tmp_path / "runs", tmp_path / "reports" / "length_study.md"
+    argv = ["--quick", "--model", tiny_model_dir, "--data", str(sample_data_dir), "--out", str(out),
+            "--report", str(report)]  # fmt: skip
+    summary = length_study.main(argv)
+
+    assert report.exists() and report.with_suffix(".json").exists()
+    figures = sorted(p.name for p in (report.parent / "figures").iterdir())
+    assert figures == ["length_study_generation.png", "length_study_scatter.png", "length_study_subsets.png"]
+    saved = json.loads(report.with_suffix(".json").read_text())
+    n = len(saved["pairs"])
+    assert n > 0 and {p["source"] for p in saved["pairs"]} == {"test", "train"}
+    assert sorted(saved["margins"]) == ["dpo-seed42", "otpo-seed42", "uniform-seed42"]
+    assert all(len(v) == n for v in saved["margins"].values())
+    assert saved["margins"]["otpo-seed42"] != saved["margins"]["dpo-seed42"]  # different models, different margins
+    for name in ("dpo", "otpo", "uniform", "otpo-dpo", "otpo-uniform"):
+        assert set(saved["stats"][name]) == set(length_study.METRICS)
+    text = report.read_text()
+    assert "python scripts/length_study.py --quick" in text and "| OTPO-DPO |" in text and "**Significance.**" in text
+    run_args = {
+        arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"] for arm in length_study.ARMS
+    }
+    assert run_args["dpo"]["trainer"] == "dpo" and run_args["uniform"]["ot_weighting"] == "uniform"
+    assert summary["stats"] == saved["stats"]
+
+    # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}
+    assert len(stamps) == 6
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run or its scores were redone")
+
+    monkeypatch.setattr(train_cli, "main", forbidden)
+    monkeypatch.setattr(length_study, "load_model_and_tokenizer", forbidden)
+    report.unlink()
+    again = length_study.main(argv)
+    assert report.exists() and again["margins"] == saved["margins"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # Scores made for other held-out pairs are not reused: one more test pair rescores every run (no retraining).
+    monkeypatch.undo()
+    monkeypatch.setattr(train_cli, "main", forbidden)
+    length_study.main([*argv, "--test_pairs", "9"])
+    assert all(p.stat().st_mtime_ns > stamps[p] for p in out.glob("scores/*.json"))
