@@ -360,14 +360,9 @@ class OTPOTrainer(DPOTrainer):
 
         Returns:
             (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
-            log-probs (values at masked positions are not read).
+            log-probs (values at masked positions are not read). OTPO's: the OT plan's marginals (`ot_*` settings),
+            with their `ot/*` metrics logged.
         """
-        return self._compute_ot_weights(chosen_hidden, rejected_hidden, chosen_mask, rejected_mask)
-
-    # ------------------------------------------------------------------ OT weights and their metrics
-
-    def _compute_ot_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask) -> torch.Tensor:
-        """OTPO's weights and their `ot/*` metrics; arguments and result as in `compute_token_weights`."""
         with warnings.catch_warnings():  # a fallback is logged once below and counted in `ot/fallbacks`
             warnings.filterwarnings("ignore", message="OT weights: ", category=UserWarning)
             chosen_w, rejected_w, info = ot_token_weights(
@@ -385,6 +380,8 @@ class OTPOTrainer(DPOTrainer):
         if self._ot_histogram and self.model.training:
             self._ot_last_weights = weights[shift_mask].cpu()
         return weights
+
+    # ------------------------------------------------------------------ OT metrics
 
     def _log_ot_metrics(self, weights: torch.Tensor, mask: torch.Tensor, info) -> None:
         mode = "train" if self.model.training else "eval"
