@@ -125,15 +125,19 @@ def test_missing_model_path_errors_clearly(tmp_path, adapter_dir, data_file):
 # ------------------------------------------------------------------ tokenisation and scores, against TRL
 
 
+def tokenized_by_dpo_trainer(dataset, tokenizer, tmp_path):
+    """`dataset` as TRL 1.16's DPOTrainer tokenises it (`prompt_ids`, `chosen_ids`, `rejected_ids` per row)."""
+    fake_trainer = SimpleNamespace(_tokenizer=tokenizer)  # `_prepare_dataset` reads only this attribute
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    return DPOTrainer._prepare_dataset(fake_trainer, dataset, tokenizer, args, "test")
+
+
 def test_tokenize_pair_matches_dpo_trainer(tiny_model_dir, data_file, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     conversational = load_preference_dataset(str(data_file))  # implicit prompt
     standard = Dataset.from_list([{"prompt": "Q: 2 + 2?", "chosen": " Four.", "rejected": " Five."}] * 2)
     for dataset in (conversational, standard):
-        fake_trainer = SimpleNamespace(_tokenizer=tokenizer)  # `_prepare_dataset` reads only this attribute
-        args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-        expected = DPOTrainer._prepare_dataset(fake_trainer, dataset, tokenizer, args, "test")
-        for example, row in zip(dataset, expected):
+        for example, row in zip(dataset, tokenized_by_dpo_trainer(dataset, tokenizer, tmp_path)):
             ids = tokenize_pair(example, tokenizer)
             assert ids == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
 
@@ -155,10 +159,7 @@ def test_tokenize_pair_passes_tools_and_chat_template_kwargs_as_dpo_trainer(tiny
         pair = inline_example(f"Question {i}?", "Yes.", "No.")
         rows.append({**pair, "tools": json.dumps([{"name": tool}]), "chat_template_kwargs": {"style": style}})
     dataset = Dataset.from_list(rows)
-    fake_trainer = SimpleNamespace(_tokenizer=tokenizer)  # `_prepare_dataset` reads only this attribute
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    expected = DPOTrainer._prepare_dataset(fake_trainer, dataset, tokenizer, args, "test")
-    for example, row in zip(dataset, expected):
+    for example, row in zip(dataset, tokenized_by_dpo_trainer(dataset, tokenizer, tmp_path)):
         ids = tokenize_pair(example, tokenizer)
         assert ids == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         prompt = tokenizer.decode(ids["prompt_ids"])
