@@ -1,6 +1,9 @@
 """scripts/length_study.py: its statistics on numbers whose answer is known, and the quick study end to end."""
 
 import json
+import shlex
+import subprocess
+import sys
 from argparse import Namespace
 
 import numpy as np
@@ -66,10 +69,63 @@ def test_bootstrap_differences_are_paired():
     assert stats["dpo"]["margin_mean"]["high"] - stats["dpo"]["margin_mean"]["low"] > 0.2
     assert stats["otpo-uniform"]["margin_mean"]["low"] == pytest.approx(0.5)
     # Shifting every margin leaves the correlation with length unchanged: a difference of exactly 0.
-    assert stats["otpo-dpo"]["corr_margin_length"] == pytest.approx({"mean": 0, "low": 0, "high": 0}, abs=1e-9)
-    excludes, includes = length_study.significance(stats).split("OTPO - UNIFORM")[0].split("; it includes 0 for ")
+    corr = stats["otpo-dpo"]["corr_margin_length"]
+    assert [corr[k] for k in ("mean", "low", "high", "low_seeds", "high_seeds")] == pytest.approx([0] * 5, abs=1e-9)
+    first = length_study.significance(stats).split("OTPO - UNIFORM")[0].split(". Same sign")[0]
+    excludes, includes = first.split("; it includes 0 for ")
     assert "margin_mean" in excludes and "corr_margin_length" in includes and "margin_mean" not in includes
     assert "OTPO - UNIFORM: " in length_study.significance(stats)
+
+
+def test_bootstrap_over_seeds_is_paired_and_wider():
+    # Seeds differ a lot (seed offsets -2, 0, +2), pairs little. Over pairs only, the seeds are taken as given: a
+    # narrow interval around the mean. Over pairs and seeds the interval must widen to show the seed spread. OTPO is
+    # DPO + 0.3 in every seed: the same seed draw for both arms keeps the difference exactly 0.3 in every resample.
+    rng = np.random.default_rng(0)
+    dpo = np.array([[-2.0], [0.0], [2.0]]) + 0.1 * rng.normal(size=(3, 400))
+    d = rng.normal(size=400)
+    stats = length_study.bootstrap({"dpo": dpo, "otpo": dpo + 0.3}, d, n_resamples=1000)
+    m = stats["dpo"]["margin_mean"]
+    assert m["per_seed"] == pytest.approx(dpo.mean(1)) and m["mean"] == pytest.approx(dpo.mean())
+    assert m["high"] - m["low"] < 0.05 < 1.0 < m["high_seeds"] - m["low_seeds"]
+    diff = stats["otpo-dpo"]["margin_mean"]
+    assert [diff[k] for k in ("low", "high", "low_seeds", "high_seeds")] == pytest.approx([0.3] * 4)
+    assert diff["per_seed"] == pytest.approx([0.3] * 3)
+    # The difference is significant over pairs and seeds, and has one sign in every seed.
+    sentence = length_study.significance(stats)
+    assert "margin_mean" in sentence.split("over pairs and seeds for ")[1].split(";")[0]
+    assert "margin_mean" in sentence.split("Same sign in every seed: ")[1]
+    with pytest.raises(ValueError, match="same seeds"):
+        length_study.bootstrap({"dpo": dpo, "otpo": dpo[:2]}, d)
+
+
+def test_significance_separates_pairs_only_from_pairs_and_seeds():
+    # OTPO's correlation is lower than DPO's by 0.1 in two seeds and higher by 0.05 in the third: significant over
+    # pairs (many pairs, these seeds), not over seeds, and not of one sign across seeds.
+    row = {"mean": -0.05, "low": -0.08, "high": -0.02, "low_seeds": -0.1, "high_seeds": 0.05,
+           "per_seed": [-0.1, -0.1, 0.05]}  # fmt: skip
+    zero = {"mean": 0.0, "low": -0.1, "high": 0.1, "low_seeds": -0.1, "high_seeds": 0.1, "per_seed": [0.1, -0.1, 0]}
+    stats = {"otpo-dpo": {k: (row if k == "corr_margin_length" else zero) for k in length_study.METRICS}}
+    sentence = length_study.significance(stats)
+    assert "over pairs and seeds for no metric; over pairs only (these seeds) for corr_margin_length;" in sentence
+    assert sentence.endswith("Same sign in every seed: no metric.")
+
+
+def test_answers_follow_the_intervals_of_the_correlation():
+    def stats(mean, low, high, low_seeds, high_seeds):
+        row = {"mean": mean, "low": low, "high": high, "low_seeds": low_seeds, "high_seeds": high_seeds,
+               "per_seed": [mean] * 3}  # fmt: skip
+        return {"otpo-dpo": {"corr_margin_length": row}, "otpo-uniform": {"corr_margin_length": row}}
+
+    cases = {(-0.1, -0.15, -0.05, -0.2, -0.01): "Yes, at this scale", (0.1, 0.05, 0.15, 0.01, 0.2): "No, the opposite",
+             (-0.1, -0.15, -0.05, -0.2, 0.02): "Only for these seeds: the interval over pairs is below 0",
+             (0.1, 0.05, 0.15, -0.01, 0.2): "Only for these seeds, and the opposite",
+             (-0.02, -0.1, 0.05, -0.2, 0.1): "Not shown at this scale"}  # fmt: skip
+    for numbers, verdict in cases.items():
+        dpo, uniform = length_study.answers(stats(*numbers))
+        assert dpo.startswith("**Does OTPO's reward depend less on length than DPO's?** " + verdict), dpo
+        assert uniform.startswith("**Do OT weights add anything") and verdict in uniform
+        assert f"{numbers[0]:+.3f} (95% CI over pairs [{numbers[1]:+.3f}, {numbers[2]:+.3f}]" in dpo
 
 
 def test_held_out_pairs_never_overlap_training(sample_data_dir):
@@ -106,7 +162,11 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     out, report = tmp_path / "runs", tmp_path / "reports" / "length_study.md"
     argv = ["--quick", "--model", tiny_model_dir, "--data", str(sample_data_dir), "--out", str(out),
             "--report", str(report)]  # fmt: skip
-    summary = length_study.main(argv)
+    # `make study ARGS=--quick` as a user runs it, with the tiny model (-o: the SmolLM2 folder is not prepared).
+    make = ["make", "-s", "-o", "prepare-model", "study", f"PY={sys.executable}", f"SAMPLE_DATA={sample_data_dir}",
+            "ARGS=" + " ".join(shlex.quote(a) for a in argv)]  # fmt: skip
+    done = subprocess.run(make, cwd=length_study.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     assert report.exists() and report.with_suffix(".json").exists()
     figures = sorted(p.name for p in (report.parent / "figures").iterdir())
@@ -125,7 +185,6 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
         arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"] for arm in length_study.ARMS
     }
     assert run_args["dpo"]["trainer"] == "dpo" and run_args["uniform"]["ot_weighting"] == "uniform"
-    assert summary["stats"] == saved["stats"]
 
     # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}
@@ -138,7 +197,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     monkeypatch.setattr(length_study, "load_model_and_tokenizer", forbidden)
     report.unlink()
     again = length_study.main(argv)
-    assert report.exists() and again["margins"] == saved["margins"]
+    assert report.exists() and again["margins"] == saved["margins"] and again["stats"] == saved["stats"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # Scores made for other held-out pairs are not reused: one more test pair rescores every run (no retraining).

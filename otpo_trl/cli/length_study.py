@@ -103,51 +103,120 @@ def pair_metrics(margins, length_diffs):
 
 
 def bootstrap(margins, length_diffs, n_resamples=2000, seed=0, level=0.95):
-    """Per-arm means over seeds and paired bootstrap intervals over pairs, for each metric and arm difference.
+    """Per-arm means over seeds and paired bootstrap intervals, for each metric and arm difference.
+
+    Two intervals: over held-out pairs only (this study's seeds taken as given), and over pairs and seeds (a two-level
+    bootstrap: each resample also draws S seeds with replacement). Both are paired: one resample of pairs is shared by
+    every arm and seed, one draw of seeds by every arm (a seed fixes the data order and the LoRA init of all arms).
 
     Args:
-        margins: {arm: (S, N) array}, S seeds, the same N held-out pairs in the same order for every arm.
+        margins: {arm: (S, N) array}, S seeds in one order for every arm, the same N held-out pairs in one order.
         length_diffs: (N,) chosen - rejected tokens.
-        n_resamples, seed, level: resamples of the N pairs (shared by every arm and seed), their RNG seed, the level.
+        n_resamples, seed, level: resamples, their RNG seed, the interval level.
 
     Returns:
-        {name: {metric: {"mean", "low", "high"}}}, name an arm or `"otpo-dpo"` / `"otpo-uniform"` when those arms are
-        there; `mean` is the metric on all pairs (averaged over seeds), low/high the percentile interval.
+        {name: {metric: {"mean", "low", "high", "low_seeds", "high_seeds", "per_seed"}}}, name an arm or
+        `"otpo-dpo"` / `"otpo-uniform"` when those arms are there; `mean` is the metric on all pairs averaged over
+        seeds, `per_seed` its S values, low/high the percentile interval over pairs, low_seeds/high_seeds over pairs
+        and seeds.
     """
     d = np.asarray(length_diffs, float)
-    index = np.random.default_rng(seed).integers(0, len(d), size=(n_resamples, len(d)))
-    point, boot = {}, {}
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(d), size=(n_resamples, len(d)))
+    counts = {np.shape(m)[0] for m in margins.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every arm needs the same seeds, got {sorted(counts)} seeds")
+    n_seeds = counts.pop()
+    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))  # (B, S) seed draws, shared by the arms
+    columns = np.arange(n_resamples)
+    per_seed, boot, boot_seeds = {}, {}, {}
     with warnings.catch_warnings():  # an empty subset gives NaN, and says so in the report
         warnings.filterwarnings("ignore", "Mean of empty slice|All-NaN slice", RuntimeWarning)
         for arm, m in margins.items():
             m = np.asarray(m, float)
-            point[arm] = {k: np.nanmean(v) for k, v in pair_metrics(m, d).items()}
-            boot[arm] = {k: np.nanmean(v, 0) for k, v in pair_metrics(m[:, index], d[index]).items()}  # (B,)
+            per_seed[arm] = pair_metrics(m, d)  # (S,)
+            resampled = pair_metrics(m[:, index], d[index])  # (S, B)
+            boot[arm] = {k: np.nanmean(v, 0) for k, v in resampled.items()}
+            boot_seeds[arm] = {k: np.nanmean(v[seeds.T, columns], 0) for k, v in resampled.items()}
     for a, b in (("otpo", "dpo"), ("otpo", "uniform")):
         if a in margins and b in margins:
-            point[f"{a}-{b}"] = {k: point[a][k] - point[b][k] for k in METRICS}
-            boot[f"{a}-{b}"] = {k: boot[a][k] - boot[b][k] for k in METRICS}
+            for table in (per_seed, boot, boot_seeds):
+                table[f"{a}-{b}"] = {k: table[a][k] - table[b][k] for k in METRICS}
     tail = 100 * (1 - level) / 2
+
+    def interval(values):
+        return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
+
+    out = {}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-        return {name: {k: {"mean": float(point[name][k]), "low": float(np.nanpercentile(boot[name][k], tail)),
-                           "high": float(np.nanpercentile(boot[name][k], 100 - tail))} for k in METRICS}
-                for name in point}  # fmt: skip
+        warnings.filterwarnings("ignore", "All-NaN slice|Mean of empty slice", RuntimeWarning)
+        for name in per_seed:
+            out[name] = {}
+            for k in METRICS:
+                (low, high), (low_s, high_s) = interval(boot[name][k]), interval(boot_seeds[name][k])
+                out[name][k] = {"mean": float(np.nanmean(per_seed[name][k])), "low": low, "high": high,
+                                "low_seeds": low_s, "high_seeds": high_s,
+                                "per_seed": [float(x) for x in per_seed[name][k]]}  # fmt: skip
+    return out
 
 
 def significance(stats):
-    """One sentence per arm difference: which metrics' intervals exclude 0."""
+    """One sentence per arm difference: which metrics' 95% intervals exclude 0, over pairs and seeds or over pairs
+    only, and which differences have one sign in every seed."""
+
+    def excludes(v, lo, hi):
+        return v[lo] > 0 or v[hi] < 0
+
     out = []
     for name in ("otpo-dpo", "otpo-uniform"):
-        if name in stats:
-            sig = [k for k, v in stats[name].items() if v["low"] > 0 or v["high"] < 0]
-            nan = [k for k, v in stats[name].items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
-            rest = [k for k in METRICS if k not in sig + nan]
-            a, b = (x.upper() for x in name.split("-"))
-            out.append(f"{a} - {b}: the 95% interval excludes 0 for {', '.join(sig) or 'no metric'}; it includes 0 "
-                       f"for {', '.join(rest) or 'no metric'}"
-                       + (f"; undefined (an empty subset or constant values) for {', '.join(nan)}." if nan else "."))  # fmt: skip
+        if name not in stats:
+            continue
+        rows = stats[name]
+        nan = [k for k, v in rows.items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
+        both = [k for k in METRICS if k not in nan and excludes(rows[k], "low_seeds", "high_seeds")]
+        pairs = [k for k in METRICS if k not in nan + both and excludes(rows[k], "low", "high")]
+        rest = [k for k in METRICS if k not in nan + both + pairs]
+        same_sign = [k for k in METRICS if k not in nan and len(rows[k]["per_seed"]) > 1
+                     and (np.all(np.array(rows[k]["per_seed"]) > 0) or np.all(np.array(rows[k]["per_seed"]) < 0))]  # fmt: skip
+        a, b = (x.upper() for x in name.split("-"))
+        out.append(f"{a} - {b}: the 95% interval excludes 0 over pairs and seeds for {', '.join(both) or 'no metric'}; "
+                   f"over pairs only (these seeds) for {', '.join(pairs) or 'no further metric'}; it includes 0 for "
+                   f"{', '.join(rest) or 'no metric'}"
+                   + (f"; undefined (an empty subset or constant values) for {', '.join(nan)}" if nan else "")
+                   + f". Same sign in every seed: {', '.join(same_sign) or 'no metric'}.")  # fmt: skip
     return " ".join(out)
+
+
+def answers(stats):
+    """The study's two questions answered from the primary measure, corr(margin, length difference), with its
+    intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over uniform ones?"""
+    questions = {"otpo-dpo": ("Does OTPO's reward depend less on length than DPO's?", "DPO's"),
+                 "otpo-uniform": ("Do OT weights add anything over uniform weights with the same normalisation?",
+                                  "uniform weights'")}  # fmt: skip
+    out = []
+    for name, (question, other) in questions.items():
+        if name not in stats:
+            continue
+        r = stats[name]["corr_margin_length"]
+        if np.isnan([r["mean"], r["low"], r["high"], r["low_seeds"], r["high_seeds"]]).any():
+            out.append(f"{question} Undefined: the correlation could not be computed.")
+            continue
+        said = (f"OTPO's margin-length correlation minus {other} is {r['mean']:+.3f} (95% CI over pairs "
+                f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, "
+                f"{r['high_seeds']:+.3f}]; per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])})")  # fmt: skip
+        if r["high_seeds"] < 0:
+            verdict = "Yes, at this scale: the interval over pairs and seeds is below 0."
+        elif r["low_seeds"] > 0:
+            verdict = "No, the opposite at this scale: the interval over pairs and seeds is above 0."
+        elif r["high"] < 0:
+            verdict = "Only for these seeds: the interval over pairs is below 0, the one over pairs and seeds is not."
+        elif r["low"] > 0:
+            verdict = ("Only for these seeds, and the opposite: the interval over pairs is above 0, the one over "
+                       "pairs and seeds is not.")  # fmt: skip
+        else:
+            verdict = "Not shown at this scale: both intervals include 0."
+        out.append(f"**{question}** {verdict} {said}.")
+    return out
 
 
 # ------------------------------------------------------------------ runs and scores
@@ -271,30 +340,48 @@ def figures(margins, diffs, stats, gens, budget, fig_dir):
     return [fig_dir / f"length_study_{n}.png" for n in ("scatter", "subsets", "generation")]
 
 
-def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_dir):
+def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_dir, compute):
     def cell(s, pct):
         f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:+.3g}")
         return f"{f(s['mean'])} [{f(s['low'])}, {f(s['high'])}]"
 
     pct = {"accuracy", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap"}
+    seed_note = (f"with {len(args.seeds)} seeds this is a rough guide to the seed spread, not a precise interval."
+                 if len(args.seeds) > 1 else "with one seed it is the interval over pairs.")  # fmt: skip
     lines = ["# Length exploitation: DPO vs OTPO vs uniform weights", "", f"Made by `{command}`.", "",
              "## Setting", "",
              f"- Recipe `{args.recipe}`: model `{recipe['model_name_or_path']}`, data `{recipe['dataset_name']}`, "
              f"{args.max_steps} steps, batch {recipe['per_device_train_batch_size']}, learning rate "
              f"{recipe['learning_rate']}, beta {recipe['beta']}, max_length {args.max_length}, seeds {args.seeds}; "
-             f"the first {args.train_pairs} pairs of the train split are the training pool.",
+             f"the first {args.train_pairs} pairs of the train split are the training pool "
+             f"({'/'.join(map(str, compute['train_pool']))} left after TRL drops those whose prompt fills max_length).",
+             f"- Compute: {len(per_seed)} runs, {compute['train_minutes']:.1f} min of training and "
+             f"{compute['score_minutes']:.1f} min of scoring in all, on "
+             + (compute["cuda"] or f"{compute['cpu_count']} CPU cores (torch threads: {compute['torch_threads']})")
+             + ".",
              f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
              f"(never trained on); {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
              "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length) with uniform "
              "weights, the reference being the base model; length difference: chosen - rejected tokens of the whole "
              "completions. corr_margin_length is Pearson's; acc_chosen_longer / shorter the accuracy on the pairs "
              "whose chosen side is longer / shorter, subset_gap their difference.",
-             f"- Intervals: 95% paired bootstrap over held-out pairs ({args.bootstrap} resamples, the same for every "
-             "arm and seed; seeds are not resampled). Percentages for accuracies.", "",
-             "## Results (mean over seeds [95% CI])", "",
+             f"- Intervals: 95% paired percentile bootstrap ({args.bootstrap} resamples). *Over pairs*: the held-out "
+             "pairs are resampled (one resample shared by every arm and seed), the seeds taken as given. *Over pairs "
+             f"and seeds*: each resample also draws {len(args.seeds)} seeds with replacement (one draw shared by every "
+             f"arm); {seed_note} Percentages for accuracies.", "",
+             "## Answers (primary measure: corr_margin_length)", "", "\n\n".join(answers(stats)), "",
+             "## Results (mean over seeds [95% CI over pairs])", "",
              "| | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
     for name, row in stats.items():
         lines.append(f"| {name.upper()} | " + " | ".join(cell(row[k], k in pct) for k in METRICS) + " |")
+    lines += ["", "## Differences, with both intervals", "",
+              "| difference | metric | mean | per seed | 95% CI over pairs | 95% CI over pairs and seeds |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in (n for n in stats if "-" in n):
+        for k in METRICS:
+            r, f = stats[name][k], (lambda x: f"{100 * x:+.1f}") if k in pct else (lambda x: f"{x:+.3g}")
+            lines.append(f"| {name.upper()} | {k} | {f(r['mean'])} | {', '.join(f(x) for x in r['per_seed'])} | "
+                         f"[{f(r['low'])}, {f(r['high'])}] | [{f(r['low_seeds'])}, {f(r['high_seeds'])}] |")  # fmt: skip
     lines += ["", f"**Significance.** {significance(stats)}", "", "## Per seed", "",
               "| arm | seed | accuracy | corr | longer | shorter |", "|---|---|---|---|---|---|"]  # fmt: skip
     for (arm, seed), m in per_seed.items():
@@ -327,10 +414,11 @@ def _study(args, command):
     recipe = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
     pairs = held_out_pairs(args, recipe)
 
-    scores = {}
+    scores, runs = {}, []
     for arm in ARMS:
         for seed in args.seeds:
             run_dir = out / f"{arm}-seed{seed}"
+            runs.append(run_dir.name)
             train(args, arm, seed, run_dir)
             scores[arm, seed] = score(args, recipe, run_dir, pairs, out / "scores" / f"{run_dir.name}.json")
 
@@ -347,6 +435,13 @@ def _study(args, command):
     gen = {arm: {"lengths": sum((scores[arm, s]["generation_lengths"] for s in args.seeds), []),
                  "hit_budget": sum((scores[arm, s]["hit_budget"] for s in args.seeds), [])} for arm in ARMS}  # fmt: skip
 
+    finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
+    compute = {"train_minutes": sum(r["train_runtime"] for r in finished) / 60,
+               "score_minutes": sum(s["seconds"] for s in scores.values()) / 60,
+               "train_pool": sorted({r.get("train_samples") for r in finished}, key=str),
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+
     report.parent.mkdir(parents=True, exist_ok=True)
     paths = figures(margins, diffs, stats, {a: g["lengths"] for a, g in gen.items()}, args.max_new_tokens,
                     report.parent / "figures")  # fmt: skip
@@ -354,11 +449,11 @@ def _study(args, command):
                "stats": stats, "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
                "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
                "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in ARMS for i, s in enumerate(args.seeds)},
-               "generation": gen}  # fmt: skip
+               "generation": gen, "compute": compute}  # fmt: skip
     report.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    report.write_text(render(args, recipe, command, stats, per_seed, gen, len(order), paths, report.parent))
+    report.write_text(render(args, recipe, command, stats, per_seed, gen, len(order), paths, report.parent, compute))
     print(f"wrote {report}, {report.with_suffix('.json')} and {len(paths)} figures")
     return summary
 
 
-__all__ = ["bootstrap", "main", "pair_metrics", "parse_args", "significance"]
+__all__ = ["answers", "bootstrap", "main", "pair_metrics", "parse_args", "significance"]
