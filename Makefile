@@ -54,7 +54,7 @@ report: prepare-model prepare-data
 	$(PY) scripts/compare_dpo_otpo.py $(ARGS)
 
 # Length exploitation: DPO, OTPO and uniform-weight OTPO over 3 seeds, scored on 200 held-out pairs with bootstrap
-# intervals: writes reports/length_study.md, its JSON and figures (~2 h on 2 CPU cores; runs and scores are reused).
+# intervals: writes reports/length_study.md, its JSON and figures (1 h 55 min on 2 CPU cores; runs and scores are reused).
 # A tiny check of the pipeline: make study ARGS=--quick
 study: prepare-model prepare-data
 	$(PY) scripts/length_study.py $(ARGS)

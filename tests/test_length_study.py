@@ -185,6 +185,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
         arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"] for arm in length_study.ARMS
     }
     assert run_args["dpo"]["trainer"] == "dpo" and run_args["uniform"]["ot_weighting"] == "uniform"
+    # The OT runs' logged weight spread is read back; DPO logs no ot/* scalars.
+    assert "otpo-seed42" in saved["ot_logged"] and "dpo-seed42" not in saved["ot_logged"]
+    assert 0 < saved["ot_logged"]["otpo-seed42"]["ot/weight_entropy"] <= 1 + 1e-6
+    assert "## OTPO's token weights in training" in text
 
     # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}

@@ -49,6 +49,7 @@ HELP = {"max_steps": "training steps of every run", "max_length": "truncation of
         "test_pairs": "the first N test pairs are held out", "seeds": "one run per arm and seed",
         "num_generations": "held-out prompts answered greedily", "max_new_tokens": "token budget of each answer",
         "bootstrap": "bootstrap resamples of the held-out pairs"}  # fmt: skip
+OT_LOGGED = ("ot/weight_entropy", "ot/weight_max", "ot/plan_mass")  # read back from the OTPO runs' logs
 QUICK = {"max_steps": 2, "max_length": 512, "train_pairs": 8, "held_out_train": 8, "test_pairs": 8, "seeds": [42],
          "num_generations": 4, "max_new_tokens": 8, "bootstrap": 200}  # fmt: skip
 
@@ -340,7 +341,7 @@ def figures(margins, diffs, stats, gens, budget, fig_dir):
     return [fig_dir / f"length_study_{n}.png" for n in ("scatter", "subsets", "generation")]
 
 
-def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_dir, compute):
+def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_dir, compute, ot_logged):
     def cell(s, pct):
         f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:+.3g}")
         return f"{f(s['mean'])} [{f(s['low'])}, {f(s['high'])}]"
@@ -387,7 +388,16 @@ def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_d
     for (arm, seed), m in per_seed.items():
         lines.append(f"| {arm} | {seed} | {100 * m['accuracy']:.1f} | {m['corr_margin_length']:+.3f} | "
                      f"{100 * m['acc_chosen_longer']:.1f} | {100 * m['acc_chosen_shorter']:.1f} |")  # fmt: skip
+    if ot_logged:
+        lines += ["", "## OTPO's token weights in training", "",
+                  f"The `ot/*` scalars the OTPO runs logged (ot_reg {recipe['ot_reg']}, ot_cost_scale "
+                  f"{recipe['ot_cost_scale']}), averaged over steps. ot/weight_entropy is the entropy of a completion's "
+                  "weights over log(length): 1 for uniform weights. ot/weight_max is a batch's largest weight, where a "
+                  "weight of 1 is the mean on the shorter side. Weights close to uniform leave OTPO close to its "
+                  "uniform-weight arm.", "", "| run | " + " | ".join(OT_LOGGED) + " |", "|---" * (len(OT_LOGGED) + 1) + "|",
+                  *(f"| {run} | " + " | ".join(f"{v[k]:.4g}" for k in OT_LOGGED) + " |" for run, v in ot_logged.items())]  # fmt: skip
     lines += ["", f"## Greedy generations ({args.num_generations} held-out prompts, budget {args.max_new_tokens})", "",
+              "An answer cut at the budget counts as the budget: where many are cut, the means are lower bounds.", "",
               "| arm | mean tokens | share at the budget |", "|---|---|---|"]  # fmt: skip
     for arm, g in gen.items():
         lines.append(f"| {arm} | {np.mean(g['lengths']):.1f} | {100 * np.mean(g['hit_budget']):.1f}% |")
@@ -401,7 +411,7 @@ def main(argv=None):
     os.chdir(REPO_ROOT)  # training runs in this process: the recipe's relative paths must resolve as in `make`
     try:
         return _study(
-            parse_args(argv), "python scripts/length_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            parse_args(argv), " ".join(["python scripts/length_study.py", *(sys.argv[1:] if argv is None else argv)])
         )
     finally:
         os.chdir(cwd)
@@ -441,6 +451,16 @@ def _study(args, command):
                "train_pool": sorted({r.get("train_samples") for r in finished}, key=str),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    # How far from uniform OTPO's weights were in training: the ot/* scalars each run logged, averaged over steps.
+    ot_logged = {}
+    for run in (r for r in runs if r.startswith("otpo-")):
+        state = out / run / "trainer_state.json"
+        history = json.loads(state.read_text())["log_history"] if state.exists() else []
+        logged = {
+            k: float(np.mean([h[k] for h in history if k in h])) for k in OT_LOGGED if any(k in h for h in history)
+        }
+        if logged:
+            ot_logged[run] = logged
 
     report.parent.mkdir(parents=True, exist_ok=True)
     paths = figures(margins, diffs, stats, {a: g["lengths"] for a, g in gen.items()}, args.max_new_tokens,
@@ -449,9 +469,11 @@ def _study(args, command):
                "stats": stats, "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
                "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
                "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in ARMS for i, s in enumerate(args.seeds)},
-               "generation": gen, "compute": compute}  # fmt: skip
+               "generation": gen, "compute": compute, "ot_logged": ot_logged}  # fmt: skip
     report.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    report.write_text(render(args, recipe, command, stats, per_seed, gen, len(order), paths, report.parent, compute))
+    report.write_text(
+        render(args, recipe, command, stats, per_seed, gen, len(order), paths, report.parent, compute, ot_logged)
+    )
     print(f"wrote {report}, {report.with_suffix('.json')} and {len(paths)} figures")
     return summary
 
