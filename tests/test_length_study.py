@@ -126,6 +126,15 @@ def test_answers_follow_the_intervals_of_the_correlation():
         assert dpo.startswith("**Does OTPO's reward depend less on length than DPO's?** " + verdict), dpo
         assert uniform.startswith("**Do OT weights add anything") and verdict in uniform
         assert f"{numbers[0]:+.3f} (95% CI over pairs [{numbers[1]:+.3f}, {numbers[2]:+.3f}]" in dpo
+    # One seed: its seed "interval" is the one over pairs, so nothing may be claimed beyond that seed.
+    one = stats(-0.1, -0.15, -0.05, -0.15, -0.05)
+    for row in one.values():
+        row["corr_margin_length"]["per_seed"] = [-0.1]
+    assert "For this one seed only: the interval over pairs is below 0" in length_study.answers(one)[0]
+    sig = {"otpo-dpo": dict.fromkeys(length_study.METRICS, one["otpo-dpo"]["corr_margin_length"])}
+    assert "excludes 0 over pairs and seeds for no metric; over pairs only (these seeds) for accuracy" in (
+        length_study.significance(sig)
+    )
 
 
 def test_held_out_pairs_never_overlap_training(sample_data_dir):

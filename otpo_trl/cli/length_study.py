@@ -174,7 +174,8 @@ def significance(stats):
             continue
         rows = stats[name]
         nan = [k for k, v in rows.items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
-        both = [k for k in METRICS if k not in nan and excludes(rows[k], "low_seeds", "high_seeds")]
+        one_seed = len(rows[METRICS[0]]["per_seed"]) < 2  # seeds were not resampled: pairs only
+        both = [k for k in METRICS if k not in nan and not one_seed and excludes(rows[k], "low_seeds", "high_seeds")]
         pairs = [k for k in METRICS if k not in nan + both and excludes(rows[k], "low", "high")]
         rest = [k for k in METRICS if k not in nan + both + pairs]
         same_sign = [k for k in METRICS if k not in nan and len(rows[k]["per_seed"]) > 1
@@ -205,7 +206,11 @@ def answers(stats):
         said = (f"OTPO's margin-length correlation minus {other} is {r['mean']:+.3f} (95% CI over pairs "
                 f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, "
                 f"{r['high_seeds']:+.3f}]; per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])})")  # fmt: skip
-        if r["high_seeds"] < 0:
+        if len(r["per_seed"]) < 2:  # nothing to say about other seeds
+            side = "below" if r["high"] < 0 else "above" if r["low"] > 0 else None
+            verdict = (f"For this one seed only: the interval over pairs is {side} 0; other seeds are untested."
+                       if side else "Not shown for this one seed: the interval over pairs includes 0.")  # fmt: skip
+        elif r["high_seeds"] < 0:
             verdict = "Yes, at this scale: the interval over pairs and seeds is below 0."
         elif r["low_seeds"] > 0:
             verdict = "No, the opposite at this scale: the interval over pairs and seeds is above 0."
