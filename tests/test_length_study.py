@@ -218,3 +218,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     monkeypatch.setattr(train_cli, "main", forbidden)
     length_study.main([*argv, "--test_pairs", "9"])
     assert all(p.stat().st_mtime_ns > stamps[p] for p in out.glob("scores/*.json"))
+
+    # A finished run of other training settings in the same --out is refused, not reported under the new ones.
+    with pytest.raises(ValueError, match=r"finished run of other settings \(learning_rate: 0.0001 -> 0.001"):
+        length_study.main([*argv, "--learning_rate", "1e-3"])

@@ -32,6 +32,7 @@ from ..data import load_preference_dataset
 from ..loading import load_model_and_tokenizer
 from ..otpo_config import ot_kwargs
 from . import train as train_cli
+from .run_dir import RUN_FILE, _describe, _differences, run_settings
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -257,11 +258,20 @@ def train_flags(args, arm, seed, run_dir):
 def train(args, arm, seed, run_dir):
     """Train one run in this process with `scripts/train.py`'s code, unless it has finished (an interrupted one
     resumes from its last checkpoint)."""
+    parsed = train_cli.parse_args(train_flags(args, arm, seed, run_dir))
     if (run_dir / "all_results.json").exists():
+        # Reuse only what these flags would train: a finished run of other settings (say another --ot_reg into the
+        # same --out) would otherwise be reported under the new ones.
+        record = run_dir / RUN_FILE
+        old = json.loads(record.read_text())["settings"] if record.exists() else {}
+        changes = _differences(old, run_settings(*parsed))
+        if changes:
+            raise ValueError(f"{run_dir} holds a finished run of other settings ({_describe(changes)}): give the "
+                             "study a new --out, or delete that run.")  # fmt: skip
         print(f"{run_dir.name}: reusing the finished run")
         return
     print(f"{run_dir.name}: training", flush=True)
-    train_cli.main(*train_cli.parse_args(train_flags(args, arm, seed, run_dir)))
+    train_cli.main(*parsed)
 
 
 def score(args, recipe, run_dir, pairs, path):
