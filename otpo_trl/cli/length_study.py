@@ -439,11 +439,10 @@ def _study(args, command):
     recipe = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
     pairs = held_out_pairs(args, recipe)
 
-    scores, runs = {}, []
+    scores = {}
     for arm in ARMS:
         for seed in args.seeds:
             run_dir = out / f"{arm}-seed{seed}"
-            runs.append(run_dir.name)
             train(args, arm, seed, run_dir)
             scores[arm, seed] = score(args, recipe, run_dir, pairs, out / "scores" / f"{run_dir.name}.json")
 
@@ -455,11 +454,12 @@ def _study(args, command):
     diffs = np.array([first[k]["chosen_tokens"] - first[k]["rejected_tokens"] for k in order], float)
     margins = {arm: np.array([[table[arm, s][k]["margin"] for k in order] for s in args.seeds]) for arm in ARMS}
     stats = bootstrap(margins, diffs, n_resamples=args.bootstrap)
-    per_seed = {(arm, s): {k: float(v) for k, v in pair_metrics(margins[arm][i], diffs).items()}
+    per_seed = {(arm, s): {k: stats[arm][k]["per_seed"][i] for k in METRICS}
                 for arm in ARMS for i, s in enumerate(args.seeds)}  # fmt: skip
     gen = {arm: {"lengths": sum((scores[arm, s]["generation_lengths"] for s in args.seeds), []),
                  "hit_budget": sum((scores[arm, s]["hit_budget"] for s in args.seeds), [])} for arm in ARMS}  # fmt: skip
 
+    runs = [f"{arm}-seed{seed}" for arm, seed in scores]
     finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
     compute = {"train_minutes": sum(r["train_runtime"] for r in finished) / 60,
                "score_minutes": sum(s["seconds"] for s in scores.values()) / 60,
