@@ -11,7 +11,7 @@ import torch
 
 
 COSTS = ("euclidean", "sqeuclidean", "cosine")
-COST_SCALES = ("official", "pair", "none")
+COST_SCALES = ("official", "pair", "none", "minmax")
 NORMALIZATIONS = ("min", "mean", "max", "length", "none")
 SOLVERS = ("batched", "pot")
 WEIGHTINGS = ("ot", "uniform")
@@ -32,6 +32,7 @@ class OTInfo:
     plan_mass: torch.Tensor
     n_iter: int
     fallback: torch.Tensor
+    cost_spread: torch.Tensor | None = None
 
 
 def _finalize_cost(d2, sq_norms, cost):
@@ -234,6 +235,25 @@ def _cost_divisor(M, pmask, zero_costs, cost_scale):
     return top.clamp_min(1)
 
 
+def _minmax(M, pmask):
+    """(B, n, m) costs rescaled per pair to [0, 1] over the valid entries: (M - min M) / (max M - min M). A pair whose
+    costs are all equal (or that has no valid entry) gets 0 everywhere, i.e. uniform weights."""
+    lo = torch.where(pmask, M, math.inf).flatten(1).amin(1)
+    hi = torch.where(pmask, M, -math.inf).flatten(1).amax(1)
+    span = hi - lo
+    ok = span.isfinite() & (span > 0)
+    lo, span = torch.where(ok, lo, 0), torch.where(ok, span, 1)
+    return torch.where(pmask & ok[:, None, None], (M - lo[:, None, None]) / span[:, None, None], 0)
+
+
+def _cost_spread(M, pmask):
+    """(B,) the largest spread of one column (over the chosen tokens) or one row (over the rejected tokens) of the
+    scaled cost matrix: the Delta of the bound max_i w_i / min_i w_i <= exp(Delta / (reg + reg_m))."""
+    hi, lo = torch.where(pmask, M, -math.inf), torch.where(pmask, M, math.inf)
+    spreads = [(hi.amax(d) - lo.amin(d)).nan_to_num(0, 0, 0).clamp_min(0).amax(1) for d in (1, 2)]
+    return torch.maximum(*spreads)
+
+
 def _batched(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, tol, need_plan):
     """All pairs at once, on compact (B, n_max, H), (B, m_max, H) copies of the valid tokens."""
     dtype = torch.float64 if torch.float64 in (hc.dtype, hr.dtype) else torch.float32
@@ -242,7 +262,8 @@ def _batched(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_it
     n_max, m_max = (int(c.max()) if B else 0 for c in (n, m))
     if n_max == 0 or m_max == 0:  # every pair has an empty side
         zc, zr = hc.new_zeros(B, Tc, dtype=dtype), hc.new_zeros(B, Tr, dtype=dtype)
-        return zc, zr, hc.new_zeros(B, dtype=dtype), zc.new_zeros(B, Tc, Tr) if need_plan else None, mc.new_zeros(B), 0
+        empty = hc.new_zeros(B, dtype=dtype)
+        return zc, zr, empty, zc.new_zeros(B, Tc, Tr) if need_plan else None, mc.new_zeros(B), 0, empty
     x, rows, oc = _compact(hc, mc, n_max, dtype)
     y, cols, orr = _compact(hr, mr, m_max, dtype)
     nonempty = (n > 0) & (m > 0)
@@ -262,7 +283,10 @@ def _batched(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_it
         fallback |= ~z.isfinite().all(1)
     rows_s, cols_s = rows & ~fallback[:, None], cols & ~fallback[:, None]  # the pairs the solver works on
     pmask = pmask & ~fallback[:, None, None]
-    M = torch.where(pmask, M / _cost_divisor(M, pmask, zero_costs, cost_scale)[:, None, None], 0)
+    if cost_scale == "minmax":
+        M = _minmax(M, pmask)
+    else:
+        M = torch.where(pmask, M / _cost_divisor(M, pmask, zero_costs, cost_scale)[:, None, None], 0)
     fi = reg_m / (reg_m + reg)
     u = None
     if float(M.flatten(1).amax(1).max()) / reg < _EXP_LIMIT[dtype]:  # exp(-M / reg) cannot underflow
@@ -287,7 +311,7 @@ def _batched(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_it
         plan = u[:, :, None] * K * v[:, None, :] * scale[:, None, None]
         full = plan.new_zeros(B, Tc, m_max).scatter_(1, oc[..., None].expand(-1, -1, m_max), plan)
         full = plan.new_zeros(B, Tc, Tr).scatter_(2, orr[:, None, :].expand(-1, Tc, -1), full)
-    return wc, wr, row_sums.sum(1) * scale, full, fallback, n_iter
+    return wc, wr, row_sums.sum(1) * scale, full, fallback, n_iter, _cost_spread(M, pmask)
 
 
 def _pot(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, tol, need_plan):
@@ -299,6 +323,7 @@ def _pot(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, 
     wc, wr = torch.zeros(B, Tc, dtype=torch.float64), torch.zeros(B, Tr, dtype=torch.float64)
     mass, fallback = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.bool)
     full = torch.zeros(B, Tc, Tr, dtype=torch.float64) if need_plan else None
+    spread = torch.zeros(B, dtype=torch.float64)
     n_iter = 0
     for k in range(B):
         ic, ir = mc[k].nonzero().squeeze(1), mr[k].nonzero().squeeze(1)
@@ -320,8 +345,12 @@ def _pot(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, 
             fallback[k] = True
             wc[k, ic], wr[k, ir] = _normalize(*(x.new_ones(1, len(i)) for i in (ic, ir)), *counts, normalization)
             continue
-        if cost_scale != "none":
+        if cost_scale == "minmax":
+            span = M.max() - M.min()
+            M = (M - M.min()) / span if span > 0 else np.zeros_like(M)
+        elif cost_scale != "none":
             M = M / max(float(top), 1.0)
+        spread[k] = float(max((M.max(0) - M.min(0)).max(), (M.max(1) - M.min(1)).max()))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="If reg_type = entropy")
             P, log = ot.unbalanced.sinkhorn_unbalanced(
@@ -335,7 +364,7 @@ def _pot(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, 
         if need_plan:
             full[k, ic[:, None], ir[None, :]] = P
     device = hc.device
-    return wc.to(device), wr.to(device), mass.to(device), full, fallback.to(device), n_iter
+    return wc.to(device), wr.to(device), mass.to(device), full, fallback.to(device), n_iter, spread.to(device)
 
 
 def _uniform(mc, mr, normalization, need_plan):
@@ -351,7 +380,7 @@ def _uniform(mc, mr, normalization, need_plan):
     if need_plan:
         value = torch.where(nonempty, low / (n * m).clamp_min(1), 0)[:, None, None]
         plan = (mc[:, :, None] & mr[:, None, :]) * value
-    return wc, wr, mass, plan, torch.zeros_like(nonempty), 0
+    return wc, wr, mass, plan, torch.zeros_like(nonempty), 0, torch.zeros_like(mass)
 
 
 def ot_token_weights(
@@ -383,8 +412,9 @@ def ot_token_weights(
     ("official", the official code's: it zeroes the states at masked positions, the prompt at least, and divides
     the cost over the whole padded sequences by its maximum when that exceeds 1; the zero states bring in
     :math:`c(x, 0)` = :math:`\|x\|_2`, :math:`\|x\|_2^2`, or 1 for the cosine cost, a zero vector's cosine being 0),
-    :math:`D = \max(1, \max_{ij} c(x_i, y_j) + 10^{-6})` ("pair": the valid entries only) or :math:`D = 1` ("none").
-    Then
+    :math:`D = \max(1, \max_{ij} c(x_i, y_j) + 10^{-6})` ("pair": the valid entries only) or :math:`D = 1` ("none");
+    or, for "minmax", :math:`M_{ij} = (c_{ij} - \min_{kl} c_{kl}) / (\max_{kl} c_{kl} - \min_{kl} c_{kl})` over the
+    pair's valid entries (0 everywhere if they are all equal). Then
 
     .. math::
         P^\star = \operatorname*{arg\,min}_{P \in \mathbb{R}_+^{n \times m}} \langle P, M \rangle
@@ -399,6 +429,23 @@ def ot_token_weights(
     :math:`i` is weighted by :math:`(P^\star \mathbf{1}_m)_i`, rejected token :math:`j` by
     :math:`(P^{\star\top} \mathbf{1}_n)_j`, each side rescaled to a target sum [1]_. With the "min" target both sides
     are divided by the same :math:`\sum_{ij} P^\star_{ij} / \min(n, m)` (the official code's ``scaled_coeff``).
+
+    How far from uniform the weights can be: at the fixed point, a chosen token's mass is
+    :math:`r_i = (K v)_i^{1 - \phi}`, so within one completion
+
+    .. math::
+        \max_i r_i / \min_i r_i \le \exp\big(\Delta / (\varepsilon + \tau)\big), \qquad
+        \Delta = \max_j \big(\max_i M_{ij} - \min_i M_{ij}\big)
+
+    (the rejected side likewise, with rows; ``info.cost_spread`` is the larger of the two :math:`\Delta`). The
+    normalisation leaves the ratio unchanged. Under "official", :math:`\Delta` is the states' spread relative to
+    their norms: a component shared by every state (as real hidden states have) makes it small, and the weights stay
+    close to uniform at the paper's :math:`\varepsilon`, by an amount that depends on the model. "minmax" makes the
+    costs' range 1 in every pair (and the weights invariant to a shift or a rescaling of all states), so that
+    :math:`\varepsilon` and :math:`\tau` alone bound how far apart the weights may be, whatever the model
+    (:math:`e^{1 / (\varepsilon + \tau)}`: 2.3 at the defaults, 20 at :math:`\varepsilon = 0.1`). A constant added to
+    every cost of a pair rescales its plan and leaves the normalised weights unchanged, so "minmax" is in effect
+    a division by the range of the costs.
 
     Parameters
     ----------
@@ -423,7 +470,8 @@ def ot_token_weights(
         were tuned; it depends on the states' norms, so a large component shared by all states shrinks the costs.
         "pair" ignores the norms (this package's earlier scaling); "none" keeps the raw costs, which then set the
         scale of :math:`\varepsilon` (large costs are handled by the stabilised solver, and the weights are normalised
-        without underflow; with ``normalization="none"`` the raw marginals may underflow to 0).
+        without underflow; with ``normalization="none"`` the raw marginals may underflow to 0). "minmax" rescales each
+        pair's costs to [0, 1], so that :math:`\varepsilon` means the same for every model (see the bound above).
     normalization : {"min", "mean", "max", "length", "none"}, optional
         Target sum of each side's weights: :math:`\min(n, m)`, :math:`(n + m) / 2`, :math:`\max(n, m)`, each side's
         own length (:math:`n`, :math:`m`), or none (raw plan marginals).
@@ -454,8 +502,9 @@ def ot_token_weights(
     info : OTInfo, only if ``return_info``
         ``plan`` (B, Tc, Tr) float32, the plan at the input positions (0 elsewhere); ``plan_mass`` (B,)
         :math:`\sum_{ij} P^\star_{ij} / \min(n, m)` (0 for empty or fallback pairs); ``n_iter`` (int) iterations run;
-        ``fallback`` (B,) bool, the pairs given uniform weights. With ``weighting="uniform"``: the constant plan
-        :math:`\min(n, m) / (n m)`, so ``plan_mass`` 1, ``n_iter`` 0, no fallback.
+        ``fallback`` (B,) bool, the pairs given uniform weights; ``cost_spread`` (B,) float32, the :math:`\Delta` of
+        the bound above (0 for empty or fallback pairs). With ``weighting="uniform"``: the constant plan
+        :math:`\min(n, m) / (n m)`, so ``plan_mass`` 1, ``n_iter`` 0, no fallback, ``cost_spread`` 0.
 
     References
     ----------
@@ -491,14 +540,14 @@ def ot_token_weights(
     mc, mr = chosen_mask.detach().to(device) != 0, rejected_mask.detach().to(device) != 0
     need_plan = return_info and return_plan
     if weighting == "uniform":
-        wc, wr, mass, plan, fallback, n_iter = _uniform(mc, mr, normalization, need_plan)
+        wc, wr, mass, plan, fallback, n_iter, spread = _uniform(mc, mr, normalization, need_plan)
     else:
         solve = _batched if solver == "batched" else _pot
         args = (float(reg), float(reg_m), cost, cost_scale, normalization, max_iter, tol, need_plan)
         # Trainers call this inside the model's forward, under mixed-precision autocast: without this, the cost
         # matmuls and Sinkhorn products would silently run in bf16/fp16. The solver's own dtype (fp32, fp64) is used.
         with torch.autocast(device_type=device.type, enabled=False):
-            wc, wr, mass, plan, fallback, n_iter = solve(hc, hr, mc, mr, *args)
+            wc, wr, mass, plan, fallback, n_iter, spread = solve(hc, hr, mc, mr, *args)
 
     wc, wr = wc.float(), wr.float()
     if bool(fallback.any()):
@@ -510,4 +559,5 @@ def ot_token_weights(
         return wc, wr
     mass = torch.where(fallback, 0, mass / torch.minimum(mc.sum(1), mr.sum(1)).clamp_min(1)).float()
     plan = plan.float().to(device) if plan is not None else None
-    return wc, wr, OTInfo(plan=plan, plan_mass=mass, n_iter=n_iter, fallback=fallback)
+    spread = torch.where(fallback, 0, spread).float()
+    return wc, wr, OTInfo(plan=plan, plan_mass=mass, n_iter=n_iter, fallback=fallback, cost_spread=spread)

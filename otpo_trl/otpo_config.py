@@ -61,7 +61,9 @@ class OTPOConfig(DPOConfig):
             What a pair's cost matrix is divided by when that exceeds 1: `"official"` → its maximum over the official
             code's padded matrix, whose zeroed prompt and padding states bring in each state's cost to the origin
             (its norm for `"euclidean"`); the paper's ε were tuned under it. `"pair"` → the maximum over the valid
-            tokens only (ignores the norms); `"none"` → no division (ε then sets the scale of raw costs).
+            tokens only (ignores the norms); `"none"` → no division (ε then sets the scale of raw costs). `"minmax"`
+            rescales each pair's valid costs to [0, 1], so that ε bounds the weights' spread the same way for every
+            model (max/min weight within a completion ≤ exp(1 / (ε + τ))); see docs of `ot_token_weights`.
         ot_normalization (`str`, *optional*, defaults to `"min"`):
             Target sum of each side's weights: `"min"` → min(|y_w|, |y_l|) (the paper), `"mean"`, `"max"`, `"length"`
             (each side's own length) or `"none"` (raw plan marginals; collapses in the paper's ablation).
@@ -101,8 +103,9 @@ class OTPOConfig(DPOConfig):
         metadata={
             "help": "What a pair's cost matrix is divided by when that exceeds 1: 'official' (its maximum over the "
             "official code's padded matrix, whose zeroed prompt/padding states add the states' costs to the origin; "
-            "the paper's ot_reg values were tuned under it), 'pair' (the maximum over the valid tokens only) or "
-            "'none' (no division).",
+            "the paper's ot_reg values were tuned under it), 'pair' (the maximum over the valid tokens only), "
+            "'none' (no division) or 'minmax' (each pair's costs rescaled to [0, 1]: ot_reg means the same for "
+            "every model).",
             "choices": list(OT_COST_SCALES),
         },
     )

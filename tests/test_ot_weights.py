@@ -353,3 +353,72 @@ def test_return_plan_false_gives_the_same_weights_and_diagnostics_without_the_pl
     assert info2.plan is None and info.plan is not None
     torch.testing.assert_close((wc2, wr2, info2.plan_mass), (wc, wr, info.plan_mass), rtol=0, atol=0)
     assert info2.n_iter == info.n_iter and torch.equal(info2.fallback, info.fallback)
+
+
+# ------------------------------------------------------------------ the spread of the weights and cost_scale="minmax"
+
+
+def weight_ratio(w, mask):
+    """Per pair, max / min of the weights over the valid tokens."""
+    return torch.stack([w[k][mask[k]].max() / w[k][mask[k]].min() for k in range(len(w))]).double()
+
+
+@pytest.mark.parametrize("cost_scale", COST_SCALES)
+@pytest.mark.parametrize("reg", [1.0, 0.1, 0.03])
+def test_weight_ratio_is_bounded_by_the_cost_spread(cost_scale, reg):
+    """At the fixed point r_i = (K v)_i^(1 - fi), so max_i r_i / min_i r_i <= exp(Delta / (reg + reg_m)), Delta the
+    largest spread of one column of the scaled cost matrix (rows for the rejected side); cost_spread is that Delta."""
+    reg_m = 0.2
+    for seed in range(12):
+        hc, hr, mc, mr = random_batch(100 + seed, offset=0.0 if seed % 2 else 3.0, dtype=torch.float64)
+        kw = {"reg": reg, "reg_m": reg_m, "cost_scale": cost_scale, "return_info": True, "tol": 1e-12}
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, max_iter=20000, **kw)
+        bound = torch.exp(info.cost_spread.double() / (reg + reg_m))
+        for w, mask in ((wc, mc), (wr, mr)):
+            assert (weight_ratio(w, mask) <= bound * (1 + 1e-4)).all(), (seed, weight_ratio(w, mask), bound)
+        # cost_spread is the Delta of the cost matrix the solver used
+        for k in range(len(hc)):
+            M = exact_cost(hc[k][mc[k]], hr[k][mr[k]], "euclidean", "pair" if cost_scale == "minmax" else cost_scale)
+            if cost_scale == "minmax":
+                M = (M - M.min()) / (M.max() - M.min())
+            delta = max(float((M.amax(0) - M.amin(0)).max()), float((M.amax(1) - M.amin(1)).max()))
+            assert float(info.cost_spread[k]) == pytest.approx(delta, rel=1e-5, abs=1e-7)
+
+
+def test_minmax_scale_has_unit_range_and_matches_pot():
+    hc, hr, mc, mr = random_batch(21, offset=3.0)
+    for reg in (1.0, 0.1):
+        wc, wr, info = ot_token_weights(hc, hr, mc, mr, reg=reg, cost_scale="minmax", return_info=True)
+        rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, reg=reg, cost_scale="minmax", solver="pot", return_info=True)
+        assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4
+        torch.testing.assert_close(info.cost_spread, rinfo.cost_spread.float(), rtol=1e-5, atol=1e-6)
+    # the range of the costs is 1, so some column or row spans most of it; under "official" the offset shrinks it
+    official = ot_token_weights(hc, hr, mc, mr, return_info=True)[2].cost_spread
+    assert (info.cost_spread > 0.5).all() and (info.cost_spread <= 1 + 1e-6).all()
+    assert (official < 0.5 * info.cost_spread).all(), (official, info.cost_spread)
+
+
+def test_minmax_weights_do_not_depend_on_the_states_offset_or_scale():
+    """What makes one ot_reg mean the same for every model: shifting every state by a shared vector or multiplying
+    all of them by a constant leaves the minmax weights unchanged (up to the 1e-6 added to every cost); the official
+    scaling's weights move towards uniform as the shared component grows."""
+    hc, hr, mc, mr = random_batch(5, offset=0.0, dtype=torch.float64)
+    shared = 40.0 * torch.randn(hc.shape[-1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = {"reg": 0.1, "tol": 1e-10, "max_iter": 5000}
+    base = ot_token_weights(hc, hr, mc, mr, cost_scale="minmax", **kw)
+    for x, y in ((hc + shared, hr + shared), (7.0 * hc, 7.0 * hr), (0.2 * hc + shared, 0.2 * hr + shared)):
+        moved = ot_token_weights(x, y, mc, mr, cost_scale="minmax", **kw)
+        assert pair_rel_err(moved[0], base[0]) < 1e-4 and pair_rel_err(moved[1], base[1]) < 1e-4
+    official = ot_token_weights(hc, hr, mc, mr, **kw)
+    shifted = ot_token_weights(hc + shared, hr + shared, mc, mr, **kw)
+    assert (weight_ratio(shifted[0], mc) < weight_ratio(official[0], mc)).all()
+    assert pair_rel_err(shifted[0], official[0]) > 1e-2
+
+
+def test_minmax_with_equal_costs_gives_uniform_weights():
+    """One chosen and one rejected token (or all costs equal): nothing to rescale, uniform weights, not NaN."""
+    hc, hr = torch.randn(1, 3, 8), torch.randn(1, 2, 8)
+    mc, mr = torch.tensor([[False, True, False]]), torch.tensor([[True, False]])
+    wc, wr, info = ot_token_weights(hc, hr, mc, mr, cost_scale="minmax", return_info=True)
+    assert wc.tolist() == [[0.0, 1.0, 0.0]] and wr.tolist() == [[1.0, 0.0]]
+    assert float(info.cost_spread[0]) == 0.0
