@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
@@ -282,23 +283,42 @@ def test_model_card_cites_otpo(tiny_model_dir, tmp_path):
     assert "2505.18720" in card and "OTPO" in card
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("ot_reg", 0.0),
-        ("ot_reg_m", -1.0),
-        ("ot_cost", "manhattan"),
-        ("ot_normalization", "sum"),
-        ("ot_solver", "gpu"),
-        ("ot_max_iter", 0),
-        ("ot_tol", 0.0),
-        ("beta", 0.0),
-        ("loss_type", ["sigmoid", "typo"]),
-    ],
-)
+BAD_VALUES = [
+    ("ot_reg", 0.0),
+    ("ot_reg_m", -1.0),
+    ("ot_cost", "manhattan"),
+    ("ot_cost_scale", "global"),
+    ("ot_normalization", "sum"),
+    ("ot_weighting", "tfidf"),
+    ("ot_solver", "gpu"),
+    ("ot_max_iter", 0),
+    ("ot_tol", 0.0),
+    ("beta", 0.0),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), [*BAD_VALUES, ("loss_type", ["sigmoid", "typo"])])
 def test_bad_config_value_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         OTPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+def test_bad_value_assigned_after_construction_is_refused(tiny_model_dir, tmp_path, field, value):
+    """`args.ot_reg = -1` on a built config (or a trainer's `args`) is refused at once with the constructor's message,
+    not accepted to fail at the first OT solve; a good value is stored as the constructor stores it."""
+    args = config(OTPOConfig, tmp_path, bf16=False)
+    before = getattr(args, field)
+    with pytest.raises(ValueError, match=f"`{field}` must be"):
+        setattr(args, field, value)
+    assert getattr(args, field) == before
+    args.ot_reg, args.ot_max_iter = np.float32(0.25), np.int64(7)
+    assert (type(args.ot_reg), type(args.ot_max_iter), args.ot_reg) == (float, int, 0.25)
+    if field == "ot_reg":  # on the trainer's own args as well
+        trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(2))
+        with pytest.raises(ValueError, match="`ot_reg` must be a finite number > 0, got -1"):
+            trainer.args.ot_reg = -1
+        assert trainer.args.ot_reg == 0.25
 
 
 def test_ot_metrics_and_weight_histogram_reach_tensorboard(tiny_model_dir, tmp_path, monkeypatch):
