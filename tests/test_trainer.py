@@ -268,6 +268,29 @@ def test_evaluate_and_compute_metrics(tiny_model_dir, tmp_path):
     assert len(seen["shape"]) == 3  # (rows, seq, vocab) logits
 
 
+def test_evaluate_several_sets_logs_ot_metrics_under_each_sets_prefix(tiny_model_dir, tmp_path):
+    """`evaluate({"a": ..., "b": ...})` (and an `eval_dataset` dict) names each set's metrics `eval_a_*`, `eval_b_*`,
+    as transformers names its loss; the `ot/*` values of each set are those of that set evaluated alone."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = conversational_pairs(4)
+    sets = {"a": pairs.select([0, 1]), "b": pairs.select([2, 3])}
+    args = config(OTPOConfig, tmp_path, bf16=False, prediction_loss_only=True, ot_reg=0.1)
+    trainer = OTPOTrainer(
+        model=tiny_model_dir, args=args, train_dataset=pairs, eval_dataset=sets, processing_class=tok
+    )
+    alone = {name: trainer.evaluate(dataset) for name, dataset in sets.items()}
+    assert alone["a"]["eval_ot/plan_mass"] != pytest.approx(alone["b"]["eval_ot/plan_mass"], rel=1e-3)
+    for metrics in (trainer.evaluate(sets), trainer.evaluate()):  # passed in, or the trainer's eval_dataset
+        for name in sets:
+            for key in ("ot/plan_mass", "ot/weight_max", "ot/weight_entropy", "ot/solver_iters", "ot/fallbacks"):
+                assert metrics[f"eval_{name}_{key}"] == pytest.approx(alone[name][f"eval_{key}"], rel=1e-6), key
+            assert f"eval_{name}_loss" in metrics
+        assert not [key for key in metrics if key.startswith("eval_ot/")]
+    logged = trainer.state.log_history[-1]
+    assert "eval_b_ot/plan_mass" in logged and "eval_a_ot/plan_mass" not in logged  # one log entry per set
+    assert "test_ot/plan_mass" in trainer.evaluate(sets["a"], metric_key_prefix="test")
+
+
 def test_dpo_config_is_refused_with_a_clear_message(tiny_model_dir, tmp_path):
     args = config(DPOConfig, tmp_path)
     with pytest.raises(TypeError, match="OTPOConfig"):
