@@ -147,8 +147,8 @@ def test_concatenated_forward_keeps_the_state_that_predicts_each_token(tiny_mode
     args = config(OTPOConfig, tmp_path, bf16=False)  # fp32: compared with a plain forward at fp32 tolerance
     trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    out = trainer.concatenated_forward(trainer.model, batch)  # with gradients on, as in training
     with torch.no_grad():
-        out = trainer.concatenated_forward(trainer.model, batch)
         full = trainer.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
@@ -157,7 +157,9 @@ def test_concatenated_forward_keeps_the_state_that_predicts_each_token(tiny_mode
     logps = full.logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     mask = out["completion_mask"]
     torch.testing.assert_close(out["per_token_logps"][mask], logps[mask], rtol=1e-5, atol=1e-5)
-    assert not out["hidden_states"].requires_grad
+    # the states and weights are constants of the loss; the log-probs are not (so gradients were on)
+    assert out["per_token_logps"].requires_grad
+    assert not out["hidden_states"].requires_grad and not out["weights"].requires_grad
     chosen_w, rejected_w = ot_token_weights(*out["hidden_states"].chunk(2), *mask.chunk(2))
     torch.testing.assert_close(out["weights"], torch.cat([chosen_w, rejected_w]))
 
