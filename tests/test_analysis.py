@@ -4,6 +4,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -291,7 +292,14 @@ def test_plot_weights_checks_out_before_the_model(tmp_path, no_model, monkeypatc
         with pytest.raises(ValueError, match=r"is a folder; give a file name, such as .*ot_weights.png"):
             plot_weights_cli.main(inline_argv(folder))
 
-    def read_only(*args, **kwargs):  # (chmod does not stop root, who runs CI)
+    # (chmod does not stop root, who runs CI: the checks' probes say "read-only" instead)
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"")
+    monkeypatch.setattr(plot_weights_cli.os, "access", lambda path, mode: Path(path) != existing)
+    with pytest.raises(ValueError, match=r"--out .*old.png exists and cannot be written to"):
+        plot_weights_cli.main(inline_argv(existing))
+
+    def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)

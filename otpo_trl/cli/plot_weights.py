@@ -21,6 +21,7 @@ the token that completes it; the tokens before show `⋯`.
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 import warnings
@@ -325,7 +326,7 @@ def _prompt_text(example: dict) -> str:
 
 def output_paths(out: str, svg: bool) -> list[Path]:
     """The files `--out` (and `--svg`) name, the PNG first, checked (their folder made) before anything loads: a
-    `ValueError` if one is a folder, or if their folder is a file or cannot be written to."""
+    `ValueError` if one is a folder or a read-only file, or if their folder is a file or cannot be written to."""
     out = Path(out).expanduser()
     png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
     paths = [png, *([png.with_suffix(".svg")] if svg else [])]
@@ -333,6 +334,10 @@ def output_paths(out: str, svg: bool) -> list[Path]:
         if path.is_dir():
             raise ValueError(f"--out {path} is a folder; give a file name, such as {path / 'ot_weights.png'}.")
     writable_dir(png.parent, f"--out {out}: its folder")
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--out {path} exists and cannot be written to; give another file name, or make it "
+                             "writable.")  # fmt: skip
     return paths
 
 
