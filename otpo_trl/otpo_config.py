@@ -69,6 +69,13 @@ def checked_value(name: str, value, label: str | None = None):
     return value
 
 
+def _check_loss_type(loss_type) -> None:
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unknown = [t for t in loss_types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"`loss_type` {unknown} not supported; choose from {list(LOSS_TYPES)}.")
+
+
 @dataclass
 class OTPOConfig(DPOConfig):
     r"""
@@ -176,10 +183,7 @@ class OTPOConfig(DPOConfig):
         # stored as plain Python numbers so that they reach the solver, the logs and JSON as such.
         for name in CHECKED_FIELDS:
             object.__setattr__(self, name, checked_value(name, getattr(self, name)))
-        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unknown = [t for t in loss_types if t not in LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"`loss_type` {unknown} not supported; choose from {list(LOSS_TYPES)}.")
+        _check_loss_type(self.loss_type)
         try:
             super().__post_init__()
         except ValueError as err:
@@ -197,8 +201,12 @@ class OTPOConfig(DPOConfig):
 
     def __setattr__(self, name, value):
         # `args.ot_reg = -1` after construction is refused here, as in the constructor, not at the first OT solve.
-        if name in CHECKED_FIELDS and self.__dict__.get("_otpo_checked"):
-            value = checked_value(name, value)
+        if self.__dict__.get("_otpo_checked"):
+            if name in CHECKED_FIELDS:
+                value = checked_value(name, value)
+            elif name == "loss_type":
+                _check_loss_type(value)
+                value = [value] if isinstance(value, str) else value  # as DPOConfig stores it
         super().__setattr__(name, value)
 
 
