@@ -37,6 +37,45 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# The OT settings (and DPO's beta) checked by `checked_value`: by OTPOConfig at construction and on assignment, and by
+# the analysis tools on their `--ot_*` options, before any model loads.
+_POSITIVE_FIELDS = ("ot_reg", "ot_reg_m", "ot_tol", "beta")
+_CHOICE_FIELDS = {
+    "ot_cost": OT_COSTS,
+    "ot_cost_scale": OT_COST_SCALES,
+    "ot_normalization": OT_NORMALIZATIONS,
+    "ot_weighting": OT_WEIGHTINGS,
+    "ot_solver": OT_SOLVERS,
+}
+CHECKED_FIELDS = (*_POSITIVE_FIELDS, "ot_max_iter", *_CHOICE_FIELDS)
+
+
+def checked_value(name: str, value, label: str | None = None):
+    """`value` of the OTPOConfig field `name` (one of `CHECKED_FIELDS`) as stored, a plain Python number for the
+    numbers; a `ValueError` naming `label` (default: the field, in backticks) when it is not valid."""
+    label = label or f"`{name}`"
+    if name in _POSITIVE_FIELDS:
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{label} must be a finite number > 0, got {value!r}.")
+        return float(value)
+    if name == "ot_max_iter":
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{label} must be an int, got {value!r}.")
+        if value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value!r}.")
+        return int(value)
+    if value not in _CHOICE_FIELDS[name]:
+        raise ValueError(f"{label} must be one of {list(_CHOICE_FIELDS[name])}, got {value!r}.")
+    return value
+
+
+def _check_loss_type(loss_type) -> None:
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unknown = [t for t in loss_types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"`loss_type` {unknown} not supported; choose from {list(LOSS_TYPES)}.")
+
+
 @dataclass
 class OTPOConfig(DPOConfig):
     r"""
@@ -145,29 +184,9 @@ class OTPOConfig(DPOConfig):
     def __post_init__(self):
         # Numbers from YAML, Python or NumPy (np.float32(0.5) is a number; True, "0.5" and inf are not): checked, then
         # stored as plain Python numbers so that they reach the solver, the logs and JSON as such.
-        for name in ("ot_reg", "ot_reg_m", "ot_tol", "beta"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-            setattr(self, name, float(value))
-        if not isinstance(self.ot_max_iter, numbers.Integral) or isinstance(self.ot_max_iter, bool):
-            raise ValueError(f"`ot_max_iter` must be an int, got {self.ot_max_iter!r}.")
-        if self.ot_max_iter < 1:
-            raise ValueError(f"`ot_max_iter` must be >= 1, got {self.ot_max_iter!r}.")
-        self.ot_max_iter = int(self.ot_max_iter)
-        for name, choices in (
-            ("ot_cost", OT_COSTS),
-            ("ot_cost_scale", OT_COST_SCALES),
-            ("ot_normalization", OT_NORMALIZATIONS),
-            ("ot_weighting", OT_WEIGHTINGS),
-            ("ot_solver", OT_SOLVERS),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unknown = [t for t in loss_types if t not in LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"`loss_type` {unknown} not supported; choose from {list(LOSS_TYPES)}.")
+        for name in CHECKED_FIELDS:
+            object.__setattr__(self, name, checked_value(name, getattr(self, name)))
+        _check_loss_type(self.loss_type)
         try:
             super().__post_init__()
         except ValueError as err:
@@ -181,6 +200,17 @@ class OTPOConfig(DPOConfig):
                 "`use_cpu=True` (`--use_cpu true`) to keep bf16 autocast on the CPU (fast with AVX512-BF16 or AMX, "
                 "much slower than fp32 without them)."
             ) from err
+        object.__setattr__(self, "_otpo_checked", True)
+
+    def __setattr__(self, name, value):
+        # `args.ot_reg = -1` after construction is refused here, as in the constructor, not at the first OT solve.
+        if self.__dict__.get("_otpo_checked"):
+            if name in CHECKED_FIELDS:
+                value = checked_value(name, value)
+            elif name == "loss_type":
+                _check_loss_type(value)
+                value = [value] if isinstance(value, str) else value  # as DPOConfig stores it
+        super().__setattr__(name, value)
 
 
 OT_FIELDS = tuple(f.name for f in fields(OTPOConfig) if f.name.startswith("ot_"))

@@ -216,6 +216,7 @@ class OTPOTrainer(DPOTrainer):
         self._ot_hash_tagged = False
         self._ot_last_weights: torch.Tensor | None = None  # (n_tokens,) of the last training batch, for TensorBoard
         self._ot_histogram = False
+        self._ot_eval_prefix: str | None = None  # `metric_key_prefix` of the evaluation in progress, for `log`
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         self._install_ot_hooks()
         self._ot_histogram = "tensorboard" in (self.args.report_to or [])
@@ -412,6 +413,22 @@ class OTPOTrainer(DPOTrainer):
                 "Non-finite hidden states or OT costs in a preference pair: that pair falls back to uniform token "
                 "weights. The count is logged as `ot/fallbacks`. (Shown once.)"
             )
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        self._ot_eval_prefix = metric_key_prefix  # `evaluate` logs this loop's metrics next, in `log`
+        return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's `log`, with the `ot/*` metrics of an evaluation under its `metric_key_prefix`: `eval_a_ot/*` for the
+        set "a" of `evaluate({"a": ..., "b": ...})`, as transformers names that set's loss (TRL 1.16 logs its own
+        metrics of every set as `eval_*`)."""
+        prefix, self._ot_eval_prefix = self._ot_eval_prefix, None
+        if not self.model.training and prefix not in (None, "eval"):
+            metrics = self._metrics["eval"]
+            for key in [key for key in metrics if key.startswith("ot/")]:
+                values = metrics.pop(key)
+                logs[f"{prefix}_{key}"] = sum(values) / len(values)
+        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ precomputed (per-token) reference log-probs
 

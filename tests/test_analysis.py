@@ -3,6 +3,8 @@
 import argparse
 import json
 import shutil
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -258,3 +260,113 @@ def test_evaluate_script(adapter_dir, data_file, tmp_path):
     report = (out / "eval.md").read_text()
     assert "| uniform (DPO) |" in report and "| OT (OTPO) |" in report
     assert result["preference"] == summary["preference"] and len(result["pairs"]) == 5
+
+
+# ------------------------------------------------------------------ the scripts' checks, before any model loads
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The scripts may not load a model (nor evaluate) in these tests: the checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(plot_weights_cli, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(evaluate_cli, "evaluate", refuse)
+
+
+def inline_argv(out):
+    return ["--model", "no-such-model", "--out", str(out), *(a for k, v in PARIS.items() for a in (f"--{k}", v))]
+
+
+def test_plot_weights_checks_out_before_the_model(tmp_path, no_model, monkeypatch, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*a-file/fig.png: its folder .*a-file is a file"):
+        plot_weights_cli.main(inline_argv(a_file / "fig.png"))
+    with pytest.raises(ValueError, match=r"--out .*a-file/sub/fig.png: its folder .* cannot be written to"):
+        plot_weights_cli.main(inline_argv(a_file / "sub" / "fig.png"))
+    for folder in (tmp_path, tmp_path / "figs.png"):  # an existing folder, with or without a .png name
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=r"is a folder; give a file name, such as .*ot_weights.png"):
+            plot_weights_cli.main(inline_argv(folder))
+
+    # (chmod does not stop root, who runs CI: the checks' probes say "read-only" instead)
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"")
+    monkeypatch.setattr(plot_weights_cli.os, "access", lambda path, mode: Path(path) != existing)
+    with pytest.raises(ValueError, match=r"--out .*old.png exists and cannot be written to"):
+        plot_weights_cli.main(inline_argv(existing))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit, match=r"error: --out .*: its folder .* cannot be written to: Permission denied"):
+        plot_weights_cli.cli(inline_argv(tmp_path / "new" / "fig.png"))
+
+
+@pytest.mark.parametrize("script", ["plot_weights", "evaluate"])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--ot_reg", "-1", "--ot_reg must be a finite number > 0, got -1.0"),
+        ("--ot_reg_m", "0", "--ot_reg_m must be a finite number > 0, got 0.0"),
+        ("--ot_tol", "nan", "--ot_tol must be a finite number > 0, got nan"),
+        ("--ot_max_iter", "0", "--ot_max_iter must be >= 1, got 0"),
+        ("--beta", "inf", "--beta must be a finite number > 0, got inf"),
+    ],
+)
+def test_scripts_check_ot_options_as_the_config_does(script, option, value, message, tmp_path, no_model, capsys):
+    """The same checks as OTPOConfig's (`otpo_config.checked_value`), as a usage error before any model loads."""
+    if script == "plot_weights":
+        main, argv = plot_weights_cli.main, inline_argv(tmp_path / "fig.png")
+    else:
+        main, argv = evaluate_cli.main, ["--model", "m", "--data", "d", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, option, value])
+    assert exit_info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    key = option.removeprefix("--")
+    with pytest.raises(ValueError, match=f"`{key}` must be"):  # what OTPOConfig says of the same value
+        OTPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{key: type(getattr(OTPOConfig, key))(value)})
+
+
+def test_plot_weights_warns_of_an_empty_completion(tiny_model_dir, tmp_path):
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "fig.png"), "--device", "cpu", "--prompt", "Hi?",
+            "--chosen", " ", "--rejected", "No."]  # fmt: skip
+    with pytest.warns(UserWarning, match="The chosen completion is empty") as record:
+        plot_weights_cli.main(argv)
+    assert not [w for w in record if "rejected completion" in str(w.message)]
+    user = {"role": "user", "content": "Hi?"}
+    implicit = {"chosen": [user, {"role": "assistant", "content": "Yes."}], "rejected": [user, {"role": "assistant",
+                "content": ""}]}  # fmt: skip
+    with pytest.warns(UserWarning, match="The rejected completion is empty"):
+        assert plot_weights_cli.warn_empty_completions(implicit) == ["rejected"]
+    assert plot_weights_cli.warn_empty_completions({"prompt": "p", "chosen": "a", "rejected": "b"}) == []
+
+
+@pytest.mark.parametrize("rows", [1, 2, 30])
+def test_plan_labels_do_not_overlap_the_heading(rows):
+    """The plan's axis and colour-bar labels are centred on its height; over a short plan (one or two chosen tokens)
+    they used to reach into the "Transport plan" heading above it."""
+    cols = 10
+    stats = SimpleNamespace(
+        chosen_tokens=[[f"c{i}" for i in range(rows)]],
+        rejected_tokens=[[f"r{j}" for j in range(cols)]],
+        chosen_weights=torch.rand(1, rows),
+        rejected_weights=torch.rand(1, cols),
+        plan=torch.rand(1, rows, cols),
+    )
+    fig = plot_weights_cli.plot_pair(stats, 0, ["title"], max_tokens=64)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    heading = next(t for ax in fig.axes for t in ax.texts if t.get_text().startswith("Transport plan"))
+    heading_box = heading.get_window_extent(renderer)
+    labels = [ax.yaxis.label for ax in fig.axes if ax.yaxis.label.get_text()]
+    assert sorted(label.get_text() for label in labels) == ["chosen tokens", "transport mass"]
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        assert box.y1 < heading_box.y0, (label.get_text(), box, heading_box)
+    plot_weights_cli.plt.close(fig)

@@ -117,11 +117,39 @@ def test_bf16_variants_train_with_real_weights(tiny_model_dir, tmp_path, extra):
     assert len(changed) == len(before)
 
 
+def test_fp16_on_a_cpu_has_no_autocast(tiny_model_dir, tmp_path):
+    """Why `test_fp16_autocast` needs a GPU: on a CPU, accelerate gives `fp16=True` no autocast at all, so a run is
+    fp32's. (If a later accelerate turns it on, this fails: then let `test_fp16_autocast` run on the CPU too.)"""
+    args = config(OTPOConfig, tmp_path, bf16=False, fp16=True)
+    trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(2))
+    if trainer.accelerator.device.type != "cpu":
+        pytest.skip("the trainer is not on the CPU")
+    assert trainer.accelerator.mixed_precision == "fp16" and not trainer.accelerator.native_amp
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="fp16 mixed precision needs a GPU: on a CPU, fp16=True gives no autocast (test_fp16_on_a_cpu_has_no_autocast)",
+)
 def test_fp16_autocast(tiny_model_dir, tmp_path):
-    """fp16 mixed precision (the CPU supports fp16 autocast in torch 2.13): OTPO with uniform weights follows DPO."""
-    dpo, otpo = train_pair(tiny_model_dir, tmp_path, max_steps=2, bf16=False, fp16=True)
+    """fp16 mixed precision on a GPU: the layers really run in fp16 (a projection's output is fp16), the OT weights
+    in fp32, and OTPO with uniform weights follows DPO; with real weights the step is finite."""
+    fp16 = {"bf16": False, "fp16": True, "use_cpu": False}
+    dpo, otpo = train_pair(tiny_model_dir, tmp_path, max_steps=2, **fp16)
     assert all(math.isfinite(x) for x in losses(otpo))
     assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-3)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = config(OTPOConfig, tmp_path / "real", max_steps=1, ot_reg=0.1, **fp16)
+    trainer = RecordingOTPOTrainer(
+        model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok
+    )
+    dtypes = []
+    trainer.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    trainer.train()
+    assert trainer.accelerator.native_amp and dtypes and set(dtypes) == {torch.float16}
+    assert trainer.seen[-1].dtype == torch.float32  # the weights
+    assert all(math.isfinite(x) for x in losses(trainer)) and trainer.state.log_history[0]["ot/weight_entropy"] < 0.999
 
 
 def test_precompute_with_pad_to_multiple_of_above_max_length(tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
@@ -146,8 +147,8 @@ def test_concatenated_forward_keeps_the_state_that_predicts_each_token(tiny_mode
     args = config(OTPOConfig, tmp_path, bf16=False)  # fp32: compared with a plain forward at fp32 tolerance
     trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    out = trainer.concatenated_forward(trainer.model, batch)  # with gradients on, as in training
     with torch.no_grad():
-        out = trainer.concatenated_forward(trainer.model, batch)
         full = trainer.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
@@ -156,7 +157,9 @@ def test_concatenated_forward_keeps_the_state_that_predicts_each_token(tiny_mode
     logps = full.logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     mask = out["completion_mask"]
     torch.testing.assert_close(out["per_token_logps"][mask], logps[mask], rtol=1e-5, atol=1e-5)
-    assert not out["hidden_states"].requires_grad
+    # the states and weights are constants of the loss; the log-probs are not (so gradients were on)
+    assert out["per_token_logps"].requires_grad
+    assert not out["hidden_states"].requires_grad and not out["weights"].requires_grad
     chosen_w, rejected_w = ot_token_weights(*out["hidden_states"].chunk(2), *mask.chunk(2))
     torch.testing.assert_close(out["weights"], torch.cat([chosen_w, rejected_w]))
 
@@ -267,6 +270,29 @@ def test_evaluate_and_compute_metrics(tiny_model_dir, tmp_path):
     assert len(seen["shape"]) == 3  # (rows, seq, vocab) logits
 
 
+def test_evaluate_several_sets_logs_ot_metrics_under_each_sets_prefix(tiny_model_dir, tmp_path):
+    """`evaluate({"a": ..., "b": ...})` (and an `eval_dataset` dict) names each set's metrics `eval_a_*`, `eval_b_*`,
+    as transformers names its loss; the `ot/*` values of each set are those of that set evaluated alone."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = conversational_pairs(4)
+    sets = {"a": pairs.select([0, 1]), "b": pairs.select([2, 3])}
+    args = config(OTPOConfig, tmp_path, bf16=False, prediction_loss_only=True, ot_reg=0.1)
+    trainer = OTPOTrainer(
+        model=tiny_model_dir, args=args, train_dataset=pairs, eval_dataset=sets, processing_class=tok
+    )
+    alone = {name: trainer.evaluate(dataset) for name, dataset in sets.items()}
+    assert alone["a"]["eval_ot/plan_mass"] != pytest.approx(alone["b"]["eval_ot/plan_mass"], rel=1e-3)
+    for metrics in (trainer.evaluate(sets), trainer.evaluate()):  # passed in, or the trainer's eval_dataset
+        for name in sets:
+            for key in ("ot/plan_mass", "ot/weight_max", "ot/weight_entropy", "ot/solver_iters", "ot/fallbacks"):
+                assert metrics[f"eval_{name}_{key}"] == pytest.approx(alone[name][f"eval_{key}"], rel=1e-6), key
+            assert f"eval_{name}_loss" in metrics
+        assert not [key for key in metrics if key.startswith("eval_ot/")]
+    logged = trainer.state.log_history[-1]
+    assert "eval_b_ot/plan_mass" in logged and "eval_a_ot/plan_mass" not in logged  # one log entry per set
+    assert "test_ot/plan_mass" in trainer.evaluate(sets["a"], metric_key_prefix="test")
+
+
 def test_dpo_config_is_refused_with_a_clear_message(tiny_model_dir, tmp_path):
     args = config(DPOConfig, tmp_path)
     with pytest.raises(TypeError, match="OTPOConfig"):
@@ -282,23 +308,42 @@ def test_model_card_cites_otpo(tiny_model_dir, tmp_path):
     assert "2505.18720" in card and "OTPO" in card
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("ot_reg", 0.0),
-        ("ot_reg_m", -1.0),
-        ("ot_cost", "manhattan"),
-        ("ot_normalization", "sum"),
-        ("ot_solver", "gpu"),
-        ("ot_max_iter", 0),
-        ("ot_tol", 0.0),
-        ("beta", 0.0),
-        ("loss_type", ["sigmoid", "typo"]),
-    ],
-)
+BAD_VALUES = [
+    ("ot_reg", 0.0),
+    ("ot_reg_m", -1.0),
+    ("ot_cost", "manhattan"),
+    ("ot_cost_scale", "global"),
+    ("ot_normalization", "sum"),
+    ("ot_weighting", "tfidf"),
+    ("ot_solver", "gpu"),
+    ("ot_max_iter", 0),
+    ("ot_tol", 0.0),
+    ("beta", 0.0),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), [*BAD_VALUES, ("loss_type", ["sigmoid", "typo"])])
 def test_bad_config_value_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         OTPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [*BAD_VALUES, ("loss_type", ["sigmoid", "typo"])])
+def test_bad_value_assigned_after_construction_is_refused(tiny_model_dir, tmp_path, field, value):
+    """`args.ot_reg = -1` on a built config (or a trainer's `args`) is refused at once with the constructor's message,
+    not accepted to fail at the first OT solve; a good value is stored as the constructor stores it."""
+    args = config(OTPOConfig, tmp_path, bf16=False)
+    before = getattr(args, field)
+    with pytest.raises(ValueError, match=f"`{field}` (must be|.* not supported)"):
+        setattr(args, field, value)
+    assert getattr(args, field) == before
+    args.ot_reg, args.ot_max_iter, args.loss_type = np.float32(0.25), np.int64(7), "ipo"
+    assert (type(args.ot_reg), type(args.ot_max_iter), args.ot_reg, args.loss_type) == (float, int, 0.25, ["ipo"])
+    if field == "ot_reg":  # on the trainer's own args as well
+        trainer = OTPOTrainer(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(2))
+        with pytest.raises(ValueError, match="`ot_reg` must be a finite number > 0, got -1"):
+            trainer.args.ot_reg = -1
+        assert trainer.args.ot_reg == 0.25
 
 
 def test_ot_metrics_and_weight_histogram_reach_tensorboard(tiny_model_dir, tmp_path, monkeypatch):

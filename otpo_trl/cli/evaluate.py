@@ -29,7 +29,7 @@ from typing import Any
 
 from ..analysis import evaluate
 from ..otpo_config import ot_kwargs
-from .options import add_max_length_argument, add_model_arguments, add_ot_arguments
+from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments
 from .run_dir import writable_dir
 
 
@@ -116,8 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_samples", "num_generations"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0.")
-    if args.beta <= 0:
-        parser.error("--beta must be > 0.")
+    check_ot_arguments(parser, args)  # --ot_* and --beta as OTPOConfig checks them
     return args
 
 

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import fields
 
 from ..analysis import DEFAULT_MAX_LENGTH
-from ..otpo_config import OT_FIELDS, OTPOConfig
+from ..otpo_config import OT_FIELDS, OTPOConfig, checked_value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,3 +36,14 @@ def add_ot_arguments(parser: argparse.ArgumentParser) -> None:
                 f"--{f.name}", type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
                 help=f"{f.metadata['help']} Default: {f.default}.",
             )  # fmt: skip
+
+
+def check_ot_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the `--ot_*` options (and `--beta`) as [`OTPOConfig`] checks its fields, storing the checked values; a
+    bad value exits with the option's name, before any model loads."""
+    names = [*OT_FIELDS, *(["beta"] if hasattr(args, "beta") else [])]
+    try:
+        for name in names:
+            setattr(args, name, checked_value(name, getattr(args, name), f"--{name}"))
+    except ValueError as err:
+        parser.error(str(err))

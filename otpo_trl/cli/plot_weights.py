@@ -21,6 +21,7 @@ the token that completes it; the tokens before show `⋯`.
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 import warnings
@@ -44,7 +45,8 @@ from ..analysis import implicit_rewards, inline_example, pair_token_stats  # noq
 from ..data import load_preference_dataset  # noqa: E402
 from ..loading import load_model_and_tokenizer  # noqa: E402
 from ..otpo_config import ot_kwargs  # noqa: E402
-from .options import add_max_length_argument, add_model_arguments, add_ot_arguments  # noqa: E402
+from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments  # noqa: E402
+from .run_dir import writable_dir  # noqa: E402
 
 
 # Fonts tried in turn for each character after DejaVu Sans (matplotlib's own: Latin, Greek, Cyrillic, arrows, a few
@@ -96,6 +98,7 @@ TOKEN_FONT = FontProperties(size=12)
 LINE_HEIGHT = 0.34  # inches per line of tokens
 WEIGHT_CMAP = "YlOrRd"
 PLAN_CMAP = "Blues"
+AXIS_LABELS = {"y": "chosen tokens", "x": "rejected tokens", "bar": "transport mass"}  # of the plan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give either --data (with --index) or an inline pair (--prompt, --chosen, --rejected).")
     if args.max_tokens < 1:
         parser.error("--max_tokens must be >= 1.")
+    check_ot_arguments(parser, args)  # --ot_* and --beta as OTPOConfig checks them
     return args
 
 
@@ -226,6 +230,12 @@ def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
     y_room, x_room = (max(measure(t, label_font) for t in labels) + 0.45 for labels in (y_labels, x_labels))
     cell = min(cell, (text_width - y_room - 1.1) / cols)
     plan_w, plan_h = cols * cell, rows * cell
+    # The axis and colour-bar labels are centred on the plan's height: over a short plan they would reach into the
+    # heading above, so room is kept above (and, if the tick labels leave too little, below) the plan.
+    axis_font = FontProperties(size=11)
+    label_h = max(measure(AXIS_LABELS["y"], axis_font), measure(AXIS_LABELS["bar"], axis_font)) + 0.1
+    pad_above = max(0.0, label_h - plan_h) / 2
+    pad_below = max(0.0, pad_above - x_room)
 
     title_fonts = [FontProperties(size=14, weight="bold")] + [FontProperties(size=11)] * (len(title_lines) - 1)
     cbar_len = 4.0
@@ -238,7 +248,8 @@ def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
     fig_w = min(FIG_WIDTH, right + MARGIN)
 
     title_h, head_h, cbar_h, gap = 0.28 * len(title_lines) + 0.15, 0.32, 0.95, 0.25
-    fig_h = sum([title_h, head_h, text_heights[0], gap, head_h, text_heights[1], cbar_h, head_h, plan_h, x_room])
+    fig_h = sum([title_h, head_h, text_heights[0], gap, head_h, text_heights[1], cbar_h, head_h, pad_above, plan_h,
+                 x_room, pad_below])  # fmt: skip
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
     # Everything but the plan and the colour bars is drawn on one axes spanning the figure, in inches: its transform
     # stays consistent with the other axes' when `bbox_inches="tight"` crops the figure (`dpi_scale_trans` would not).
@@ -281,19 +292,19 @@ def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
     truncated = rows < n or cols < m
     note = f" (first {rows} of {n} chosen × {cols} of {m} rejected tokens)" if truncated else ""
     canvas.text(MARGIN, top - head_h / 2, f"Transport plan{note}", va="center", fontsize=13, weight="bold")
-    top -= head_h
+    top -= head_h + pad_above
     left = MARGIN + y_room
     ax = add_axes(left, top - plan_h, plan_w, plan_h)
     image = ax.imshow(plan[:rows, :cols], cmap=PLAN_CMAP, aspect="auto", interpolation="nearest", vmin=0)
     ax.set_yticks(range(rows), y_labels, fontproperties=label_font)
     ax.set_xticks(range(cols), x_labels, fontproperties=label_font, rotation=90)
-    ax.set_ylabel("chosen tokens", fontsize=11)
-    ax.set_xlabel("rejected tokens", fontsize=11)
+    ax.set_ylabel(AXIS_LABELS["y"], fontproperties=axis_font)
+    ax.set_xlabel(AXIS_LABELS["x"], fontproperties=axis_font)
     ax.tick_params(length=0)
     for label in (*ax.get_xticklabels(), *ax.get_yticklabels()):
         label.set_parse_math(False)
     plan_bar = fig.colorbar(image, cax=add_axes(left + plan_w + 0.15, top - plan_h, 0.15, plan_h))
-    plan_bar.set_label("transport mass", fontsize=11)
+    plan_bar.set_label(AXIS_LABELS["bar"], fontproperties=axis_font)
     plan_bar.ax.tick_params(labelsize=9)
     return fig
 
@@ -313,9 +324,51 @@ def _prompt_text(example: dict) -> str:
     return prompt
 
 
+def output_paths(out: str, svg: bool) -> list[Path]:
+    """The files `--out` (and `--svg`) name, the PNG first, checked (their folder made) before anything loads: a
+    `ValueError` if one is a folder or a read-only file, or if their folder is a file or cannot be written to."""
+    out = Path(out).expanduser()
+    png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    paths = [png, *([png.with_suffix(".svg")] if svg else [])]
+    for path in (out, *paths):
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a folder; give a file name, such as {path / 'ot_weights.png'}.")
+    writable_dir(png.parent, f"--out {out}: its folder")
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--out {path} exists and cannot be written to; give another file name, or make it "
+                             "writable.")  # fmt: skip
+    return paths
+
+
+def _completion_text(example: dict, side: str) -> str:
+    """The text of the `side` ("chosen" or "rejected") completion of `example`, without the prompt."""
+    if "prompt" not in example:  # implicit prompt: the turns the two completions share
+        from trl.data_utils import extract_prompt
+
+        example = extract_prompt(example)
+    completion = example[side]
+    if isinstance(completion, list):
+        return "".join(str(message.get("content") or "") for message in completion)
+    return completion
+
+
+def warn_empty_completions(example: dict) -> list[str]:
+    """Warn for each completion of `example` that is empty or only whitespace; return their sides."""
+    empty = [side for side in ("chosen", "rejected") if not _completion_text(example, side).strip()]
+    for side in empty:
+        warnings.warn(
+            f"The {side} completion is empty: the figure shows only the tokens the chat template adds to it (such as "
+            f"the end of the turn), so its weights say nothing about an answer. Is this the pair you meant?"
+        )
+    return empty
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    paths = output_paths(args.out, args.svg)  # before the model loads, not after the OT solve
     example = load_example(args)
+    warn_empty_completions(example)
     policy, reference, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype,
                                                             device=args.device)  # fmt: skip
     options = ot_kwargs(args)
@@ -344,11 +397,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
     warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
     fig = plot_pair(stats, 0, title, args.max_tokens)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_suffix(".png") if out.suffix.lower() != ".png" else out]
-    if args.svg:
-        paths.append(paths[0].with_suffix(".svg"))
     for path in paths:
         fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
         print(f"Wrote {path}")
