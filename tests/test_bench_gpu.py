@@ -1,0 +1,86 @@
+"""`bench/gpu/run.sh` end to end on the CPU at tiny sizes (`--device cpu --tiny`), so that the GPU suite is known to
+run before it meets a GPU (issue 21). The install-from-wheels step is skipped here: WHEEL_DIR points at an empty
+folder (the `.whl/` wheels are cp312 builds for the GPU machine), so the suite runs in this test's environment, which
+has trl, datasets and POT. ~50 s on 2 shared CPU cores (one thread per part)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import REPO_ROOT
+
+
+RUN_SH = REPO_ROOT / "bench" / "gpu" / "run.sh"
+SUITE = REPO_ROOT / "bench" / "gpu" / "suite.py"
+RUNS = ("dpo", "otpo_reg1.0", "otpo_reg0.1")
+
+
+def run(args, tmp_path, timeout):
+    env = {**os.environ, "PYTHON": sys.executable, "WHEEL_DIR": str(tmp_path / "no-wheels")}
+    return subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def test_run_sh_cpu_tiny_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    proc = run([str(RUN_SH), str(out), "--device", "cpu", "--tiny"], tmp_path, timeout=300)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    assert "install step skipped" in proc.stdout, log
+    result = json.loads((out / "suite.json").read_text())
+
+    machine = result["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] and machine["python"]
+    for dist in ("torch", "transformers", "trl", "datasets", "peft", "POT"):
+        assert machine["versions"][dist], dist
+    assert machine["unmet_requirements"] == [], machine["unmet_requirements"]
+
+    parts = result["parts"]
+    assert list(parts) == ["step-8b-lora", "step-1b-full", "ot-weights"]
+    for name, part in parts.items():
+        assert part["status"] == "ok", (name, part.get("error"), part.get("traceback"))
+    for name in ("step-8b-lora", "step-1b-full"):
+        res = parts[name]["results"]
+        assert res["timed_rounds"] == 2
+        assert set(res["median_seconds"]) == set(RUNS) and all(v > 0 for v in res["median_seconds"].values())
+        for key in RUNS[1:]:
+            r = res[key]
+            assert r["time_ratio"] > 0 and r["paired_time_ratio_median"] > 0
+            assert r["ot_seconds_median"] > 0 and r["ot_timer"] == "host_perf_counter"
+            assert 0 < r["ot_share_of_step"] < 1
+            assert len(r["solver_iters"]) == 2 and all(i >= 1 for i in r["solver_iters"])
+            for mem in ("peak_ratio", "peak_alone_ratio", "step_growth_ratio"):
+                assert mem in r and r[mem] is None  # CUDA's allocator only
+        assert parts[name]["config"]["lora"] is not None if name == "step-8b-lora" else True
+    ot = parts["ot-weights"]["results"]
+    assert set(ot) == {"reg1.0", "reg0.1"}
+    for r in ot.values():
+        assert len(r["times_s"]["batched"]) == len(r["times_s"]["official"]) == 2
+        assert r["speedup"] > 0 and r["batched_n_iter"] >= 1
+        assert r["max_rel_diff_batched_vs_official"] < 1e-3  # the same weights as the official loop
+        assert r["batched_profile"]["cpu_ops"] > 0
+
+    targets = result["targets"]
+    assert len(targets) == 12
+    for t in targets:  # peak memory is CUDA's allocator's: not measured on the CPU
+        assert (t["value"] is None) == ("memory" in t["target"]), t
+    assert all(t["pass"] is None for t in targets)  # a tiny run judges nothing
+
+    summary = (out / "summary.md").read_text()
+    assert "## Targets" in summary and summary.count("**n/a **") == 12
+    for name in parts:
+        assert f"## {name}: ok" in summary
+
+
+def test_parts_that_cannot_start_in_the_budget_are_skipped(tmp_path):
+    """Full sizes on a 1 s budget: every part is skipped before any process starts, and both files are written."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--out", str(out), "--device", "cpu", "--budget-s", "1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "suite.json").read_text())
+    assert {p["status"] for p in result["parts"].values()} == {"skipped"}
+    assert all(t["value"] is None and t["pass"] is None for t in result["targets"])
+    assert "## ot-weights: skipped" in (out / "summary.md").read_text()
