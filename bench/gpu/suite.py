@@ -535,6 +535,7 @@ def ot_part(name, args, deadline, state, save):
                        "official": "bench/ot_weights.py official_torch: POT torch backend, padded L x L, "
                                    "sinkhorn_stabilized, per pair"}  # fmt: skip
     device = args.device
+    inputs_start = time.time()
     hc, hr, mc, mr = make_inputs(cfg["batch"], cfg["padded_length"], cfg["completion_length"], cfg["hidden"], "cpu",
                                  seed=args.seed, spread=cfg["spread"])  # fmt: skip
     hc, hr = hc.to(device, torch.bfloat16), hr.to(device, torch.bfloat16)
@@ -547,6 +548,7 @@ def ot_part(name, args, deadline, state, save):
             state["stopped"] = f"out of time before ot_reg {reg}"
             break
         reg_start = time.time()
+        state["inputs_seconds"] = state.get("inputs_seconds", reg_start - inputs_start)
         batched = lambda: ot_token_weights(hc, hr, mc, mr, reg=reg, reg_m=0.2)  # noqa: E731
         official = lambda: official_torch(hc, hr, mc, mr, reg, 0.2)  # noqa: E731
         r = results[f"reg{reg}"] = {
@@ -573,6 +575,7 @@ def ot_part(name, args, deadline, state, save):
             r["batched_profile"] = profile_call(batched, is_cuda(device))
         except Exception as e:  # noqa: BLE001 - the profile is extra; keep the timings
             r["batched_profile"] = f"{type(e).__name__}: {e}"
+        r["seconds"] = time.time() - reg_start
         save()
         if state.get("stopped"):
             break
@@ -616,6 +619,10 @@ def child_main(args):
     save = lambda: write_json(args.child_json, state)  # noqa: E731
     start = time.perf_counter()
     try:
+        ot_only = args.child == "ot-weights"
+        for module in ("ot", "otpo_trl.ot_weights") if ot_only else ("peft", "trl", "otpo_trl.otpo_trainer"):
+            importlib.import_module(module)  # timed apart from the part's own work
+        state["import_seconds"] = time.perf_counter() - start
         fn = ot_part if args.child == "ot-weights" else step_part
         fn(args.child, args, args.deadline, state, save)
         state["status"] = "partial" if state.pop("partial", False) else "ok"
