@@ -111,6 +111,8 @@ def parse_args(argv=None):
     args.steps = args.steps if args.steps is not None else (2 if tiny else 8)
     args.repeats = args.repeats if args.repeats is not None else (2 if tiny else 5)
     args.max_length = args.max_length or (2048 // TINY_LENGTH_DIVISOR if tiny else 2048)
+    if args.max_length < 32 or args.batch < 1:
+        p.error("--max-length must be >= 32 and --batch >= 1")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -168,6 +170,13 @@ def unmet_requirements(dists=("trl", "datasets", "POT", "dill", "multiprocess"))
     return unmet
 
 
+def safe(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a fact that could not be read is written as such
+        return f"{type(e).__name__}: {e}"
+
+
 def machine_facts(device):
     from importlib import metadata
 
@@ -195,7 +204,7 @@ def machine_facts(device):
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "versions": versions,
         "imported_from": where,
-        "unmet_requirements": unmet_requirements(),
+        "unmet_requirements": safe(unmet_requirements),
     }
     try:
         facts["git_commit"] = (
@@ -207,27 +216,37 @@ def machine_facts(device):
     except Exception:  # noqa: BLE001
         facts["git_commit"] = None
     if is_cuda(device):
-        props = torch.cuda.get_device_properties(0)
-        facts["gpu"] = {
-            "name": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "total_memory_bytes": props.total_memory,
-            "multiprocessors": props.multi_processor_count,
-            "bf16_supported": torch.cuda.is_bf16_supported(),
-        }
         try:
-            facts["gpu"]["nvidia_smi"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
-            ).stdout.strip()  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            facts["gpu"]["nvidia_smi"] = f"{type(e).__name__}: {e}"
+            facts["gpu"] = gpu_facts()
+        except Exception as e:  # noqa: BLE001 - the parts will say what is wrong with the GPU; write the files
+            facts["gpu"] = {"error": f"{type(e).__name__}: {e}"}
     else:
         try:
             with open("/proc/cpuinfo") as f:
                 facts["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             facts["cpu"] = platform.processor() or None
+    return facts
+
+
+def gpu_facts():
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    facts = {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": props.total_memory,
+        "multiprocessors": props.multi_processor_count,
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }
+    try:
+        facts["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
+        ).stdout.strip()  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        facts["nvidia_smi"] = f"{type(e).__name__}: {e}"
     return facts
 
 
@@ -801,7 +820,7 @@ def main(argv=None):
         if left < need:
             result["parts"][part] = {
                 "status": "skipped",
-                "reason": f"{left:.0f} s of the budget left, needs ~{need} s",
+                "reason": f"{max(left, 0):.0f} s of the budget left, needs ~{need} s",
             }
             flush()
             continue
