@@ -28,15 +28,16 @@ except ImportError:  # run from a checkout that is not pip-installed
     from otpo_trl.ot_weights import ot_token_weights
 
 
-def make_inputs(batch, padded_length, completion_length, hidden, device, seed=0):
-    """Random hidden states; each completion has 250-350 tokens (for 300) starting at a non-zero offset."""
+def make_inputs(batch, padded_length, completion_length, hidden, device, seed=0, spread=50):
+    """Random hidden states; each completion has completion_length +- spread tokens (250-350 for 300 and the default
+    spread) starting at a non-zero offset."""
     g = torch.Generator().manual_seed(seed)
     hs, masks = [], []
     for _ in range(2):
         h = torch.randn(batch, padded_length, hidden, generator=g) + 3.0 * torch.randn(hidden, generator=g)
         mask = torch.zeros(batch, padded_length, dtype=torch.bool)
         for k in range(batch):
-            n = completion_length + int(torch.randint(-50, 51, (), generator=g))
+            n = completion_length + int(torch.randint(-spread, spread + 1, (), generator=g))
             n = max(1, min(n, padded_length - 1))
             start = int(torch.randint(1, padded_length - n + 1, (), generator=g))
             mask[k, start : start + n] = True
@@ -63,6 +64,33 @@ def official(hc, hr, mc, mr, reg, reg_m):
         weights_c.append(wc * n / wc.sum())
         weights_r.append(wr * n / wr.sum())
     return np.stack(weights_c), np.stack(weights_r)
+
+
+def official_torch(hc, hr, mc, mr, reg, reg_m):
+    """The official code's `get_ot_weight` as it runs in training: on the hidden states' device (POT's torch
+    backend), per pair, the padded L x L float32 `torch.cdist` of the states with masked positions zeroed, + 1e-6,
+    divided by its maximum when that exceeds 1 (a host sync), NaN replaced, marginals 1 on valid tokens and 0 on
+    padding, ``sinkhorn_unbalanced(..., method="sinkhorn_stabilized")`` (``reg_type="entropy"``, POT 0.9.4's default
+    then), the NaN/inf asserts (host syncs) and each side's marginal divided by ``scaled_coeff``. Returns (B, L) torch
+    weights of the chosen and rejected tokens."""
+    weights_c, weights_r = [], []
+    for k in range(hc.shape[0]):
+        a, b = mc[k].to(torch.float32), mr[k].to(torch.float32)
+        cost = torch.cdist((a[:, None] * hc[k]).float(), (b[:, None] * hr[k]).float(), p=2) + 1e-6
+        top = cost.abs().max()
+        if not torch.isnan(top) and top.item() > 1:
+            cost = cost / top
+        cost = torch.nan_to_num(cost, nan=1e10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = ot.unbalanced.sinkhorn_unbalanced(
+                a, b, cost, reg, reg_m, method="sinkhorn_stabilized", reg_type="entropy"
+            )
+        assert not torch.isnan(plan).any() and not torch.isinf(plan).any()
+        coeff = plan.sum() / min(a.sum(), b.sum())  # as the official code: a Python min, a host sync
+        weights_c.append(plan.sum(-1) / coeff)
+        weights_r.append(plan.sum(0) / coeff)
+    return torch.stack(weights_c), torch.stack(weights_r)
 
 
 def cpu_name():

@@ -6,7 +6,9 @@ memory is measured per trainer: CUDA's peak allocation on a GPU; on CPU the peak
 that runs only that trainer, with the high-water mark reset after warm-up (so model loading does not set it).
 
     python bench/step_overhead.py --model models/SmolLM2-135M-Instruct --lora --batch 2 --max-length 512
-    python bench/step_overhead.py --model Qwen/Qwen2.5-0.5B-Instruct --bf16 --batch 8 --max-length 1024  # GPU
+
+On a GPU, offline, use bench/gpu/run.sh: the same alternating comparison on 1B- and 8B-shaped models built from
+configs (bench/RESULTS.md).
 
 Prints the median seconds per step, the OTPO/DPO ratio, the time spent in the OT weights, the peak memory of each
 and its ratio, and writes the same to JSON.
