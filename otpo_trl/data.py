@@ -199,7 +199,7 @@ def _json_problem(file: Path) -> str | None:
             try:
                 json.loads(line)
             except ValueError as err:
-                return f"line {number} is not valid JSON ({err.msg} at column {err.colno}): {line[:80]!r}"
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno}): {line[:80]!r}"
     return None
 
 
@@ -265,7 +265,9 @@ def _load_local_split(path: Path, split: str) -> Dataset:
     files = split_files(path, split)
     below = _data_files_below(path)
     if files:
-        ignored = [str(p.relative_to(path)) for p in below if p.parent != files[0].parent and p.stem.split("-")[0] == split]
+        ignored = [
+            str(p.relative_to(path)) for p in below if p.parent != files[0].parent and p.stem.split("-")[0] == split
+        ]
         if ignored:
             logger.warning(
                 f"{path}: read {len(files)} file(s) of split {split!r} from {files[0].parent}; ignored the ones in "
@@ -276,7 +278,9 @@ def _load_local_split(path: Path, split: str) -> Dataset:
     level = [p for p in below if p.parent in (path, path / "data")]
     found = [str(p.relative_to(path)) for p in below]
     splits = f"; its split(s): {_split_names(level)}: {hint}" if level else ""
-    deeper = " (subfolders other than data/ are not read: point `dataset_name` at one to use it)" if below != level else ""
+    deeper = (
+        " (subfolders other than data/ are not read: point `dataset_name` at one to use it)" if below != level else ""
+    )
     raise FileNotFoundError(
         f"No data file for split {split!r} in {path}: expected `{split}.jsonl`, `{split}.json` or `{split}.parquet` "
         f"(or shards `{split}-*.<ext>`) in it or in its data/ subfolder; found {found[:10]}{deeper}{splits}."

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import huggingface_hub
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import add_fused_lm_head

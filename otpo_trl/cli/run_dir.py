@@ -299,7 +299,11 @@ def plan_run(
         f"there is nothing to resume: {training_args.output_dir}"
     )
     fix = " Check the path of `--output_dir`; to start a new run, leave `--resume_from_checkpoint` unset."
-    if mode == "last" and not script_args.overwrite_output_dir and not Path(training_args.output_dir).expanduser().exists():
+    if (
+        mode == "last"
+        and not script_args.overwrite_output_dir
+        and not Path(training_args.output_dir).expanduser().exists()
+    ):
         raise ValueError(f"{nothing_to_resume} does not exist (relative to {Path.cwd()}).{fix}")
     out = writable_dir(training_args.output_dir, "`output_dir`")
     record = None
