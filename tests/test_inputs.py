@@ -3,6 +3,7 @@ to do (issue 17, items 1-7 and 9). The command-line cases run `scripts/train.py`
 `otpo_trl.cli.train.cli` in this process with model loading forbidden."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,9 +157,12 @@ def test_data_fingerprint_is_cheap_and_sees_an_edit(tmp_path):
     before = data_fingerprint(str(data))
     assert list(before["files"]) == [str(data.resolve())]
     assert set(before["files"][str(data.resolve())]) == {"size", "mtime_ns", "sha256"}
-    text = data.read_text()
-    data.write_text(text.replace("It is 2.", "It is X.", 1))  # the same size, other content
+    stat = data.stat()
+    data.write_text(data.read_text().replace("It is 2.", "It is X.", 1))  # the same size, other content ...
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the same modification time
     assert data_fingerprint(str(data)) != before
+    data.touch()  # the same content, modified later
+    assert data_fingerprint(str(data))["files"][str(data.resolve())]["mtime_ns"] != stat.st_mtime_ns
     big = tmp_path / "big.jsonl"
     big.write_bytes(b"x" * (3 << 20))
     first = data_fingerprint(str(big))["files"][str(big.resolve())]
