@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from otpo_trl import data as data_module
+from otpo_trl.cli import run_dir
 from otpo_trl.cli import train as train_cli
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
 
@@ -192,11 +194,24 @@ def finished_run(train, tiny_model_dir, sample_data_dir, tmp_path_factory):
     return out
 
 
-def test_the_record_holds_the_data_fingerprint_beside_the_settings(train, finished_run, sample_data_dir):
+def test_the_record_holds_the_data_fingerprint_beside_the_settings(train, finished_run, tiny_model_dir,
+                                                                    sample_data_dir):  # fmt: skip
     saved = record(finished_run)
     assert saved["data"] == data_fingerprint(str(sample_data_dir), "train")
     # Not among the settings: the length study compares run_settings() of finished runs to reuse them.
     assert "data" not in saved["settings"] and not [k for k in saved["settings"] if "fingerprint" in k]
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, finished_run))
+    assert run_dir.run_settings(*args) == saved["settings"]
+
+
+def test_a_hub_data_set_is_fingerprinted_by_datasets(monkeypatch):
+    from datasets import Dataset
+
+    loaded = Dataset.from_list(pairs(2))
+    monkeypatch.setattr(data_module, "load_raw_split", lambda name, split, config: loaded)
+    assert data_fingerprint("org/prefs", "train_prefs") == {
+        "hub": "org/prefs", "config": None, "split": "train_prefs", "fingerprint": loaded._fingerprint
+    }  # fmt: skip
 
 
 def test_resuming_on_changed_data_is_refused_naming_it(train, tiny_model_dir, interrupted_on_own_data, no_model):
