@@ -12,8 +12,12 @@ Accepted inputs (each example is one preference pair):
 
 Only `prompt`, `chosen` and `rejected` are kept; scores are read before that by [`drop_score_ties`]. Every row is
 checked before any of this (see [`validate_rows`]): a bad value fails naming its row and column.
+
+[`data_fingerprint`] is a cheap fingerprint of what a split is loaded from, for the run record of `scripts/train.py`.
 """
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -109,6 +113,13 @@ def validate_rows(dataset: Dataset, name: str = "dataset") -> None:
     for i in range(len(dataset)):
         kinds = {c: _value_kind(values[c][i], f"{name}: row {i}, column '{c}'") for c in columns}
         if "prompt" in kinds and values["prompt"][i] is None:
+            other = next((j for j, v in enumerate(values["prompt"]) if v is not None), None)
+            if other is not None:
+                raise ValueError(
+                    f"{name}: row {i} has no 'prompt' but row {other} has one: the rows mix two layouts (an explicit "
+                    "'prompt' column, and the prompt as the first turns of 'chosen' and 'rejected'). Convert them to "
+                    "one layout."
+                )
             raise ValueError(f"{name}: row {i} has no 'prompt' (the column exists, so every row needs one).")
         if None not in (kinds["chosen"], kinds["rejected"]) and kinds["chosen"] != kinds["rejected"]:
             raise ValueError(
@@ -169,11 +180,68 @@ def _holds_no_rows(file: Path) -> bool:
     return not text or (file.suffix == ".json" and text.replace(" ", "") in ("[]", "{}"))
 
 
+def _json_problem(file: Path) -> str | None:
+    """Where the JSON (Lines) file `file` is not valid JSON ("line 3 ..."), or None."""
+    text = file.read_text(errors="replace")
+    if file.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except ValueError as err:
+            whole = f"line {err.lineno}, column {err.colno}: {err.msg}"
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            json.loads(first)  # a .json file of JSON Lines: check it line by line
+        except ValueError:
+            return whole
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as err:
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno}): {line[:80]!r}"
+    return None
+
+
 def _load_data_files(files: list[Path]) -> Dataset:
     if all(_holds_no_rows(f) for f in files):
         raise ValueError(f"{', '.join(map(str, files))}: no rows (the file is empty).")
     builder = DATA_FILE_BUILDERS[files[0].suffix]
-    return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    try:
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # pyarrow's chained errors do not name the line: find it
+        if builder != "json":
+            raise
+        for file in files:
+            problem = _json_problem(file)
+            if problem is not None:
+                raise ValueError(
+                    f"{file}: {problem}. A line cut short (an interrupted write or download) or a broken row: fix or "
+                    "delete that line."
+                ) from err
+        raise
+
+
+def split_files(folder: str | Path, split: str) -> list[Path]:
+    """The data files of `split` in the data folder `folder`, as [`load_raw_split`] reads them: `<split>.<ext>` or
+    shards `<split>-*.<ext>` at the folder's own level or, when it has none, in its `data/` subfolder (the Hub's
+    layout). Other subfolders are not read. Empty if there are none."""
+    folder = Path(folder)
+    for where in (folder, folder / "data"):
+        for suffix in DATA_FILE_BUILDERS:
+            files = sorted({*where.glob(f"{split}{suffix}"), *where.glob(f"{split}-*{suffix}")})
+            files = [f for f in files if f.is_file()]
+            if files:
+                return files
+    return []
+
+
+def _data_files_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in DATA_FILE_BUILDERS and p.is_file())
+
+
+def _split_names(files: list[Path]) -> list[str]:
+    return sorted({f.stem.split("-")[0] for f in files})
 
 
 def _load_local_split(path: Path, split: str) -> Dataset:
@@ -182,23 +250,83 @@ def _load_local_split(path: Path, split: str) -> Dataset:
             raise ValueError(f"{path}: unsupported file type; use one of {sorted(DATA_FILE_BUILDERS)}.")
         # A single file is a single split: it is returned for whichever split is asked.
         return _load_data_files([path])
+    hint = (
+        "set `dataset_train_split` (and `dataset_test_split`) to the split's name, e.g. `--dataset_train_split "
+        "train_prefs --dataset_test_split test_prefs` for HuggingFaceH4/ultrafeedback_binarized"
+    )
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # `save_to_disk` output
         saved = load_from_disk(str(path))
         if isinstance(saved, DatasetDict):
             if split not in saved:
-                raise ValueError(f"{path} has splits {list(saved)}, not {split!r}.")
+                raise ValueError(f"{path} has splits {list(saved)}, not {split!r}: {hint}.")
             return saved[split]
         return saved
-    # A folder of data files, one split per `<split>.<ext>` (or shards `<split>-*.<ext>`), possibly under `data/`.
-    for suffix in DATA_FILE_BUILDERS:
-        files = sorted({*path.rglob(f"{split}{suffix}"), *path.rglob(f"{split}-*{suffix}")})
-        if files:
-            return _load_data_files(files)
-    found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in DATA_FILE_BUILDERS)
+    # A folder of data files, one split per `<split>.<ext>` (or shards `<split>-*.<ext>`), or under `data/`.
+    files = split_files(path, split)
+    below = _data_files_below(path)
+    if files:
+        ignored = [
+            str(p.relative_to(path)) for p in below if p.parent != files[0].parent and p.stem.split("-")[0] == split
+        ]
+        if ignored:
+            logger.warning(
+                f"{path}: read {len(files)} file(s) of split {split!r} from {files[0].parent}; ignored the ones in "
+                f"other subfolders ({', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}): a data folder is "
+                "read at its own level (or its data/ subfolder) only. To train on another, point `dataset_name` at it."
+            )
+        return _load_data_files(files)
+    level = [p for p in below if p.parent in (path, path / "data")]
+    found = [str(p.relative_to(path)) for p in below]
+    splits = f"; its split(s): {_split_names(level)}: {hint}" if level else ""
+    deeper = (
+        " (subfolders other than data/ are not read: point `dataset_name` at one to use it)" if below != level else ""
+    )
     raise FileNotFoundError(
         f"No data file for split {split!r} in {path}: expected `{split}.jsonl`, `{split}.json` or `{split}.parquet` "
-        f"(or shards `{split}-*.<ext>`); found {found}."
+        f"(or shards `{split}-*.<ext>`) in it or in its data/ subfolder; found {found[:10]}{deeper}{splits}."
     )
+
+
+_MIB = 1 << 20
+
+
+def file_fingerprint(file: str | Path) -> dict:
+    """A cheap fingerprint of `file`: its size, modification time (ns) and the SHA-256 of its first and last MiB (all
+    of it up to 2 MiB)."""
+    file = Path(file)
+    stat = file.stat()
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        digest.update(handle.read(_MIB))
+        if stat.st_size > 2 * _MIB:
+            handle.seek(-_MIB, 2)
+        digest.update(handle.read(_MIB))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(name_or_path: str, split: str = "train", config: str | None = None) -> dict:
+    """A cheap fingerprint of what [`load_raw_split`] loads `split` of `name_or_path` from, to tell whether the data
+    changed between two runs.
+
+    Returns:
+        For local data `{"files": {absolute path: file_fingerprint}}` over the files read (the file; the split's files
+        in a folder; every file of a `save_to_disk` folder); for a Hub data set `{"hub": name, "config": ...,
+        "split": ..., "fingerprint": ...}`, with `datasets`' fingerprint of the loaded split (from the cache when
+        there is one).
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if _looks_like_path(name_or_path):
+            raise FileNotFoundError(f"No such data file or folder: {name_or_path} (relative to {Path.cwd()}).")
+        dataset = load_raw_split(name_or_path, split, config)
+        return {"hub": name_or_path, "config": config, "split": split, "fingerprint": dataset._fingerprint}
+    if path.is_file():
+        files = [path]
+    elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = split_files(path, split)
+    return {"files": {str(f.resolve()): file_fingerprint(f) for f in files}}
 
 
 def load_raw_split(name_or_path: str, split: str = "train", config: str | None = None) -> Dataset:
@@ -206,8 +334,8 @@ def load_raw_split(name_or_path: str, split: str = "train", config: str | None =
 
     Args:
         name_or_path: a Hub data set id, or a local `.jsonl` / `.json` / `.parquet` file, a folder holding
-            `<split>.<ext>` files, or a folder written by `save_to_disk`. Relative paths are relative to the
-            current directory.
+            `<split>.<ext>` files (at its own level or in its `data/` subfolder, see [`split_files`]), or a folder
+            written by `save_to_disk`. Relative paths are relative to the current directory.
         split: the split to load (ignored for a single file, which is one split).
         config: the Hub data set's configuration name, if it has several.
     """

@@ -8,10 +8,12 @@ policy, reference, tokenizer = load_model_and_tokenizer("out/otpo-lora")  # adap
 ```
 """
 
+import json
 import logging
-import os
+import re
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import add_fused_lm_head
@@ -48,15 +50,60 @@ def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
     return name_or_path
 
 
+def check_not_adapter(name_or_path: str, what: str) -> None:
+    """Raise a `ValueError` if the local folder `name_or_path` is a PEFT adapter (has `adapter_config.json`), where a
+    model is expected (`scripts/train.py` trains from a model: DPOTrainer cannot take an adapter's folder)."""
+    path = Path(name_or_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        return
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    resume = (
+        f" To continue the run it belongs to, pass `--resume_from_checkpoint {name_or_path}` instead."
+        if re.fullmatch(r"checkpoint-\d+", path.name) else ""
+    )  # fmt: skip
+    raise ValueError(
+        f"{what} {name_or_path} is a PEFT adapter (it has adapter_config.json), not a model. Pass its base model "
+        f"as {what} ({base or 'its base_model_name_or_path'}), with `use_peft: true` to train a new adapter on it; "
+        "to train on from this adapter's weights, merge it into its base first (peft's `merge_and_unload()`, then "
+        f"`save_pretrained`) and pass the merged folder.{resume}"
+    )
+
+
+def read_chat_template(chat_template: str) -> str:
+    """The Jinja chat template `chat_template` names: the text of the file of that path, or `chat_template` itself
+    when it is a template (holds `{{` or `{%`).
+
+    Raises:
+        ValueError: it is neither a file nor a template (a mistyped path would be used as the template's text, and
+            every prompt and completion would render as that text).
+    """
+    path = Path(chat_template).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"`chat_template` {chat_template} cannot be read: {err}.") from err
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    what = "is a folder" if path.is_dir() else f"is not a file (relative to {Path.cwd()})"
+    raise ValueError(
+        f"`chat_template` {chat_template!r} {what} and not a Jinja template (no `{{{{` or `{{%`). Give the path of a "
+        "file holding the template, or the template itself; leave it unset to use the tokenizer's."
+    )
+
+
 def setup_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """Set up `tokenizer` in place for preference data, as training and analysis use it, and return it.
 
-    The chat template is `chat_template` (a Jinja template, or the path of a file holding one) if given, else the
-    tokenizer's own, else [`DEFAULT_CHAT_TEMPLATE`]; the pad token is EOS if it has none.
+    The chat template is `chat_template` (a Jinja template, or the path of a file holding one: see
+    [`read_chat_template`], a `ValueError` for anything else) if given, else the tokenizer's own, else
+    [`DEFAULT_CHAT_TEMPLATE`]; the pad token is EOS if it has none.
     """
     if chat_template is not None:
-        is_file = os.path.isfile(chat_template)
-        tokenizer.chat_template = Path(chat_template).read_text() if is_file else chat_template
+        tokenizer.chat_template = read_chat_template(chat_template)
     elif tokenizer.chat_template is None:
         logger.info("The tokenizer has no chat template; using the default ChatML-style one.")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -71,14 +118,22 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """`loader.from_pretrained(name_or_path, **kwargs)`; a name that is no local folder and that the Hub cannot give
+    raises one `FileNotFoundError` that says both (offline: that the Hub cannot be reached)."""
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         if Path(name_or_path).expanduser().exists():
             raise
+        text = str(err)
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE or "connect" in text or "offline" in text.lower()
+        if offline:
+            why = "and the Hub cannot be reached (offline) to look it up as a model id, nor is it in the local cache"
+        else:
+            why = f"and the Hub could not give it as a model id ({text.strip().splitlines()[0][:200]})"
         raise FileNotFoundError(
-            f"{what} {name_or_path!r} is not a local folder (relative to {Path.cwd()}) and could not be loaded as a "
-            f"Hub id: {err}"
+            f"{what} {name_or_path!r}: no local folder of that name (relative to {Path.cwd()}), {why}. Check the name "
+            "or path."
         ) from err
 
 
@@ -157,8 +212,10 @@ def load_model_and_tokenizer(
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "check_not_adapter",
     "load_model_and_tokenizer",
     "looks_like_local_path",
+    "read_chat_template",
     "resolve_device",
     "resolve_model_path",
     "setup_tokenizer",

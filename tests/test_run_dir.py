@@ -195,7 +195,7 @@ def test_checkpoint_problems(tmp_path, train):
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
     (checkpoint / "adapter_model.safetensors").write_bytes(b"x")
     assert run_dir.checkpoint_problems(checkpoint) == ["optimizer state"]
-    assert run_dir.checkpoint_problems(checkpoint, save_only_model=True) == []
+    assert run_dir.saved_weights_only(run_dir.checkpoint_problems(checkpoint))  # a save_only_model checkpoint
     (checkpoint / "optimizer.pt").write_bytes(b"x")
     assert run_dir.checkpoint_problems(checkpoint) == []
     (checkpoint / "trainer_state.json").write_text('{"global_st')  # cut mid-write

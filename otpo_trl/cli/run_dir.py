@@ -1,8 +1,10 @@
 """The run directory of `scripts/train.py`: it cannot lie.
 
-`output_dir/run_args.json` records the arguments that decide what is trained ([`run_settings`]). [`plan_run`] decides,
-from what `output_dir` holds, whether a run trains afresh, resumes from its last complete checkpoint, has finished, or
-must stop (a different run is there); [`apply_run_plan`] then clears and records, and [`mark_finished`] closes it.
+`output_dir/run_args.json` records the arguments that decide what is trained ([`run_settings`]) and, under its own
+key `data`, a fingerprint of the training data (`otpo_trl.data.data_fingerprint`). [`plan_run`] decides, from what
+`output_dir` holds, whether a run trains afresh, resumes from its last complete checkpoint, has finished, or must stop
+(a different run or other data is there, `output_dir` overlaps an input of the run, nothing is there to resume);
+[`apply_run_plan`] then clears and records, and [`mark_finished`] closes it.
 """
 
 import json
@@ -12,6 +14,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,13 +127,14 @@ def _nonempty(path: Path) -> bool:
     return path.is_dir() or path.stat().st_size > 0
 
 
-def checkpoint_problems(path: str | Path, save_only_model: bool = False) -> list[str]:
+def checkpoint_problems(path: str | Path) -> list[str]:
     """What the checkpoint folder `path` lacks for a resume; empty when it is complete.
 
     HF Trainer writes the weights, then the optimizer, scheduler and RNG states, and `trainer_state.json` last, so a
     save cut short (a kill, a full disk) lacks at least `trainer_state.json`. Weights: `model*.safetensors`,
     `adapter_model.*`, `pytorch_model*` (FSDP: a `pytorch_model_fsdp_*` folder) or a DeepSpeed `global_step*` folder,
-    which also holds the optimizer; else `optimizer.pt` / `.bin` or FSDP's `optimizer_*` (unless `save_only_model`).
+    which also holds the optimizer; else `optimizer.pt` / `.bin` or FSDP's `optimizer_*`. A checkpoint that lacks only
+    the optimizer state was saved with `save_only_model` (see [`saved_weights_only`]).
     """
     path = Path(path)
     entries = [p for p in path.iterdir() if _nonempty(p)]
@@ -143,17 +147,40 @@ def checkpoint_problems(path: str | Path, save_only_model: bool = False) -> list
         missing.append("trainer_state.json")
     if not deepspeed and not any(n.startswith(("model", "adapter_model", "pytorch_model")) for n in names):
         missing.append("model weights")
-    if not (save_only_model or deepspeed or any(n.startswith("optimizer") for n in names)):
+    if not (deepspeed or any(n.startswith("optimizer") for n in names)):
         missing.append("optimizer state")
     return missing
 
 
-def last_complete_checkpoint(output_dir: str | Path, save_only_model: bool = False) -> Path | None:
-    """The last checkpoint of `output_dir` with nothing missing; incomplete later ones are skipped with a warning."""
+def saved_weights_only(problems: list[str]) -> bool:
+    """Whether `checkpoint_problems` describe a `save_only_model` checkpoint: complete (its trainer state, written
+    last, is there) but without optimizer and scheduler state."""
+    return problems == ["optimizer state"]
+
+
+def weights_only_error(checkpoint: Path) -> ValueError:
+    """The refusal to resume from a `save_only_model` checkpoint (HF Trainer would restart the learning-rate schedule
+    with a fresh optimizer, and call it a resume)."""
+    return ValueError(
+        f"{checkpoint} was saved with `save_only_model` (model weights and trainer state, no optimizer or "
+        "learning-rate scheduler state): resuming from it would restart the schedule with a fresh optimizer, which is "
+        "not the interrupted run, so it is not resumed. To go on, train afresh in a new `--output_dir` (or delete "
+        "this run with `--overwrite_output_dir`); to be able to resume a run, leave `save_only_model` off."
+    )
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The last checkpoint of `output_dir` with nothing missing; incomplete later ones are skipped with a warning.
+
+    Raises:
+        ValueError: the last one that is not cut short was saved with `save_only_model` (see [`weights_only_error`]).
+    """
     for checkpoint in reversed(checkpoint_folders(output_dir)):
-        problems = checkpoint_problems(checkpoint, save_only_model)
+        problems = checkpoint_problems(checkpoint)
         if not problems:
             return checkpoint
+        if saved_weights_only(problems):
+            raise weights_only_error(checkpoint)
         logger.warning(
             f"Skipping the incomplete checkpoint {checkpoint} (no {', '.join(problems)}: its save was cut short, "
             "e.g. by a kill or a full disk); looking for an earlier one."
@@ -179,19 +206,106 @@ class RunPlan:
     record: dict = field(default_factory=dict)
 
 
-def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings: dict) -> RunPlan:
+# The arguments that name an input of the run: `output_dir` must neither be one nor hold one nor lie inside one.
+INPUT_ARGS = {"model_name_or_path": "the model", "dataset_name": "the data", "chat_template": "the chat template"}
+
+
+def check_apart_from_inputs(output_dir: str | Path, settings: dict) -> None:
+    """Raise a `ValueError` if `output_dir` is, holds or lies inside a local input of the run (model, data, chat
+    template; the paths of `settings`, as [`run_settings`] makes them): the run saves its weights and checkpoints there,
+    and `--overwrite_output_dir` deletes them, so the input would be overwritten or deleted. Symbolic links resolved."""
+    out = Path(output_dir).expanduser().resolve()
+    for key, what in INPUT_ARGS.items():
+        value = settings.get(key)
+        if not isinstance(value, str) or not os.path.exists(value):
+            continue
+        path = Path(value).resolve()
+        if out == path:
+            relation = "is"
+        elif out in path.parents:
+            relation = "holds"
+        elif path in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"`output_dir` {output_dir} {relation} {what} of the run (`{key}` {value}): the run saves its weights and "
+            "checkpoints there, and overwriting deletes them, which would destroy an input of the run. Nothing was "
+            f"changed. Use an `--output_dir` outside the model, data and chat template folders (e.g. out/<run-name>)."
+        )
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="seconds")
+
+
+def _summary(entry: dict | None) -> str:
+    if entry is None:
+        return "<none>"
+    if "size" in entry:
+        return f"{entry['size']} bytes, modified {_when(entry['mtime_ns'])}, sha256 {entry['sha256'][:12]}"
+    return f"fingerprint {entry.get('fingerprint')}"
+
+
+def _data_changes(old: dict | None, new: dict | None, where: Path) -> dict:
+    """The data whose fingerprint changed, as `_differences` entries ("data <file>": [old, new]); {} when unchanged
+    or unknown (a record of an older version has no fingerprint: a warning says that the data could not be checked)."""
+    if new is None:
+        return {}
+    if old is None:
+        logger.warning(
+            f"{where / RUN_FILE} has no fingerprint of the data (it was written by an older version): the data could "
+            "not be checked against the run's. If it changed, this resume trains on the new data."
+        )
+        return {}
+    changes = {}
+    for name in sorted({*old.get("files", {}), *new.get("files", {})}):
+        a, b = old.get("files", {}).get(name), new.get("files", {}).get(name)
+        if a != b:
+            changes[f"data {name}"] = [_summary(a), _summary(b)]
+    rest_old = {k: v for k, v in old.items() if k != "files"}
+    rest_new = {k: v for k, v in new.items() if k != "files"}
+    if rest_old != rest_new:
+        changes["data"] = [_summary(rest_old or None), _summary(rest_new or None)]
+    return changes
+
+
+def plan_run(
+    script_args: "ScriptArguments", training_args: OTPOConfig, settings: dict, data: dict | None = None
+) -> RunPlan:
     """Decide, from what `output_dir` holds and the arguments, whether to train afresh, resume, or stop.
 
     Nothing is written but `output_dir` itself (created, to check that it is writable): [`apply_run_plan`] does the
     rest, once the data have been checked.
 
+    Args:
+        settings: the run's arguments, as [`run_settings`] gives them.
+        data: the fingerprint of the training data (`otpo_trl.data.data_fingerprint`), recorded under `data` and
+            compared on resume like the settings; None: not recorded, not compared.
+
     Raises:
-        ValueError: `output_dir` is a file or read-only; it holds a different run, a run without a record, or (with
-            `--resume_from_checkpoint false`) any run, and `--overwrite_output_dir` is not given; the requested
-            checkpoint is missing or incomplete. The message says how to go on.
+        ValueError: `output_dir` is, holds or lies inside an input of the run; it is a file or read-only; it holds a
+            different run (or the same on other data), a run without a record, or (with `--resume_from_checkpoint
+            false`) any run, and `--overwrite_output_dir` is not given; `--resume_from_checkpoint true` finds nothing
+            to resume; the requested checkpoint is missing, incomplete or saved with `save_only_model`. The message
+            says how to go on.
     """
+    check_apart_from_inputs(training_args.output_dir, settings)  # before anything is created or deleted
+    requested = training_args.resume_from_checkpoint
+    mode = "auto" if requested is None else str(requested).lower()
+    mode = {"true": "last", "yes": "last", "false": "never", "no": "never", "none": "never"}.get(mode, mode)
+    nothing_to_resume = (
+        f"`--resume_from_checkpoint {requested}` resumes the run in `output_dir` from its last checkpoint, but "
+        f"there is nothing to resume: {training_args.output_dir}"
+    )
+    fix = " Check the path of `--output_dir`; to start a new run, leave `--resume_from_checkpoint` unset."
+    if (
+        mode == "last"
+        and not script_args.overwrite_output_dir
+        and not Path(training_args.output_dir).expanduser().exists()
+    ):
+        raise ValueError(f"{nothing_to_resume} does not exist (relative to {Path.cwd()}).{fix}")
     out = writable_dir(training_args.output_dir, "`output_dir`")
-    save_only_model = training_args.save_only_model
     record = None
     if (out / RUN_FILE).exists():
         try:
@@ -202,10 +316,7 @@ def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings
     checkpoints = checkpoint_folders(out)
     used = [p.name for p in checkpoints] + [n for n in RUN_OUTPUTS if n != RUN_FILE and (out / n).exists()]
     history = (record or {}).get("resumed_with_changes", [])
-    new_record = {"status": "started", "settings": settings}
-    requested = training_args.resume_from_checkpoint
-    mode = "auto" if requested is None else str(requested).lower()
-    mode = {"true": "last", "yes": "last", "false": "never", "no": "never", "none": "never"}.get(mode, mode)
+    new_record = {"status": "started", "settings": settings, **({"data": data} if data is not None else {})}
     how = (
         f"To go on, use a new `--output_dir`; or continue that run with these arguments from one of its checkpoints, "
         f"`--resume_from_checkpoint {out}/checkpoint-<step>`; or delete its checkpoints and results and start afresh "
@@ -229,15 +340,19 @@ def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings
         if not checkpoint.is_dir():
             where = f"relative to {Path.cwd()}"
             raise ValueError(f"`--resume_from_checkpoint {requested}`: no such checkpoint folder ({where}).")
-        problems = checkpoint_problems(checkpoint, save_only_model)
+        problems = checkpoint_problems(checkpoint)
+        if saved_weights_only(problems):
+            raise weights_only_error(checkpoint)
         if problems:
             siblings = checkpoint_folders(checkpoint.parent)
-            complete = [p.name for p in siblings if not checkpoint_problems(p, save_only_model)]
+            complete = [p.name for p in siblings if not checkpoint_problems(p)]
             raise ValueError(
                 f"`--resume_from_checkpoint {requested}` is incomplete (no {', '.join(problems)}): its save was cut "
                 f"short. Complete checkpoints beside it: {complete or 'none'}."
             )
-        changes = _differences(record["settings"], settings) if record is not None else {}
+        changes = {}
+        if record is not None:
+            changes = _differences(record["settings"], settings) | _data_changes(record.get("data"), data, out)
         if changes:
             logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {_describe(changes)}.")
             history = [*history, {"checkpoint": str(checkpoint), "changes": changes}]
@@ -252,6 +367,8 @@ def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings
         return RunPlan("train", str(checkpoint), clear=clear, record=kept)
 
     if not used:
+        if mode == "last":
+            raise ValueError(f"{nothing_to_resume} holds no run (no checkpoint, no {RUN_FILE}).{fix}")
         return RunPlan("train", record=new_record)
     if mode == "never":
         raise ValueError(
@@ -264,7 +381,7 @@ def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings
             f"{out} holds checkpoints or results ({', '.join(used[:6])}) but no {RUN_FILE}: the arguments of that "
             f"run are unknown, so it is not resumed automatically. {how}"
         )
-    changes = _differences(record["settings"], settings)
+    changes = _differences(record["settings"], settings) | _data_changes(record.get("data"), data, out)
     if changes:
         raise ValueError(f"{out} holds a run with other arguments ({_describe(changes)}). {how}")
     if record.get("status") == "finished":
@@ -272,7 +389,7 @@ def plan_run(script_args: "ScriptArguments", training_args: OTPOConfig, settings
             f"{out} holds this run, finished at step {record.get('global_step')}: nothing to train. To train it "
             "again, add `--overwrite_output_dir` or use a new `--output_dir`."
         ))  # fmt: skip
-    checkpoint = last_complete_checkpoint(out, save_only_model)
+    checkpoint = last_complete_checkpoint(out)
     kept = {**new_record, "resumed_with_changes": history} if history else new_record
     if checkpoint is None:
         if mode == "last":

@@ -20,8 +20,10 @@ its checkpoints and results first). `--resume_from_checkpoint false` in a used `
 """
 
 import difflib
+import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,8 +38,8 @@ from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..analysis import tokenize_pair
-from ..data import load_preference_dataset, split_off_eval
-from ..loading import resolve_model_path, setup_tokenizer
+from ..data import data_fingerprint, load_preference_dataset, split_off_eval
+from ..loading import _from_pretrained, check_not_adapter, read_chat_template, resolve_model_path, setup_tokenizer
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from .run_dir import apply_run_plan, mark_finished, plan_run, run_settings
@@ -122,6 +124,8 @@ class ScriptArguments(trl.ScriptArguments):
         size = self.eval_split_size
         if size is not None and not (0 < size < 1 or (size >= 1 and size == int(size))):
             raise ValueError(f"`eval_split_size` must be a share in (0, 1) or a whole number of pairs, got {size!r}.")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a mistyped path is an error, not the template's text
 
 
 def make_parser() -> TrlParser:
@@ -185,6 +189,25 @@ def check_launch() -> None:
         )
 
 
+# A negative number argparse takes for an option (it knows only `-1` and `-0.5`): `-1e-6`, `-.5E3`, `-inf`.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`argv` as the parser reads it: `--config=<path>` split in two (TrlParser reads only `--config <path>`: with `=`
+    the recipe would be dropped), and a negative number after a flag joined to it (`--ot_tol -1e-6` ->
+    `--ot_tol=-1e-6`), so that it is parsed, then checked, as a value."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            out += ["--config", arg.split("=", 1)[1]]
+        elif out and _NEGATIVE_NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def check_config_file(argv: list[str]) -> None:
     """Raise a `ValueError` unless the `--config` file of `argv` (if any) can be read as a YAML mapping; a syntax error
     names its line and column."""
@@ -219,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, OTPOConf
             a check of `ScriptArguments` / `OTPOConfig` / `ModelConfig` (the message names the field). An argument of
             the wrong type or outside its choices on the command line exits through argparse, naming it.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     check_config_file(argv)
     check_launch()
     parser = make_parser()
@@ -237,7 +260,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, OTPOConf
             errors.append(f"`{key}` in {where}{hint}")
     if errors:
         raise ValueError(f"Unknown argument(s): {'; '.join(errors)}. See `scripts/train.py --help`.")
+    check_parsed(*parsed)
     return tuple(parsed)
+
+
+def check_parsed(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
+    """What the dataclasses leave unchecked, in place: a recipe's value outside a field's choices (YAML bypasses
+    argparse's), a lone LoRA target module (a one-element list), `use_liger_kernel` without its package."""
+    for args in (script_args, training_args, model_args):
+        for f in fields(args):
+            choices, value = f.metadata.get("choices"), getattr(args, f.name, None)
+            values = value if isinstance(value, list) else [value]
+            if choices and value is not None and all(isinstance(v, str) for v in values):
+                wrong = [v for v in values if v not in choices]
+                if wrong:
+                    close = difflib.get_close_matches(wrong[0], list(choices), n=1, cutoff=0.5)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"`{f.name}` must be one of {list(choices)}, got {wrong[0]!r}{hint}.")
+    targets = model_args.lora_target_modules
+    # TRL's ModelConfig turns a one-element list into its string, which PEFT reads as a regex over the full module
+    # names ("q_proj" matches none); a YAML scalar gives the same string. A plain name is a one-element list.
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"\w+", targets):
+        model_args.lora_target_modules = [targets]
+    if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError(
+            "`use_liger_kernel` is true, but the liger-kernel package is not installed: `pip install liger-kernel` "
+            "(it needs a GPU), or set `use_liger_kernel: false`."
+        )
 
 
 def to_dpo_config(args: OTPOConfig) -> DPOConfig:
@@ -297,10 +346,20 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
             "on others; if steps are slow, set `bf16: false`."
         )
 
+    check_not_adapter(model_args.model_name_or_path, "`model_name_or_path`")
+    if training_args.save_only_model and training_args.save_strategy != "no":
+        logger.warning(
+            "save_only_model: the checkpoints hold no optimizer or learning-rate scheduler state, so a run interrupted "
+            "later cannot be resumed from them (it is refused, not resumed with a fresh optimizer)."
+        )
+
     ###############
     # The run directory (before the data and the model: a run that must not go on stops here)
     ###############
-    plan = plan_run(script_args, training_args, run_settings(script_args, training_args, model_args))
+    with training_args.main_process_first(desc="fingerprinting the data set"):
+        # Recorded in run_args.json beside the settings: resuming on changed data is refused like changed arguments.
+        data = data_fingerprint(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    plan = plan_run(script_args, training_args, run_settings(script_args, training_args, model_args), data)
     if plan.action == "finished":
         return plan, None, None, None
 
@@ -354,8 +413,10 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
     if os.path.isdir(os.path.expanduser(model_args.model_name_or_path)):
         # A saved adapter records its base as given here: absolute, it loads from any directory.
         model_args.model_name_or_path = os.path.abspath(os.path.expanduser(model_args.model_name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = _from_pretrained(  # a name that is neither a folder nor on the (reachable) Hub: one clear message
+        AutoTokenizer,
         model_args.model_name_or_path,
+        "`model_name_or_path`",
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
