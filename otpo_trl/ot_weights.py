@@ -443,7 +443,7 @@ def ot_token_weights(
     close to uniform at the paper's :math:`\varepsilon`, by an amount that depends on the model. "minmax" makes the
     costs' range 1 in every pair (and the weights invariant to a shift or a rescaling of all states), so that
     :math:`\varepsilon` and :math:`\tau` alone bound how far apart the weights may be, whatever the model
-    (:math:`e^{1 / (\varepsilon + \tau)}`: 2.3 at the defaults, 20 at :math:`\varepsilon = 0.1`). A constant added to
+    (:math:`e^{1 / (\varepsilon + \tau)}`: 2.3 at the defaults, 28 at :math:`\varepsilon = 0.1`). A constant added to
     every cost of a pair rescales its plan and leaves the normalised weights unchanged, so "minmax" is in effect
     a division by the range of the costs.
 
