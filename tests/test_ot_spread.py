@@ -7,7 +7,7 @@ import pytest
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from otpo_trl.analysis import pair_token_stats, scoring_order
+from otpo_trl.analysis import pair_token_stats, tokenize_pair
 from otpo_trl.cli import ot_spread
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
@@ -20,8 +20,9 @@ def direct(model_dir, data_dir, n, **options):
     """Per-completion entropy and max / mean, and per-pair margin change, computed here from pair_token_stats's own
     OT weights (one forward per setting, all pairs in one batch), with numpy."""
     policy, _, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")
-    examples = [maybe_extract_prompt(dict(e)) for e in load_preference_dataset(str(data_dir), "test", max_samples=n)]
-    batch = [examples[i] for i in scoring_order(examples, tokenizer, MAX_LENGTH)]
+    examples = [maybe_extract_prompt(dict(e)) for e in load_preference_dataset(str(data_dir), "test")]
+    # The first n pairs whose prompt does not fill MAX_LENGTH (DPOTrainer drops the others), in one batch.
+    batch = [e for e in examples if len(tokenize_pair(e, tokenizer)["prompt_ids"]) < MAX_LENGTH][:n]
     ot = pair_token_stats(policy, None, tokenizer, batch, max_length=MAX_LENGTH, **options)
     uni = pair_token_stats(policy, None, tokenizer, batch, max_length=MAX_LENGTH, **options, weighting="uniform")
     entropy, max_mean = [], []
@@ -52,7 +53,7 @@ def test_spread_numbers_match_a_direct_computation(tiny_model_dir, sample_data_d
     assert "| minmax, ε 0.01 |" in (out / "ot_spread.md").read_text()
     rows = saved["results"]
     assert list(rows) == ["official, ε 1e+06", "official, ε 0.01", "minmax, ε 1e+06", "minmax, ε 0.01"]
-    assert saved["n_pairs"] > 2
+    assert saved["n_pairs"] == 8 and len(saved["data_rows"]) == 8 and saved["n_skipped"] >= 0
     # At a huge ε the weights are uniform: entropy 1, max / mean 1, no token below half the mean, margin unchanged.
     for name in ("official, ε 1e+06", "minmax, ε 1e+06"):
         r = rows[name]

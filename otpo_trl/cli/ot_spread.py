@@ -59,10 +59,11 @@ def parse_args(argv=None):
         "--data", required=True, help="Hub data set id, or a local .jsonl / .json / .parquet file or folder."
     )
     p.add_argument("--split", default="test", help="Split of --data (a single file is one split). Default: test.")
-    p.add_argument("--num_pairs", type=int, default=32, help="The first N pairs of the split. Default: 32.")
+    p.add_argument("--num_pairs", type=int, default=32,
+                   help="The first N pairs of the split whose prompt does not fill max_length. Default: 32.")  # fmt: skip
     add_max_length_argument(p)
     p.add_argument("--batch_size", type=int, default=8, help="Pairs per forward. Default: 8.")
-    p.add_argument("--index", type=int, default=0, help="The scored pair whose weights the figure shows. Default: 0.")
+    p.add_argument("--index", type=int, default=0, help="The pair (of those scored) the figure shows. Default: 0.")
     p.add_argument("--uniform_threshold", type=float, default=UNIFORM_THRESHOLD,
                    help="A setting is close to uniform when its median max / mean weight is below this. Default: "
                    f"{UNIFORM_THRESHOLD}.")  # fmt: skip
@@ -208,6 +209,20 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
     return rows, per_pair, figure_data, len(order)
 
 
+def first_scorable(dataset, tokenizer, n, max_length):
+    """The first `n` pairs of `dataset` that can be scored (DPOTrainer drops a pair whose prompt fills max_length),
+    in TRL's format with the prompt extracted, and their rows."""
+    examples, rows = [], []
+    for start in range(0, len(dataset), 4 * n):
+        chunk = [maybe_extract_prompt(dict(dataset[i])) for i in range(start, min(start + 4 * n, len(dataset)))]
+        for i in sorted(scoring_order(chunk, tokenizer, max_length)):
+            examples.append(chunk[i])
+            rows.append(start + i)
+        if len(examples) >= n:
+            break
+    return examples[:n], rows[:n]
+
+
 def close_to_uniform(rows: dict, threshold: float) -> str:
     """The plain-words verdict: which settings leave the weights close to uniform."""
     close = [n for n, r in rows.items() if r["max_mean_median"] < threshold]
@@ -269,9 +284,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     command = " ".join(["python scripts/ot_spread.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
-    dataset = load_preference_dataset(args.data, args.split, max_samples=args.num_pairs)  # before the model
+    dataset = load_preference_dataset(args.data, args.split)  # before the model: bad data fail fast
     policy, _, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype, device=args.device)
-    examples = [maybe_extract_prompt(dict(e)) for e in dataset]
+    examples, data_rows = first_scorable(dataset, tokenizer, args.num_pairs, args.max_length)
     options_list = settings(args)
     rows, per_pair, figure_data, n_scored = spread(policy, tokenizer, examples, options_list,
                                                    max_length=args.max_length, batch_size=args.batch_size,
@@ -281,13 +296,15 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     figure(figure_data, out / "ot_spread.png")
     summary = {"command": command, "model": args.model, "data": args.data, "split": args.split,
-               "max_length": args.max_length, "n_pairs": n_scored, "n_skipped": len(examples) - n_scored,
+               "max_length": args.max_length, "n_pairs": n_scored, "data_rows": data_rows,
+               "n_skipped": (data_rows[-1] + 1 - len(data_rows)) if data_rows else 0,
                "settings": options_list, "uniform_threshold": args.uniform_threshold, "close_to_uniform": verdict,
                "results": rows, "per_pair": per_pair, "figure_pair": figure_data["pair_index"], "seconds": seconds}  # fmt: skip
     (out / "ot_spread.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# OT weight spread of `{args.model}`", "", f"Made by `{command}` in {seconds:.0f} s.", "",
              f"{n_scored} pairs of `{args.data}` [{args.split}] (max_length {args.max_length}"
-             + (f"; {len(examples) - n_scored} skipped: prompt fills max_length" if n_scored < len(examples) else "")
+             + (f"; the first {n_scored} whose prompt does not fill max_length, {summary['n_skipped']} skipped"
+                if summary["n_skipped"] else "")
              + "); shared OT options: " + ", ".join(f"{k}={v}" for k, v in options_list[0].items()
                                                      if k not in ("reg", "cost_scale")) + ".", "",
              *table(rows), "",
