@@ -155,6 +155,30 @@ def test_held_out_pairs_never_overlap_training(sample_data_dir):
         length_study.held_out_pairs(args, {**recipe, "eval_split_size": 0.1})
 
 
+def test_held_out_file_pairs_and_training_pool(sample_data_dir, tmp_path):
+    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
+              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    test_rows = (sample_data_dir / "test.jsonl").read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(test_rows[:4]) + "\n")
+    args = Namespace(train_pairs=100, held_out_train=0, test_pairs=0, held_out_file=str(held))
+    pairs = length_study.held_out_pairs(args, recipe)
+    assert [p["source"] for p in pairs] == ["file"] * len(pairs) and [p["row"] for p in pairs] == list(
+        range(len(pairs))
+    )
+    assert 0 < len(pairs) <= 4 and all(isinstance(p["prompt"], list) for p in pairs)  # the prompt is extracted
+    # A pair of the training pool (train row 3 is kept by the filters: pool index 2) is not held out; one past the
+    # pool is.
+    train_rows = (sample_data_dir / "train.jsonl").read_text().splitlines()
+    held.write_text(test_rows[0] + "\n" + train_rows[3] + "\n")
+    with pytest.raises(ValueError, match=r"1 of its pairs \(rows \[1\]\) are in the training pool"):
+        length_study.held_out_pairs(args, recipe)
+    args.train_pairs = 2
+    assert len(length_study.held_out_pairs(args, recipe)) == 2
+    with pytest.raises(ValueError, match="no such file"):
+        length_study.held_out_pairs(Namespace(**{**vars(args), "held_out_file": str(tmp_path / "none.jsonl")}), recipe)
+
+
 def test_options_quick_never_writes_the_real_report():
     args = length_study.parse_args(["--quick", "--beta", "0.2"])  # unknown flags go to scripts/train.py
     assert args.max_steps == 2 and args.seeds == [42] and args.train_flags == ["--beta", "0.2"]
