@@ -8,7 +8,7 @@ ARGS ?=
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 SAMPLE_DATA ?= ../shared/data/ultrafeedback
 
-.PHONY: install test quickstart report study prepare-model prepare-data lint
+.PHONY: install test quickstart report study spread prepare-model prepare-data lint
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,9 @@ report: prepare-model prepare-data
 # A tiny check of the pipeline: make study ARGS=--quick
 study: prepare-model prepare-data
 	$(PY) scripts/length_study.py $(ARGS)
+
+# How far from uniform OTPO's token weights are for the quickstart model, per ot_reg and cost scale, before any
+# training: writes reports/ot_spread/ot_spread.{md,json,png} (a few minutes on 2 CPU cores). Options: ARGS="..."
+spread: prepare-model prepare-data
+	$(PY) scripts/ot_spread.py --model $(MODEL_DIR) --data $(SAMPLE_DATA) --split test --num_pairs 32 \
+		--max_length 256 --ot_reg 1.0 0.5 0.1 0.05 0.02 0.01 --ot_cost_scale official minmax --out reports/ot_spread $(ARGS)

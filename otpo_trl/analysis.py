@@ -137,6 +137,10 @@ class PairStats:
         plan: (B, Lc, Lr) float32, the transport plan between the chosen and the rejected tokens.
         chosen_tokens, rejected_tokens: B lists of the tokens as text (each token decoded alone).
         has_reference: False when the policy is its own reference (all margins 0).
+        chosen_hidden, rejected_hidden: (B, Lc, H), (B, Lr, H), the policy's last hidden states the weights were
+            computed from (left-aligned like the ids; rows past a completion's end are arbitrary); None unless
+            [`pair_token_stats`] was asked for them (`return_hidden`), e.g. to compute weights for other OT settings
+            without another forward.
     """
 
     chosen_ids: torch.Tensor
@@ -153,6 +157,8 @@ class PairStats:
     chosen_tokens: list[list[str]]
     rejected_tokens: list[list[str]]
     has_reference: bool
+    chosen_hidden: torch.Tensor | None = None
+    rejected_hidden: torch.Tensor | None = None
 
 
 def _left_align(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +178,7 @@ def pair_token_stats(
     examples: list[dict],
     *,
     max_length: int | None = DEFAULT_MAX_LENGTH,
+    return_hidden: bool = False,
     **ot_options,
 ) -> PairStats:
     """One forward of [chosen; rejected] through the policy (and the reference): per-token log-probs and OT weights.
@@ -182,8 +189,11 @@ def pair_token_stats(
         tokenizer: the policy's tokenizer.
         examples: B preference pairs in TRL's format (standard or conversational, explicit or implicit prompt).
         max_length: truncate prompt + completion to this many tokens, keeping the start (TRL's default, 1024).
-        **ot_options: keyword arguments of [`ot_token_weights`] (`reg`, `reg_m`, `cost`, `normalization`,
-            `solver`, `max_iter`, `tol`); see [`ot_kwargs`].
+        return_hidden: also keep the policy's hidden states in the result (`chosen_hidden`, `rejected_hidden`), so
+            that [`ot_token_weights`] can be called on them again with other settings.
+        **ot_options: keyword arguments of [`ot_token_weights`] (`reg`, `reg_m`, `cost`, `cost_scale`,
+            `normalization`, `weighting`, `solver`, `max_iter`, `tol`); see [`ot_kwargs`]. `weighting="uniform"`
+            solves no OT problem.
 
     Returns:
         [`PairStats`], on the policy's device.
@@ -235,6 +245,8 @@ def pair_token_stats(
         chosen_tokens=decode(chosen["ids"], chosen["mask"]),
         rejected_tokens=decode(rejected["ids"], rejected["mask"]),
         has_reference=reference is not None,
+        chosen_hidden=chosen["hidden"] if return_hidden else None,
+        rejected_hidden=rejected["hidden"] if return_hidden else None,
     )
 
 
@@ -279,6 +291,19 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     }
 
 
+def scoring_order(
+    examples: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int | None = DEFAULT_MAX_LENGTH
+) -> list[int]:
+    """The indices of the `examples` that can be scored, longest first (similar lengths batch with less padding):
+    pairs whose prompt alone fills `max_length` are left out, as DPOTrainer drops them."""
+    lengths = {}
+    for i, example in enumerate(examples):
+        ids = tokenize_pair(example, tokenizer)
+        if max_length is None or len(ids["prompt_ids"]) < max_length:
+            lengths[i] = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
+    return sorted(lengths, key=lengths.get, reverse=True)
+
+
 def score_preferences(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -297,14 +322,11 @@ def score_preferences(
 
     Returns:
         dict with `n_pairs`, `n_skipped`, `uniform` and `ot` (each [`preference_metrics`]), and `pairs`: one dict
-        per scored pair (`index` in `examples`, `margin_uniform`, `margin_ot`, `chosen_tokens`, `rejected_tokens`).
+        per scored pair (`index` in `examples`, `margin_uniform`, `margin_ot`, `chosen_tokens`, `rejected_tokens`,
+        and the summed log-probs of each side under the policy and the reference, `chosen_logp`, `rejected_logp`,
+        `ref_chosen_logp`, `ref_rejected_logp`; the reference's are the policy's when `reference` is None).
     """
-    lengths = {}
-    for i, example in enumerate(examples):
-        ids = tokenize_pair(example, tokenizer)
-        if max_length is None or len(ids["prompt_ids"]) < max_length:
-            lengths[i] = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
-    order = sorted(lengths, key=lengths.get, reverse=True)  # similar lengths together: less padding
+    order = scoring_order(examples, tokenizer, max_length)
     rewards = {w: ([], []) for w in WEIGHTINGS}
     pairs = []
     for start in tqdm(range(0, len(order), batch_size), desc="Scoring pairs", disable=not progress):
@@ -318,10 +340,14 @@ def score_preferences(
             chosen.append(c.cpu())
             rejected.append(r.cpu())
             margins[weighting] = (c - r).tolist()
+        # Each side's summed log-probs (float64 sums), so that a reference's can be computed once and reused.
+        sums = {f"{who}{side}_logp": getattr(stats, f"{who}{side}_logps").double().sum(1).tolist()
+                for who in ("", "ref_") for side in ("chosen", "rejected")}  # fmt: skip
         for k, i in enumerate(indices):
             pairs.append({"index": i, "margin_uniform": margins["uniform"][k], "margin_ot": margins["ot"][k],
                           "chosen_tokens": int(stats.chosen_mask[k].sum()),
-                          "rejected_tokens": int(stats.rejected_mask[k].sum())})  # fmt: skip
+                          "rejected_tokens": int(stats.rejected_mask[k].sum()),
+                          **{name: values[k] for name, values in sums.items()}})  # fmt: skip
     pairs.sort(key=lambda p: p["index"])
     result = {"n_pairs": len(order), "n_skipped": len(examples) - len(order)}
     for weighting, (chosen, rejected) in rewards.items():
@@ -502,6 +528,7 @@ __all__ = [
     "pair_token_stats",
     "preference_metrics",
     "score_preferences",
+    "scoring_order",
     "template_kwargs",
     "tokenize_pair",
 ]

@@ -5,12 +5,15 @@ import shlex
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from otpo_trl.analysis import score_preferences
 from otpo_trl.cli import length_study
 from otpo_trl.cli import train as train_cli
+from otpo_trl.loading import load_model_and_tokenizer
 
 
 # ------------------------------------------------------------------ statistics
@@ -152,6 +155,30 @@ def test_held_out_pairs_never_overlap_training(sample_data_dir):
         length_study.held_out_pairs(args, {**recipe, "eval_split_size": 0.1})
 
 
+def test_held_out_file_pairs_and_training_pool(sample_data_dir, tmp_path):
+    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
+              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    test_rows = (sample_data_dir / "test.jsonl").read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(test_rows[:4]) + "\n")
+    args = Namespace(train_pairs=100, held_out_train=0, test_pairs=0, held_out_file=str(held))
+    pairs = length_study.held_out_pairs(args, recipe)
+    assert [p["source"] for p in pairs] == ["file"] * len(pairs) and [p["row"] for p in pairs] == list(
+        range(len(pairs))
+    )
+    assert 0 < len(pairs) <= 4 and all(isinstance(p["prompt"], list) for p in pairs)  # the prompt is extracted
+    # A pair of the training pool (train row 3 is kept by the filters: pool index 2) is not held out; one past the
+    # pool is.
+    train_rows = (sample_data_dir / "train.jsonl").read_text().splitlines()
+    held.write_text(test_rows[0] + "\n" + train_rows[3] + "\n")
+    with pytest.raises(ValueError, match=r"1 of its pairs \(rows \[1\]\) are in the training pool"):
+        length_study.held_out_pairs(args, recipe)
+    args.train_pairs = 2
+    assert len(length_study.held_out_pairs(args, recipe)) == 2
+    with pytest.raises(ValueError, match="no such file"):
+        length_study.held_out_pairs(Namespace(**{**vars(args), "held_out_file": str(tmp_path / "none.jsonl")}), recipe)
+
+
 def test_options_quick_never_writes_the_real_report():
     args = length_study.parse_args(["--quick", "--beta", "0.2"])  # unknown flags go to scripts/train.py
     assert args.max_steps == 2 and args.seeds == [42] and args.train_flags == ["--beta", "0.2"]
@@ -201,7 +228,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
 
     # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}
-    assert len(stamps) == 6
+    assert len(stamps) == 7  # 3 runs, their 3 scores and the reference's scores
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished run or its scores were redone")
@@ -213,12 +240,109 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     assert report.exists() and again["margins"] == saved["margins"] and again["stats"] == saved["stats"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    # Scores made for other held-out pairs are not reused: one more test pair rescores every run (no retraining).
+    # The reference's scores were computed once for the three runs, and every run's scores name that file.
+    references = sorted(out.glob("scores/reference-*.json"))
+    assert len(references) == 1
+    assert {json.loads(p.read_text())["reference_scores"] for p in out.glob("scores/*-seed42.json")} == {
+        references[0].name
+    }
+
+    # Scores made for other held-out pairs are not reused: one more test pair rescores every run (no retraining),
+    # with one reference pass for the new held-out set and then only the policy, once per run.
     monkeypatch.undo()
     monkeypatch.setattr(train_cli, "main", forbidden)
-    length_study.main([*argv, "--test_pairs", "9"])
-    assert all(p.stat().st_mtime_ns > stamps[p] for p in out.glob("scores/*.json"))
+    passes = []
+    real_sums = length_study._log_prob_sums
+    monkeypatch.setattr(length_study, "_log_prob_sums", lambda *a: passes.append(1) or real_sums(*a))
+    rescored = length_study.main([*argv, "--test_pairs", "9"])
+    assert all(p.stat().st_mtime_ns > stamps[p] for p in out.glob("scores/*-seed42.json"))
+    assert len(passes) == 3 + 1 and len(list(out.glob("scores/reference-*.json"))) == 2
+
+    # The margins with the cached reference are today's: the policy and its reference scored together, as
+    # scripts/evaluate.py does (up to float rounding).
+    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
+              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    pairs = length_study.held_out_pairs(Namespace(train_pairs=8, held_out_train=8, test_pairs=9), recipe)
+    order = [(p["source"], p["row"]) for p in rescored["pairs"]]
+    for arm in length_study.ARMS:
+        policy, reference, tokenizer = load_model_and_tokenizer(str(out / f"{arm}-seed42"), device="cpu")
+        scored = score_preferences(policy, reference, tokenizer, pairs, beta=0.1, max_length=512, progress=False)
+        direct = {
+            (pairs[p["index"]]["source"], pairs[p["index"]]["row"]): p["margin_uniform"] for p in scored["pairs"]
+        }
+        assert sorted(direct) == order
+        assert rescored["margins"][f"{arm}-seed42"] == pytest.approx([direct[k] for k in order], rel=1e-5, abs=1e-6)
 
     # A finished run of other training settings in the same --out is refused, not reported under the new ones.
     with pytest.raises(ValueError, match=r"finished run of other settings \(learning_rate: 0.0001 -> 0.001"):
         length_study.main([*argv, "--learning_rate", "1e-3"])
+
+
+# ------------------------------------------------------------------ a baseline's arms, a held-out file
+
+
+def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, sample_data_dir, monkeypatch):
+    out, report = tmp_path / "runs", tmp_path / "report" / "length_study.md"
+    argv = ["--quick", "--model", tiny_model_dir, "--data", str(sample_data_dir), "--out", str(out),
+            "--report", str(report)]  # fmt: skip
+    first = length_study.main(argv)
+    baseline = tmp_path / "baseline.json"  # a copy: the report's JSON is rewritten by the studies below
+    baseline.write_text(report.with_suffix(".json").read_text())
+    assert first["baseline"] is None and set(first["run_settings"]) == {f"{a}-seed42" for a in length_study.ARMS}
+
+    trained, scored = [], []
+    real_train, real_score = train_cli.main, length_study.score
+    monkeypatch.setattr(train_cli, "main", lambda *a: trained.append(str(a[1].output_dir)) or real_train(*a))
+    monkeypatch.setattr(length_study, "score", lambda *a: scored.append(a[2].name) or real_score(*a))
+
+    # Refused before anything trains, naming the difference: a study setting, a training setting of the arms.
+    new_out, new_report = tmp_path / "reg0.5", tmp_path / "reg0.5" / "report" / "length_study.md"
+    again = [*argv[:-4], "--out", str(new_out), "--report", str(new_report), "--baseline", str(baseline)]
+    with pytest.raises(ValueError, match=r"cannot stand in.*learning_rate: 0.0001 there, 0.001 here"):
+        length_study.main([*again, "--learning_rate", "1e-3"])
+    with pytest.raises(ValueError, match=r"dpo-seed42 trained with other settings \(beta: 0.1 -> 0.2\)"):
+        length_study.main([*again, "--beta", "0.2"])
+    with pytest.raises(ValueError, match=r"uniform-seed42 trained with other settings \(ot_normalization"):
+        length_study.main([*again, "--ot_normalization", "mean"])
+    assert trained == [] and scored == []
+
+    # Another ot_reg: only the otpo arm trains and scores; the dpo and uniform arms are the baseline's, as they were.
+    summary = length_study.main([*again, "--ot_reg", "0.5"])
+    assert [Path(t).name for t in trained] == ["otpo-seed42"] and scored == ["otpo-seed42"]
+    assert summary["baseline"]["arms"] == ["dpo", "uniform"]
+    for run in ("dpo-seed42", "uniform-seed42"):
+        assert summary["margins"][run] == first["margins"][run]
+    assert summary["margins"]["otpo-seed42"] != first["margins"]["otpo-seed42"]
+    assert summary["generation"]["dpo"] == first["generation"]["dpo"]
+    assert summary["run_settings"]["otpo-seed42"]["ot_reg"] == 0.5
+    assert "DPO and UNIFORM arms were not trained or scored here" in new_report.read_text()
+
+    # A JSON that predates the recorded settings is checked against what its command trains: the same answers.
+    old = json.loads(baseline.read_text())
+    del old["run_settings"], old["scoring"]
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    trained.clear()
+    again_old = [*again[:-1], str(old_path), "--ot_reg", "0.5"]
+    assert length_study.main(again_old)["margins"] == summary["margins"] and trained == []  # the otpo run is reused
+    with pytest.raises(ValueError, match=r"its command .* dpo-seed42 trained with other settings \(beta"):
+        length_study.main([*again_old, "--beta", "0.2"])
+
+    # --held_out_file: every pair of a file is scored instead of the split slices (the runs are reused)...
+    rows = (sample_data_dir / "test.jsonl").read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(rows[20:26]) + "\n")
+    trained.clear()
+    scored.clear()
+    filed = length_study.main([*argv, "--held_out_file", str(held)])
+    assert trained == [] and sorted(scored) == [f"{a}-seed42" for a in sorted(length_study.ARMS)]
+    assert {p["source"] for p in filed["pairs"]} == {"file"} and 0 < len(filed["pairs"]) <= 6
+    assert filed["scoring"]["held_out"]["file"] == str(held.resolve())
+    assert f"every pair of `{held}`" in report.read_text()
+    # ... refused for a baseline scored on other pairs, and for a file holding a training pair.
+    with pytest.raises(ValueError, match="scoring held_out"):
+        length_study.main([*argv, "--held_out_file", str(held), "--baseline", str(baseline)])
+    trained_row = (sample_data_dir / "train.jsonl").read_text().splitlines()[3]
+    (tmp_path / "leak.jsonl").write_text(trained_row + "\n" + rows[20] + "\n")
+    with pytest.raises(ValueError, match=r"1 of its pairs \(rows \[0\]\) are in the training pool"):
+        length_study.main([*argv, "--held_out_file", str(tmp_path / "leak.jsonl")])

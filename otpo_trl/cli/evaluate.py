@@ -96,9 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_arguments(parser)
     parser.add_argument(
-        "--data", required=True, help="Hub data set id, or a local .jsonl / .json / .parquet file or folder."
-    )
-    parser.add_argument("--split", default="test", help="Split of --data. Default: test.")
+        "--data", "--held_out_file", dest="data", required=True,
+        help="Hub data set id, a local folder of split files, or one .jsonl / .json / .parquet file in any of TRL's "
+        "preference formats (standard or conversational, explicit or implicit prompt), whose pairs are all scored "
+        "whatever --split. --held_out_file is the same option, named as in scripts/length_study.py.",
+    )  # fmt: skip
+    parser.add_argument("--split", default="test", help="Split of --data (ignored for a single file). Default: test.")
     parser.add_argument(
         "--max_samples", type=int, help="Score at most this many pairs (the first ones). Default: all."
     )

@@ -4,6 +4,10 @@
 make study                                  # = python scripts/length_study.py (~2 h on 2 CPU cores)
 python scripts/length_study.py --quick      # 2 steps, 1 seed, 16 pairs (~6 min): checks the pipeline
 python scripts/length_study.py --seeds 42 43 --learning_rate 5e-5   # unknown flags go to scripts/train.py
+# another ot_* setting: only the otpo arm trains; dpo and uniform come from the committed study (checked first)
+python scripts/length_study.py --ot_reg 0.1 --out out/length_study_reg0.1 --baseline reports/length_study.json \
+    --report reports/length_study_reg0.1/length_study.md
+python scripts/length_study.py --held_out_file my_pairs.jsonl --report out/my_pairs/length_study.md
 ```
 
 Three arms train from one recipe with the same data, steps, LoRA and seed: `dpo` (`trainer: dpo`), `otpo`, and
@@ -12,12 +16,19 @@ held-out pair (the first `--test_pairs` of the test split and the last `--held_o
 training never reaches) with DPO's uniform-weight implicit reward, as `scripts/evaluate.py` does. The primary measure
 is corr(margin, chosen tokens - rejected tokens): how much the reward follows length. Intervals are paired bootstrap
 intervals over held-out pairs (the same resample for every arm and seed). A finished run (`all_results.json`) and a
-run's scores (`scores/<run>.json`) are reused, so an interrupted study resumes.
+run's scores (`scores/<run>.json`) are reused, so an interrupted study resumes. The reference's log-probs do not
+depend on the run: they are computed once per held-out set and scoring setting (`scores/reference-<key>.json`), and
+scoring a run then runs only its policy. `--held_out_file` scores every pair of a file instead of the split slices.
+`--baseline` takes the dpo and uniform arms, which no `ot_*` option but `ot_weighting` / `ot_normalization` changes,
+from an earlier study's JSON, after checking that they are what this study would train and score (see
+[`load_baseline`]); the report says so.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -51,6 +62,12 @@ HELP = {"max_steps": "training steps of every run", "max_length": "truncation of
         "num_generations": "held-out prompts answered greedily", "max_new_tokens": "token budget of each answer",
         "bootstrap": "bootstrap resamples of the held-out pairs"}  # fmt: skip
 OT_LOGGED = ("ot/weight_entropy", "ot/weight_max", "ot/plan_mass")  # read back from the OTPO runs' logs
+# The ot_* settings that change neither DPO nor uniform weighting: a baseline's dpo and uniform arms may differ in them.
+BASELINE_IGNORED = ("ot_reg", "ot_reg_m", "ot_cost_scale", "ot_cost", "ot_solver", "ot_max_iter", "ot_tol")
+BASELINE_ARMS = ("dpo", "uniform")
+# The study's settings a baseline must share (bootstrap is recomputed here, so it may differ).
+BASELINE_SETTINGS = ("max_steps", "max_length", "learning_rate", "train_pairs", "held_out_train", "test_pairs", "seeds",
+                     "num_generations", "max_new_tokens", "recipe", "quick", "held_out_file")  # fmt: skip
 QUICK = {"max_steps": 2, "max_length": 512, "train_pairs": 8, "held_out_train": 8, "test_pairs": 8, "seeds": [42],
          "num_generations": 4, "max_new_tokens": 8, "bootstrap": 200}  # fmt: skip
 
@@ -65,6 +82,13 @@ def parse_args(argv=None):
     for key, value in STUDY.items():
         p.add_argument(f"--{key}", type=type(value[0]) if isinstance(value, list) else type(value),
                        nargs="+" if isinstance(value, list) else None, help=f"{HELP[key]} (default {value})")  # fmt: skip
+    p.add_argument("--held_out_file", help="score the pairs of this file (any of TRL's preference formats, the recipe's "
+                   "filters applied) instead of the test and train split slices (--test_pairs, --held_out_train); it "
+                   "must share no pair with the training pool")  # fmt: skip
+    p.add_argument("--baseline", help="a study's JSON (e.g. reports/length_study.json) whose dpo and uniform arms are "
+                   "taken instead of trained and scored: only the otpo arm runs. Refused, naming the difference, "
+                   "unless its held-out pairs, scoring, seeds and the training settings of those arms (all but "
+                   f"{', '.join(sorted(BASELINE_IGNORED))}, which they do not use) are this study's")  # fmt: skip
     p.add_argument("--out", help="folder for the runs and their scores (default out/length_study[_quick])")
     p.add_argument("--report", help="the Markdown report, JSON and figures beside it (default "
                    "reports/length_study.md; with --quick out/length_study_quick/report/length_study.md)")  # fmt: skip
@@ -229,13 +253,31 @@ def answers(stats):
 # ------------------------------------------------------------------ runs and scores
 
 
+def _pair_text(example):
+    return json.dumps([example.get("prompt"), example["chosen"], example["rejected"]], sort_keys=True)
+
+
 def held_out_pairs(args, recipe):
     """The first `test_pairs` of the test split and the last `held_out_train` of the train split (never trained on),
-    after the recipe's filters; each example tagged with its `source` and row."""
+    after the recipe's filters, or every pair of `held_out_file` (which must share none with the training pool: the
+    first `train_pairs` of the train split); each example tagged with its `source` (`test`, `train` or `file`) and
+    row."""
     if recipe.get("eval_split_size") is not None:  # the training pool would be a shuffled part of the train split
         raise ValueError("the recipe sets `eval_split_size`: remove it, the study holds out its own pairs.")
     kwargs = {"drop_ties": recipe["drop_ties"], "drop_identical": recipe["drop_identical"]}
     train = load_preference_dataset(recipe["dataset_name"], recipe["dataset_train_split"], **kwargs)
+    if getattr(args, "held_out_file", None):
+        path = Path(args.held_out_file)
+        if not path.is_file():
+            raise ValueError(f"--held_out_file {path}: no such file (relative to {Path.cwd()}).")
+        data = load_preference_dataset(str(path), "test", **kwargs)  # a single file is one split, whatever its name
+        pairs = [{**maybe_extract_prompt(dict(e)), "source": "file", "row": i} for i, e in enumerate(data)]
+        pool = {_pair_text(maybe_extract_prompt(dict(train[i]))) for i in range(min(args.train_pairs, len(train)))}
+        trained = [p["row"] for p in pairs if _pair_text(p) in pool]
+        if trained:
+            raise ValueError(f"--held_out_file {path}: {len(trained)} of its pairs (rows {trained[:5]}) are in the "
+                             f"training pool (the first {args.train_pairs} train pairs): they are not held out.")  # fmt: skip
+        return pairs
     if args.train_pairs + args.held_out_train > len(train):
         raise ValueError(f"train_pairs {args.train_pairs} + held_out_train {args.held_out_train} exceed the "
                          f"{len(train)} pairs of the train split: the held-out pairs would be trained on.")  # fmt: skip
@@ -274,33 +316,163 @@ def train(args, arm, seed, run_dir):
     train_cli.main(*parsed)
 
 
+def held_out_identity(args, recipe):
+    """What the held-out pairs come from, so that scores of other data are never reused: the file (absolute path and
+    SHA-256 of its bytes), or the recipe's data set."""
+    if getattr(args, "held_out_file", None):
+        path = Path(args.held_out_file).resolve()
+        return {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    name = recipe["dataset_name"]
+    return {"dataset": os.path.abspath(name) if os.path.exists(name) else name}
+
+
+def scoring_setting(args, recipe, pairs):
+    """The scores' cache key: held-out pairs, their source, and the scoring settings."""
+    return {"held_out": held_out_identity(args, recipe), "pairs": [[p["source"], p["row"]] for p in pairs],
+            "max_length": args.max_length, "beta": recipe["beta"], "num_generations": args.num_generations,
+            "max_new_tokens": args.max_new_tokens}  # fmt: skip
+
+
+def _log_prob_sums(model, tokenizer, pairs, args, recipe):
+    """Each scored pair's summed completion log-probs under `model` alone (uniform weights: no OT problem solved)."""
+    options = {**ot_kwargs(argparse.Namespace(**recipe)), "weighting": "uniform"}
+    scored = score_preferences(model, None, tokenizer, pairs, beta=recipe["beta"], max_length=args.max_length,
+                               progress=False, **options)  # fmt: skip
+    return {p["index"]: p for p in scored["pairs"]}
+
+
+def reference_scores(args, recipe, policy, reference, tokenizer, pairs, folder):
+    """The reference's summed log-probs of every held-out pair, computed once per held-out set, scoring setting,
+    reference and tokenisation, and cached in `folder` (`reference-<key>.json`): the reference (the base for an
+    adapter) is the same for every run. Returns ({pair index: (chosen, rejected)}, the cache file, reused?)."""
+    base = recipe["model_name_or_path"]
+    tokens = hashlib.sha256(json.dumps([tokenize_pair(p, tokenizer) for p in pairs]).encode()).hexdigest()
+    key = {**scoring_setting(args, recipe, pairs), "reference": os.path.abspath(base) if os.path.exists(base) else base,
+           "dtype": recipe["dtype"], "tokens": tokens}  # fmt: skip
+    for k in ("num_generations", "max_new_tokens", "beta"):  # the reference's log-probs depend on none of these
+        key.pop(k)
+    path = folder / f"reference-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.exists() and json.loads(path.read_text())["setting"] == key:
+        cached = json.loads(path.read_text())
+        return {int(i): tuple(v) for i, v in cached["logps"].items()}, path, True
+    start = time.perf_counter()
+    if reference is policy:  # an adapter: its base, as DPOTrainer's reference forward
+        with policy.disable_adapter():
+            sums = _log_prob_sums(policy, tokenizer, pairs, args, recipe)
+    else:
+        sums = _log_prob_sums(reference, tokenizer, pairs, args, recipe)
+    logps = {i: (p["chosen_logp"], p["rejected_logp"]) for i, p in sums.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"setting": key, "logps": logps, "seconds": time.perf_counter() - start}))
+    return logps, path, False
+
+
 def score(args, recipe, run_dir, pairs, path):
     """Uniform-weight margins and token counts of every held-out pair, and greedy generation lengths; cached (reused
-    only if made with the same held-out pairs and scoring settings)."""
-    setting = {"pairs": [[p["source"], p["row"]] for p in pairs], "max_length": args.max_length,
-               "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    only if made with the same held-out pairs and scoring settings). The reference's log-probs come from
+    [`reference_scores`]'s cache: only the policy runs here once they are there."""
+    setting = scoring_setting(args, recipe, pairs)
     if path.exists() and json.loads(path.read_text())["setting"] == setting:
         print(f"{run_dir.name}: reusing {path}")
         return json.loads(path.read_text())
     start = time.perf_counter()
     ref = None if recipe["use_peft"] else recipe["model_name_or_path"]  # an adapter's reference is its base
     policy, reference, tokenizer = load_model_and_tokenizer(str(run_dir), ref=ref, dtype=recipe["dtype"] or "auto")
-    scored = score_preferences(policy, reference, tokenizer, pairs, beta=recipe["beta"], max_length=args.max_length,
-                               progress=False, **ot_kwargs(argparse.Namespace(**recipe)))  # fmt: skip
+    ref_logps, ref_path, reused = reference_scores(args, recipe, policy, reference, tokenizer, pairs, path.parent)
+    print(
+        f"{run_dir.name}: scoring" + (f" (the reference's scores from {ref_path.name})" if reused else ""), flush=True
+    )
+    scored = _log_prob_sums(policy, tokenizer, pairs, args, recipe)
+    beta = recipe["beta"]
+
+    def margin(i, p):  # beta * ((log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)), summed over tokens
+        ref_c, ref_r = ref_logps[i]
+        return beta * ((p["chosen_logp"] - ref_c) - (p["rejected_logp"] - ref_r))
+
     prompts = pairs[: args.num_generations]
     gens = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=args.max_new_tokens,
                               max_prompt_length=args.max_length, progress=False,
                               prompt_template_kwargs=[template_kwargs(p) for p in prompts])  # fmt: skip
-    full = [tokenize_pair(p, tokenizer) for p in pairs]  # the whole completions: length as a reader sees it
-    result = {"pairs": [{"source": pairs[p["index"]]["source"], "row": pairs[p["index"]]["row"],
-                         "margin": p["margin_uniform"], "chosen_tokens": len(full[p["index"]]["chosen_ids"]),
-                         "rejected_tokens": len(full[p["index"]]["rejected_ids"]),
-                         "scored_tokens": [p["chosen_tokens"], p["rejected_tokens"]]} for p in scored["pairs"]],
+    full = {i: tokenize_pair(pairs[i], tokenizer) for i in scored}  # the whole completions: length as a reader sees it
+    result = {"pairs": [{"source": pairs[i]["source"], "row": pairs[i]["row"], "margin": margin(i, p),
+                         "chosen_tokens": len(full[i]["chosen_ids"]), "rejected_tokens": len(full[i]["rejected_ids"]),
+                         "scored_tokens": [p["chosen_tokens"], p["rejected_tokens"]]} for i, p in sorted(scored.items())],
               "generation_lengths": [g["length"] for g in gens], "hit_budget": [g["hit_budget"] for g in gens],
-              "setting": setting, "seconds": time.perf_counter() - start}  # fmt: skip
+              "reference_scores": ref_path.name, "setting": setting, "seconds": time.perf_counter() - start}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
+
+
+def planned_run_settings(args, arm, seed, out):
+    """The settings (`run_settings`, as run_args.json records them) that the study would train `arm`-`seed` with."""
+    return run_settings(*train_cli.parse_args(train_flags(args, arm, seed, out / f"{arm}-seed{seed}")))
+
+
+def load_baseline(args, recipe, pairs, out):
+    """The dpo and uniform arms of the study JSON `args.baseline`, after checking that they are what this study would
+    train and score: the same study settings (seeds, held-out pairs, scoring), the same held-out data, and the same
+    run settings for those arms except `BASELINE_IGNORED` (ot_* options that DPO and uniform weighting do not use).
+    A JSON that records its runs' settings (`run_settings`) is checked against them; an older one against what its
+    command would train with today's recipe. Raises ValueError naming every difference."""
+    path = Path(args.baseline)
+    if not path.is_file():
+        raise ValueError(f"--baseline {path}: no such file (relative to {Path.cwd()}).")
+    base = json.loads(path.read_text())
+    missing = [k for k in ("settings", "pairs", "margins", "generation", "command") if k not in base]
+    if missing:
+        raise ValueError(f"--baseline {path} is not a length study's JSON (no {', '.join(missing)}).")
+    problems = []
+    for k in BASELINE_SETTINGS:
+        ours, theirs = getattr(args, k, None), base["settings"].get(k)
+        if k == "held_out_file":  # compared below, by content
+            continue
+        if ours != theirs:
+            problems.append(f"{k}: {theirs!r} there, {ours!r} here")
+    setting = scoring_setting(args, recipe, pairs)
+    if "scoring" in base:
+        for k in sorted({*setting, *base["scoring"]}):
+            if setting.get(k) != base["scoring"].get(k):
+                shown = "other pairs" if k == "pairs" else f"{base['scoring'].get(k)!r} there, {setting.get(k)!r} here"
+                problems.append(f"scoring {k}: {shown}")
+    else:  # an older JSON: its held-out pairs must be among ours, from the same data (checked by the run settings)
+        ours = {(p["source"], p["row"]) for p in pairs}
+        if "file" in setting["held_out"]:
+            problems.append("held-out pairs: the test and train split slices there, --held_out_file here")
+        elif not {(p["source"], p["row"]) for p in base["pairs"]} <= ours:
+            problems.append("held-out pairs: some of its pairs are not among this study's")
+    if "run_settings" in base:
+        theirs_by_run, how = base["run_settings"], "the run settings it records"
+    else:
+        argv = shlex.split(base["command"])[2:]  # after `python scripts/length_study.py`
+        old = parse_args(argv)
+        theirs_by_run = {
+            f"{a}-seed{s}": planned_run_settings(old, a, s, out) for a in BASELINE_ARMS for s in old.seeds
+        }
+        how = f"the run settings its command (`{base['command']}`) trains with today's recipe"
+    wanted = {}
+    for arm in BASELINE_ARMS:
+        for seed in args.seeds:
+            run = f"{arm}-seed{seed}"
+            if run not in base["margins"]:
+                problems.append(f"{run}: not in it")
+                continue
+            wanted[run] = planned_run_settings(args, arm, seed, out)
+            ours_s = {k: v for k, v in wanted[run].items() if k not in BASELINE_IGNORED}
+            theirs_s = {k: v for k, v in theirs_by_run.get(run, {}).items() if k not in BASELINE_IGNORED}
+            changes = _differences(theirs_s, ours_s)
+            if changes:
+                problems.append(f"{run} trained with other settings ({_describe(changes)})")
+    if problems:
+        raise ValueError(f"--baseline {path} cannot stand in for this study's dpo and uniform arms (checked against "
+                         f"{how}): {'; '.join(problems)}. Drop --baseline to train every arm, or match its settings.")  # fmt: skip
+    order = [(p["source"], p["row"]) for p in base["pairs"]]
+    return {"path": str(args.baseline), "command": base["command"], "checked_against": how,
+            "length_diff": {k: p["length_diff"] for k, p in zip(order, base["pairs"])},
+            "margins": {(a, s): dict(zip(order, base["margins"][f"{a}-seed{s}"])) for a in BASELINE_ARMS
+                        for s in args.seeds},
+            "generation": {a: base["generation"][a] for a in BASELINE_ARMS},
+            "run_settings": {run: theirs_by_run.get(run, wanted[run]) for run in wanted}}  # fmt: skip
 
 
 # ------------------------------------------------------------------ report
@@ -371,12 +543,19 @@ def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_d
              f"{recipe['learning_rate']}, beta {recipe['beta']}, max_length {args.max_length}, seeds {args.seeds}; "
              f"the first {args.train_pairs} pairs of the train split are the training pool "
              f"({'/'.join(map(str, compute['train_pool']))} left after TRL drops those whose prompt fills max_length).",
-             f"- Compute: {len(per_seed)} runs, {compute['train_minutes']:.1f} min of training and "
+             f"- Compute: {compute.get('runs', len(per_seed))} runs, {compute['train_minutes']:.1f} min of training and "
              f"{compute['score_minutes']:.1f} min of scoring in all, on "
              + (compute["cuda"] or f"{compute['cpu_count']} CPU cores (torch threads: {compute['torch_threads']})")
-             + ".",
-             f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
-             f"(never trained on); {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
+             + ("." if not compute.get("baseline_arms") else
+                f" The {' and '.join(a.upper() for a in compute['baseline_arms'])} arms were not trained or scored "
+                f"here: their margins and generations are those of `{args.baseline}` (made by "
+                f"`{compute['baseline_command']}`), whose held-out pairs, scoring, seeds and training settings for "
+                f"those arms (all but {', '.join(BASELINE_IGNORED)}) were checked to be this study's."),
+             (f"- Held out: every pair of `{args.held_out_file}` (none of them in the training pool)"
+              if getattr(args, "held_out_file", None) else
+              f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
+              "(never trained on)")
+             + f"; {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
              "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length) with uniform "
              "weights, the reference being the base model; length difference: chosen - rejected tokens of the whole "
              "completions. corr_margin_length is Pearson's; acc_chosen_longer / shorter the accuracy on the pairs "
@@ -439,25 +618,42 @@ def _study(args, command):
     recipe = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
     pairs = held_out_pairs(args, recipe)
 
+    baseline = load_baseline(args, recipe, pairs, out) if args.baseline else None
+    trained_arms = [a for a in ARMS if baseline is None or a not in BASELINE_ARMS]
     scores = {}
-    for arm in ARMS:
+    for arm in trained_arms:
         for seed in args.seeds:
             run_dir = out / f"{arm}-seed{seed}"
             train(args, arm, seed, run_dir)
             scores[arm, seed] = score(args, recipe, run_dir, pairs, out / "scores" / f"{run_dir.name}.json")
 
     # The pairs every run scored, in one order (the same tokenizer skips the same ones).
-    keys = set.intersection(*({(p["source"], p["row"]) for p in s["pairs"]} for s in scores.values()))
     table = {k: {(p["source"], p["row"]): p for p in s["pairs"]} for k, s in scores.items()}
+    keys = set.intersection(*(set(t) for t in table.values()))
+    if baseline is not None:
+        keys &= set(baseline["length_diff"])
+        table |= baseline["margins"]
     order = sorted(keys)
-    first = table[next(iter(table))]
+    first = next(iter(scores.values()))
+    first = {(p["source"], p["row"]): p for p in first["pairs"]}
     diffs = np.array([first[k]["chosen_tokens"] - first[k]["rejected_tokens"] for k in order], float)
-    margins = {arm: np.array([[table[arm, s][k]["margin"] for k in order] for s in args.seeds]) for arm in ARMS}
+    if baseline is not None:
+        changed = [k for k, d in zip(order, diffs) if baseline["length_diff"][k] != d]
+        if changed:
+            raise ValueError(f"--baseline {baseline['path']}: the length differences of {len(changed)} pairs (e.g. "
+                             f"{changed[0]}) differ from this study's: another tokenizer or data.")  # fmt: skip
+
+    def margin(entry):
+        return entry["margin"] if isinstance(entry, dict) else entry
+
+    margins = {arm: np.array([[margin(table[arm, s][k]) for k in order] for s in args.seeds]) for arm in ARMS}
     stats = bootstrap(margins, diffs, n_resamples=args.bootstrap)
     per_seed = {(arm, s): {k: stats[arm][k]["per_seed"][i] for k in METRICS}
                 for arm in ARMS for i, s in enumerate(args.seeds)}  # fmt: skip
     gen = {arm: {"lengths": sum((scores[arm, s]["generation_lengths"] for s in args.seeds), []),
-                 "hit_budget": sum((scores[arm, s]["hit_budget"] for s in args.seeds), [])} for arm in ARMS}  # fmt: skip
+                 "hit_budget": sum((scores[arm, s]["hit_budget"] for s in args.seeds), [])} for arm in trained_arms}  # fmt: skip
+    if baseline is not None:
+        gen = {arm: baseline["generation"][arm] if arm in BASELINE_ARMS else gen[arm] for arm in ARMS}
 
     runs = [f"{arm}-seed{seed}" for arm, seed in scores]
     finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
@@ -465,7 +661,9 @@ def _study(args, command):
                "score_minutes": sum(s["seconds"] for s in scores.values()) / 60,
                "train_pool": sorted({r.get("train_samples") for r in finished}, key=str),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "runs": len(runs), "baseline_arms": list(BASELINE_ARMS) if baseline else [],
+               "baseline_command": baseline["command"] if baseline else None}  # fmt: skip
     # How far from uniform OTPO's weights were in training: the ot/* scalars each run logged, averaged over steps.
     ot_logged = {}
     for run in (r for r in runs if r.startswith("otpo-")):
@@ -480,7 +678,14 @@ def _study(args, command):
     report.parent.mkdir(parents=True, exist_ok=True)
     paths = figures(margins, diffs, stats, {a: g["lengths"] for a, g in gen.items()}, args.max_new_tokens,
                     report.parent / "figures")  # fmt: skip
-    summary = {"command": command, "settings": {k: getattr(args, k) for k in (*STUDY, "recipe", "quick")},
+    recorded = {run: json.loads((out / run / RUN_FILE).read_text())["settings"] for run in runs
+                if (out / run / RUN_FILE).exists()}  # fmt: skip
+    summary = {"command": command,
+               "settings": {k: getattr(args, k) for k in (*STUDY, "recipe", "quick", "held_out_file", "baseline")},
+               "scoring": scoring_setting(args, recipe, pairs),
+               "run_settings": {**(baseline["run_settings"] if baseline else {}), **recorded},
+               "baseline": None if baseline is None else {k: baseline[k] for k in ("path", "command", "checked_against")}
+               | {"arms": list(BASELINE_ARMS)},
                "stats": stats, "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
                "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
                "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in ARMS for i, s in enumerate(args.seeds)},
@@ -493,4 +698,13 @@ def _study(args, command):
     return summary
 
 
-__all__ = ["answers", "bootstrap", "main", "pair_metrics", "parse_args", "significance"]
+__all__ = [
+    "answers",
+    "bootstrap",
+    "load_baseline",
+    "main",
+    "pair_metrics",
+    "parse_args",
+    "reference_scores",
+    "significance",
+]
