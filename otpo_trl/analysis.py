@@ -1,9 +1,10 @@
 """Look inside a trained model: per-token OT weights and plans, implicit-reward accuracy, greedy generation lengths.
 
 The library behind `scripts/plot_weights.py` and `scripts/evaluate.py` (their command lines and reports are in
-`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does and
-batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last hidden states come from the
-same fused forward as in training ([`fused_forward`]), and the OT weights from [`ot_token_weights`]. So the numbers
+`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does
+(`otpo_trl.tokenization`) and batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last
+hidden states come from the same fused forward as in training (`otpo_trl.forward.fused_forward`), and the OT weights
+from [`ot_token_weights`]. So the numbers
 here are the ones the trainer computes, without a trainer.
 
 ```python
@@ -13,7 +14,6 @@ result = evaluate("out/otpo-lora", "../shared/data/ultrafeedback", split="test",
 ```
 """
 
-import json
 import logging
 import math
 import statistics
@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
+from transformers import PreTrainedTokenizerBase
+from trl.data_utils import maybe_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .data import load_preference_dataset
+from .forward import fused_forward, unwrap_peft
 from .loading import load_model_and_tokenizer
 from .ot_weights import ot_token_weights
 from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
-from .otpo_trainer import fused_forward
+from .tokenization import template_kwargs, tokenize_pair, tokenize_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -46,66 +47,11 @@ DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "ma
 # ------------------------------------------------------------------ models
 
 
-def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# ------------------------------------------------------------------ tokenisation, as DPOTrainer does it
-
-
-def template_kwargs(example: dict) -> dict[str, Any]:
-    """The chat-template arguments of a conversational example, as TRL 1.16's `DPOTrainer` passes them: `tools` (its
-    `tools` column, a list or a JSON string of one; None if absent) and the entries of its `chat_template_kwargs`."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    extra = example.get("chat_template_kwargs") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(
-            f"`chat_template_kwargs` must be a mapping of template arguments, got {type(extra).__name__}."
-        )
-    return {"tools": tools, **extra}
-
-
-def tokenize_pair(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """Tokenise one preference pair as TRL 1.16's `DPOTrainer._prepare_dataset` does.
-
-    The prompt is extracted if implicit (shared leading turns); standard (text) completions get EOS appended;
-    conversational ones go through the chat template, the prompt with the generation prompt, with the example's
-    `tools` (a list, or a JSON string of one) and `chat_template_kwargs` columns if it has them ([`template_kwargs`]). The completion starts
-    where the tokenised prompt and prompt + completion diverge (TRL's `common_prefix_length`). Truncation to
-    `max_length` is left to `DataCollatorForPreference`, as in training.
-
-    Returns:
-        dict with `prompt_ids`, `chosen_ids`, `rejected_ids` (lists of token ids).
-    """
-    example = maybe_extract_prompt(dict(example))
-    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
-    if is_conversational(example):
-        kwargs = template_kwargs(example)
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
-    else:
-        eos = tokenizer.eos_token
-        chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
-        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
-    prompt_len = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
-    return {"prompt_ids": prompt_ids[:prompt_len], "chosen_ids": chosen_ids[prompt_len:],
-            "rejected_ids": rejected_ids[prompt_len:]}  # fmt: skip
-
-
-def tokenize_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, **kwargs) -> list[int]:
-    """Token ids of a prompt to generate from: the chat template with its generation prompt (and `kwargs`, e.g.
-    [`template_kwargs`]), or plain text."""
-    if isinstance(prompt, list):
-        return _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-    return _tokenize(tokenizer, prompt)["input_ids"]
+# ------------------------------------------------------------------ examples
 
 
 def inline_example(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict]]:
@@ -335,7 +281,7 @@ def score_preferences(
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    eos = getattr(_causal_lm(model).generation_config, "eos_token_id", None)
+    eos = getattr(unwrap_peft(model).generation_config, "eos_token_id", None)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return sorted({*eos, tokenizer.eos_token_id} - {None})
 
@@ -502,6 +448,4 @@ __all__ = [
     "pair_token_stats",
     "preference_metrics",
     "score_preferences",
-    "template_kwargs",
-    "tokenize_pair",
 ]

@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
-from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences, tokenize_pair
+from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences
 from otpo_trl.cli import evaluate as evaluate_cli
 from otpo_trl.cli import plot_weights as plot_weights_cli
 from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.tokenization import tokenize_pair
 
 
 # As in test_trainer.py: a huge entropic regularisation makes the plan uniform and "length" makes every weight 1.

@@ -90,7 +90,7 @@ def smollm2_batch():
         pytest.skip(f"SmolLM2-135M-Instruct is not prepared at {MODEL_DIR} (run `make prepare-model`)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from otpo_trl.analysis import tokenize_pair
+    from otpo_trl.tokenization import tokenize_pair
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
