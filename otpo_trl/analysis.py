@@ -150,12 +150,11 @@ def pair_token_stats(
     sides = {}
     for side, rows in zip(("chosen", "rejected"), torch.arange(len(token_ids), device=logps.device).chunk(2)):
         index, valid = _left_align(shift_mask[rows])
-        take = lambda x: x[rows].gather(1, index)  # noqa: E731
         sides[side] = {
-            "ids": take(token_ids).masked_fill(~valid, tokenizer.pad_token_id),
+            "ids": token_ids[rows].gather(1, index).masked_fill(~valid, tokenizer.pad_token_id),
             "mask": valid,
-            "logps": take(logps).float() * valid,
-            "ref_logps": take(ref_logps).float() * valid,
+            "logps": logps[rows].gather(1, index).float() * valid,
+            "ref_logps": ref_logps[rows].gather(1, index).float() * valid,
             "hidden": hidden[rows][torch.arange(len(rows), device=index.device)[:, None], index],
         }
     chosen, rejected = sides["chosen"], sides["rejected"]

@@ -275,7 +275,7 @@ def test_gradients_match_oracle(tiny_model_dir, tmp_path, use_weighting):
     for name, p in params.items():
         assert p.grad.abs().max() > 0 or "embed" in name, f"{name}: no gradient, the comparison says nothing"
         atol = 1e-5 * p.grad.abs().max().item()  # fp32 sums in another order: relative to the tensor's scale
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def with_shared_offset(model, size=10.0, seed=3):
