@@ -264,14 +264,21 @@ def score_preferences(
             rejected.append(r.cpu())
             margins[weighting] = (c - r).tolist()
         for k, i in enumerate(indices):
-            pairs.append({"index": i, "margin_uniform": margins["uniform"][k], "margin_ot": margins["ot"][k],
-                          "chosen_tokens": int(stats.chosen_mask[k].sum()),
-                          "rejected_tokens": int(stats.rejected_mask[k].sum())})  # fmt: skip
+            pairs.append(
+                {
+                    "index": i,
+                    "margin_uniform": margins["uniform"][k],
+                    "margin_ot": margins["ot"][k],
+                    "chosen_tokens": int(stats.chosen_mask[k].sum()),
+                    "rejected_tokens": int(stats.rejected_mask[k].sum()),
+                }
+            )
     pairs.sort(key=lambda p: p["index"])
     result = {"n_pairs": len(order), "n_skipped": len(examples) - len(order)}
     for weighting, (chosen, rejected) in rewards.items():
-        result[weighting] = preference_metrics(torch.cat(chosen or [torch.zeros(0)]),
-                                               torch.cat(rejected or [torch.zeros(0)]))  # fmt: skip
+        result[weighting] = preference_metrics(
+            torch.cat(chosen or [torch.zeros(0)]), torch.cat(rejected or [torch.zeros(0)])
+        )
     result["pairs"] = pairs
     return result
 
@@ -328,9 +335,16 @@ def generate_responses(
         input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in indices])
         attention_mask = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in indices])
         output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=eos_ids,
-        )  # fmt: skip
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+        )
         new_tokens = output[:, width:].cpu()
         is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype))
         has_eos = is_eos.any(1)
@@ -410,15 +424,27 @@ def evaluate(
     examples = [maybe_extract_prompt(dict(e)) for e in dataset]
 
     scored = score_preferences(
-        policy, reference, tokenizer, examples[:max_samples], beta=beta, batch_size=batch_size,
-        max_length=max_length, progress=progress, **ot_options,
-    )  # fmt: skip
+        policy,
+        reference,
+        tokenizer,
+        examples[:max_samples],
+        beta=beta,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        **ot_options,
+    )
     prompts = [e["prompt"] for e in examples[:num_generations]]
     generations = generate_responses(
-        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        max_prompt_length=max_length, progress=progress,
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_length=max_length,
+        progress=progress,
         prompt_template_kwargs=[template_kwargs(e) for e in examples[:num_generations]],
-    )  # fmt: skip
+    )
     for record, prompt in zip(generations, prompts):
         record["prompt"] = prompt
     return {

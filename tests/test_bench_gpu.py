@@ -77,8 +77,11 @@ def test_parts_that_cannot_start_in_the_budget_are_skipped(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(SUITE), "--out", str(out), "--device", "cpu", "--budget-s", "1"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "suite.json").read_text())
     assert {p["status"] for p in result["parts"].values()} == {"skipped"}

@@ -30,8 +30,17 @@ CONFIGS = REPO_ROOT / "configs" / "llama-3-8b-instruct"
 REG_M = 0.2
 
 
-def official_weights(chosen, rejected, chosen_mask, rejected_mask, reg, reg_m=REG_M, method="sinkhorn_stabilized",
-                     stop=1e-6, max_iter=1000):  # fmt: skip
+def official_weights(
+    chosen,
+    rejected,
+    chosen_mask,
+    rejected_mask,
+    reg,
+    reg_m=REG_M,
+    method="sinkhorn_stabilized",
+    stop=1e-6,
+    max_iter=1000,
+):
     """The official procedure, pair by pair, in float64. chosen, rejected (B, L, H) on the same padded length L;
     masks (B, L) True at completion tokens. Returns (B, L) chosen and rejected weights and the (B,) scaled_coeff."""
     out_c, out_r, coeff = [], [], []
@@ -41,8 +50,17 @@ def official_weights(chosen, rejected, chosen_mask, rejected_mask, reg, reg_m=RE
             cost = cost / cost.max()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "reg_type = entropy overwrites c", convergence notes
-            plan = ot.unbalanced.sinkhorn_unbalanced(a.numpy(), b.numpy(), cost.numpy(), reg, reg_m, method=method,
-                                                     reg_type="entropy", stopThr=stop, numItermax=max_iter)  # fmt: skip
+            plan = ot.unbalanced.sinkhorn_unbalanced(
+                a.numpy(),
+                b.numpy(),
+                cost.numpy(),
+                reg,
+                reg_m,
+                method=method,
+                reg_type="entropy",
+                stopThr=stop,
+                numItermax=max_iter,
+            )
         plan = torch.from_numpy(np.asarray(plan))
         scaled_coeff = plan.sum() / min(a.sum(), b.sum())
         out_c.append(plan.sum(1) / scaled_coeff)
@@ -68,8 +86,9 @@ def padded_batch(seed, offset_ratio=0.0, B=3, L=48, H=16):
             mask[k, prompt : prompt + length] = True
         masks.append(mask)
     junk = ~torch.stack(masks)[..., None]
-    states = [torch.where(j, 50.0 * torch.randn(s.shape, generator=g, dtype=torch.float64), s)
-              for s, j in zip(states, junk)]  # fmt: skip
+    states = [
+        torch.where(j, 50.0 * torch.randn(s.shape, generator=g, dtype=torch.float64), s) for s, j in zip(states, junk)
+    ]
     return states[0], states[1], masks[0], masks[1]
 
 
@@ -174,11 +193,15 @@ def test_official_divisor_by_cost():
     hc = (torch.tensor([3.0, 4.0])[:, None] * direction)[None]
     hr = (torch.tensor([5.0])[:, None] * direction)[None]
     mc, mr = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
-    for cost, divisor, raw in (("euclidean", 5.0, [2.0, 1.0]), ("sqeuclidean", 25.0, [4.0, 1.0]),
-                               ("cosine", 1.0, [0.0, 0.0])):  # fmt: skip
+    for cost, divisor, raw in (
+        ("euclidean", 5.0, [2.0, 1.0]),
+        ("sqeuclidean", 25.0, [4.0, 1.0]),
+        ("cosine", 1.0, [0.0, 0.0]),
+    ):
         _, _, info = ot_token_weights(hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True)
-        _, _, ref = ot_token_weights(hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True,
-                                     solver="pot")  # fmt: skip
+        _, _, ref = ot_token_weights(
+            hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True, solver="pot"
+        )
         # the plan of a 2 x 1 problem with known costs M: check it through the first-order conditions' solution
         M = (torch.tensor(raw, dtype=torch.float64) + 1e-6) / (divisor + 1e-6)
         P = info.plan[0, :, 0].double()
@@ -273,8 +296,9 @@ def test_uniform_weighting(normalization):
     mr[3] = False  # an empty side: zero weights, as with OT
     hc[0, mc[0].nonzero()[0, 0], 0] = float("nan")  # the states are not read: no fallback
     for solver in ("batched", "pot"):
-        wc, wr, info = ot_token_weights(hc, hr, mc, mr, weighting="uniform", normalization=normalization,
-                                        solver=solver, return_info=True)  # fmt: skip
+        wc, wr, info = ot_token_weights(
+            hc, hr, mc, mr, weighting="uniform", normalization=normalization, solver=solver, return_info=True
+        )
         ot_c, ot_r = ot_token_weights(hc.nan_to_num(), hr, mc, mr, normalization=normalization, solver=solver)
         for k in range(3):
             n, m = int(mc[k].sum()), int(mr[k].sum())
