@@ -1,6 +1,6 @@
 """The package's import graph, read from the source with `ast` (nothing is imported): no cycle among its modules,
 training imports no evaluation or study code, the package imports nothing from the checkout's other folders, no
-script imports another, and no module imports another module's private names.
+script imports another, no test module imports another, and no module imports another module's private names.
 
 Imports inside functions and under `TYPE_CHECKING` count: they are dependencies all the same."""
 
@@ -32,12 +32,12 @@ OUTSIDE = ("scripts", "studies", "tests", "bench")
 # Cycles, as the sorted modules of each strongly connected component:
 ALLOWED_CYCLES = {
     # `run_dir` reads `ScriptArguments` fields of `cli.train` (under TYPE_CHECKING); the training CLI's layering
-    # (issue 19, item 2) makes run_dir take values instead.
+    # (the arguments in their own layer) makes run_dir take values instead.
     ("otpo_trl.cli.run_dir", "otpo_trl.cli.train"),
 }
 # (importer, imported module, private name):
 ALLOWED_PRIVATE = {
-    # The length study checks a finished run against its settings with run_dir's helpers; item 2 makes them public.
+    # The length study checks a finished run against its settings with run_dir's helpers; that layering makes them public.
     ("otpo_trl.cli.length_study", "otpo_trl.cli.run_dir", "_describe"),
     ("otpo_trl.cli.length_study", "otpo_trl.cli.run_dir", "_differences"),
 }
@@ -177,6 +177,21 @@ def test_no_script_imports_another():
             else:
                 continue
             found |= {(path.stem, t) for t in targets if t.split(".")[0] in scripts or t.startswith("scripts")}
+    assert found == set()
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in `tests/testing_utils.py` (fixtures in `conftest.py`), not in a test module."""
+    found = set()
+    for path in (REPO_ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                targets = [node.module or ""] + [alias.name for alias in node.names if node.level and not node.module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {(path.name, t) for t in targets if t.split(".")[-1].startswith("test_")}
     assert found == set()
 
 
