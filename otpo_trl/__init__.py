@@ -2,7 +2,9 @@
 
 - `ot_weights`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT.
 - `otpo_config`: `OTPOConfig` (`DPOConfig` + the `ot_*` fields, checked) and `ot_kwargs`, its mapping to the solver.
-- `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards), and `fused_forward`.
+- `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards).
+- `forward`: the fused forward and the last-layer hidden states; `tokenization`: pairs and prompts tokenised as
+  `DPOTrainer` does. Both sit below the trainer and the evaluation code.
 - `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
   tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.

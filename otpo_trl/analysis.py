@@ -1,9 +1,10 @@
 """Look inside a trained model: per-token OT weights and plans, implicit-reward accuracy, greedy generation lengths.
 
 The library behind `scripts/plot_weights.py` and `scripts/evaluate.py` (their command lines and reports are in
-`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does and
-batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last hidden states come from the
-same fused forward as in training ([`fused_forward`]), and the OT weights from [`ot_token_weights`]. So the numbers
+`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does
+(`otpo_trl.tokenization`) and batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last
+hidden states come from the same fused forward as in training (`otpo_trl.forward.fused_forward`), and the OT weights
+from [`ot_token_weights`]. So the numbers
 here are the ones the trainer computes, without a trainer.
 
 ```python
@@ -13,7 +14,6 @@ result = evaluate("out/otpo-lora", "../shared/data/ultrafeedback", split="test",
 ```
 """
 
-import json
 import logging
 import math
 import statistics
@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
+from transformers import PreTrainedTokenizerBase
+from trl.data_utils import maybe_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .data import load_preference_dataset
+from .forward import fused_forward, unwrap_peft
 from .loading import load_model_and_tokenizer
 from .ot_weights import ot_token_weights
 from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
-from .otpo_trainer import fused_forward
+from .tokenization import template_kwargs, tokenize_pair, tokenize_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -46,66 +47,11 @@ DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "ma
 # ------------------------------------------------------------------ models
 
 
-def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# ------------------------------------------------------------------ tokenisation, as DPOTrainer does it
-
-
-def template_kwargs(example: dict) -> dict[str, Any]:
-    """The chat-template arguments of a conversational example, as TRL 1.16's `DPOTrainer` passes them: `tools` (its
-    `tools` column, a list or a JSON string of one; None if absent) and the entries of its `chat_template_kwargs`."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    extra = example.get("chat_template_kwargs") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(
-            f"`chat_template_kwargs` must be a mapping of template arguments, got {type(extra).__name__}."
-        )
-    return {"tools": tools, **extra}
-
-
-def tokenize_pair(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """Tokenise one preference pair as TRL 1.16's `DPOTrainer._prepare_dataset` does.
-
-    The prompt is extracted if implicit (shared leading turns); standard (text) completions get EOS appended;
-    conversational ones go through the chat template, the prompt with the generation prompt, with the example's
-    `tools` (a list, or a JSON string of one) and `chat_template_kwargs` columns if it has them ([`template_kwargs`]). The completion starts
-    where the tokenised prompt and prompt + completion diverge (TRL's `common_prefix_length`). Truncation to
-    `max_length` is left to `DataCollatorForPreference`, as in training.
-
-    Returns:
-        dict with `prompt_ids`, `chosen_ids`, `rejected_ids` (lists of token ids).
-    """
-    example = maybe_extract_prompt(dict(example))
-    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
-    if is_conversational(example):
-        kwargs = template_kwargs(example)
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
-    else:
-        eos = tokenizer.eos_token
-        chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
-        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
-    prompt_len = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
-    return {"prompt_ids": prompt_ids[:prompt_len], "chosen_ids": chosen_ids[prompt_len:],
-            "rejected_ids": rejected_ids[prompt_len:]}  # fmt: skip
-
-
-def tokenize_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, **kwargs) -> list[int]:
-    """Token ids of a prompt to generate from: the chat template with its generation prompt (and `kwargs`, e.g.
-    [`template_kwargs`]), or plain text."""
-    if isinstance(prompt, list):
-        return _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-    return _tokenize(tokenizer, prompt)["input_ids"]
+# ------------------------------------------------------------------ examples
 
 
 def inline_example(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict]]:
@@ -214,12 +160,11 @@ def pair_token_stats(
     sides = {}
     for side, rows in zip(("chosen", "rejected"), torch.arange(len(token_ids), device=logps.device).chunk(2)):
         index, valid = _left_align(shift_mask[rows])
-        take = lambda x: x[rows].gather(1, index)  # noqa: E731
         sides[side] = {
-            "ids": take(token_ids).masked_fill(~valid, tokenizer.pad_token_id),
+            "ids": token_ids[rows].gather(1, index).masked_fill(~valid, tokenizer.pad_token_id),
             "mask": valid,
-            "logps": take(logps).float() * valid,
-            "ref_logps": take(ref_logps).float() * valid,
+            "logps": logps[rows].gather(1, index).float() * valid,
+            "ref_logps": ref_logps[rows].gather(1, index).float() * valid,
             "hidden": hidden[rows][torch.arange(len(rows), device=index.device)[:, None], index],
         }
     chosen, rejected = sides["chosen"], sides["rejected"]
@@ -344,15 +289,22 @@ def score_preferences(
         sums = {f"{who}{side}_logp": getattr(stats, f"{who}{side}_logps").double().sum(1).tolist()
                 for who in ("", "ref_") for side in ("chosen", "rejected")}  # fmt: skip
         for k, i in enumerate(indices):
-            pairs.append({"index": i, "margin_uniform": margins["uniform"][k], "margin_ot": margins["ot"][k],
-                          "chosen_tokens": int(stats.chosen_mask[k].sum()),
-                          "rejected_tokens": int(stats.rejected_mask[k].sum()),
-                          **{name: values[k] for name, values in sums.items()}})  # fmt: skip
+            pairs.append(
+                {
+                    "index": i,
+                    "margin_uniform": margins["uniform"][k],
+                    "margin_ot": margins["ot"][k],
+                    "chosen_tokens": int(stats.chosen_mask[k].sum()),
+                    "rejected_tokens": int(stats.rejected_mask[k].sum()),
+                    **{name: values[k] for name, values in sums.items()},
+                }
+            )
     pairs.sort(key=lambda p: p["index"])
     result = {"n_pairs": len(order), "n_skipped": len(examples) - len(order)}
     for weighting, (chosen, rejected) in rewards.items():
-        result[weighting] = preference_metrics(torch.cat(chosen or [torch.zeros(0)]),
-                                               torch.cat(rejected or [torch.zeros(0)]))  # fmt: skip
+        result[weighting] = preference_metrics(
+            torch.cat(chosen or [torch.zeros(0)]), torch.cat(rejected or [torch.zeros(0)])
+        )
     result["pairs"] = pairs
     return result
 
@@ -361,7 +313,7 @@ def score_preferences(
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    eos = getattr(_causal_lm(model).generation_config, "eos_token_id", None)
+    eos = getattr(unwrap_peft(model).generation_config, "eos_token_id", None)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return sorted({*eos, tokenizer.eos_token_id} - {None})
 
@@ -409,9 +361,16 @@ def generate_responses(
         input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in indices])
         attention_mask = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in indices])
         output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=eos_ids,
-        )  # fmt: skip
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+        )
         new_tokens = output[:, width:].cpu()
         is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype))
         has_eos = is_eos.any(1)
@@ -491,15 +450,27 @@ def evaluate(
     examples = [maybe_extract_prompt(dict(e)) for e in dataset]
 
     scored = score_preferences(
-        policy, reference, tokenizer, examples[:max_samples], beta=beta, batch_size=batch_size,
-        max_length=max_length, progress=progress, **ot_options,
-    )  # fmt: skip
+        policy,
+        reference,
+        tokenizer,
+        examples[:max_samples],
+        beta=beta,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        **ot_options,
+    )
     prompts = [e["prompt"] for e in examples[:num_generations]]
     generations = generate_responses(
-        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        max_prompt_length=max_length, progress=progress,
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_length=max_length,
+        progress=progress,
         prompt_template_kwargs=[template_kwargs(e) for e in examples[:num_generations]],
-    )  # fmt: skip
+    )
     for record, prompt in zip(generations, prompts):
         record["prompt"] = prompt
     return {
@@ -529,6 +500,4 @@ __all__ = [
     "preference_metrics",
     "score_preferences",
     "scoring_order",
-    "template_kwargs",
-    "tokenize_pair",
 ]

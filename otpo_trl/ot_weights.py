@@ -354,9 +354,16 @@ def _pot(hc, hr, mc, mr, reg, reg_m, cost, cost_scale, normalization, max_iter, 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="If reg_type = entropy")
             P, log = ot.unbalanced.sinkhorn_unbalanced(
-                np.ones(len(ic)), np.ones(len(ir)), M, reg, reg_m, reg_type="entropy",
-                numItermax=max_iter, stopThr=tol, log=True,
-            )  # fmt: skip
+                np.ones(len(ic)),
+                np.ones(len(ir)),
+                M,
+                reg,
+                reg_m,
+                reg_type="entropy",
+                numItermax=max_iter,
+                stopThr=tol,
+                log=True,
+            )
         n_iter = max(n_iter, len(log["err"]))
         P = torch.from_numpy(np.asarray(P, dtype=np.float64))
         wc[k, ic], wr[k, ir] = (w[0] for w in _normalize(P.sum(1)[None], P.sum(0)[None], *counts, normalization))
@@ -520,9 +527,13 @@ def ot_token_weights(
             raise ValueError(f"`{name}` must be a finite number > 0, got {val!r}.")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"`max_iter` must be an int >= 1, got {max_iter!r}.")
-    for name, val, choices in (("cost", cost, COSTS), ("cost_scale", cost_scale, COST_SCALES),
-                               ("normalization", normalization, NORMALIZATIONS), ("weighting", weighting, WEIGHTINGS),
-                               ("solver", solver, SOLVERS)):  # fmt: skip
+    for name, val, choices in (
+        ("cost", cost, COSTS),
+        ("cost_scale", cost_scale, COST_SCALES),
+        ("normalization", normalization, NORMALIZATIONS),
+        ("weighting", weighting, WEIGHTINGS),
+        ("solver", solver, SOLVERS),
+    ):
         if val not in choices:
             raise ValueError(f"`{name}` must be one of {list(choices)}, got {val!r}.")
     for side, h, mask in (("chosen", chosen_hidden, chosen_mask), ("rejected", rejected_hidden, rejected_mask)):

@@ -20,20 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
+from .forward import backbone, fused_forward, last_hidden_state, predicting_states
 from .ot_weights import ot_token_weights
 from .otpo_config import OTPOConfig, ot_kwargs
 
 
 logger = logging.get_logger(__name__)
-
-_REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -56,25 +54,6 @@ class _OTStep:
 _ACTIVE_STEP: ContextVar[_OTStep | None] = ContextVar("otpo_active_step", default=None)
 
 
-@contextlib.contextmanager
-def capture_last_hidden(backbone: torch.nn.Module):
-    """Yield a dict whose `"hidden"` holds the detached `last_hidden_state` of `backbone`'s next forward."""
-    box = {}
-
-    def hook(module, args, output):
-        box["hidden"] = _last_hidden(output)
-
-    handle = backbone.register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
-def _last_hidden(output) -> torch.Tensor:
-    return (output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]).detach()
-
-
 def _call_weakly(method):
     """A hook calling `method` (a bound method) through a weak reference; a no-op once its object is gone."""
     ref = weakref.WeakMethod(method)
@@ -89,43 +68,6 @@ def _call_weakly(method):
 def _remove_hooks(handles) -> None:
     for handle in handles:
         handle.remove()
-
-
-def predicting_states(hidden: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The hidden states (N, seq_len, H) aligned with the shifted labels: the state at position t-1 predicts token t.
-
-    `hidden` is (N, P + T, H) with `T = seq_len + 1` the input length (P virtual positions of prompt-learning PEFT)."""
-    return hidden[:, -seq_len - 1 : -1]
-
-
-def fused_forward(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], capture_hidden: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fused-LM-head forward of a collated [chosen; rejected] batch, as TRL 1.16's `DPOTrainer` calls the models.
-
-    Training makes this call through TRL (the trainer's hooks then capture and weight); `concatenated_forward` and the
-    analysis code (`otpo_trl.analysis.pair_token_stats`) make it here.
-
-    Args:
-        model: a causal LM with TRL's fused head (`trl.trainer.utils.add_fused_lm_head`), or a PeftModel on one.
-        inputs: a batch of `DataCollatorForPreference`: `input_ids`, `attention_mask`, `completion_mask`, each (N, T)
-            (precomputed reference values are not passed to the model).
-        capture_hidden: also return the last-layer hidden states.
-
-    Returns:
-        `(log_probs, hidden)`: log_probs (N, T-1), the log-prob of token t+1 at position t (0 outside completions);
-        hidden (N, T-1, H), the detached last-layer state at position t (the one predicting token t+1), or None.
-    """
-    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", *_REF_KEYS)}
-    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-    seq_len = labels.size(1) - 1
-    capture = contextlib.nullcontext({})
-    if capture_hidden:
-        capture = capture_last_hidden((model.get_base_model() if is_peft_model(model) else model).base_model)
-    with capture as box:
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
-    hidden = predicting_states(box["hidden"], seq_len) if capture_hidden else None
-    return outputs.log_probs[:, -seq_len:], hidden  # prompt-learning PEFT prepends virtual positions
 
 
 class OTWeightHistogramCallback(TrainerCallback):
@@ -230,7 +172,6 @@ class OTPOTrainer(DPOTrainer):
         if self._ot_hooks:
             return
         self._ot_policy = self.accelerator.unwrap_model(self.model)
-        causal_lm = self._ot_policy.get_base_model() if is_peft_model(self._ot_policy) else self._ot_policy
         modules = [self._ot_policy]
         if self.ref_model is not None:
             self._ot_reference = self.accelerator.unwrap_model(self.ref_model)
@@ -241,7 +182,7 @@ class OTPOTrainer(DPOTrainer):
             pre, post = _call_weakly(self._ot_pre_forward), _call_weakly(self._ot_post_forward)
             self._ot_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             self._ot_hooks.append(module.register_forward_hook(post, with_kwargs=True))
-        self._ot_hooks.append(causal_lm.base_model.register_forward_hook(_call_weakly(self._ot_capture_hidden)))
+        self._ot_hooks.append(backbone(self._ot_policy).register_forward_hook(_call_weakly(self._ot_capture_hidden)))
         weakref.finalize(self, _remove_hooks, list(self._ot_hooks))
 
     @contextlib.contextmanager
@@ -273,7 +214,7 @@ class OTPOTrainer(DPOTrainer):
     def _ot_capture_hidden(self, module, args, output):
         step = _ACTIVE_STEP.get()
         if step is not None and step.trainer is self and step.role == "policy":
-            step.hidden = _last_hidden(output)
+            step.hidden = last_hidden_state(output)
 
     def _ot_post_forward(self, module, args, kwargs, outputs):
         """Weight the per-token log-probs of a fused forward of this trainer's batch (see the module docstring)."""
@@ -482,4 +423,4 @@ class OTPOTrainer(DPOTrainer):
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
 
 
-__all__ = ["OTPOTrainer", "OTWeightHistogramCallback", "capture_last_hidden", "fused_forward", "predicting_states"]
+__all__ = ["OTPOTrainer", "OTWeightHistogramCallback"]

@@ -98,3 +98,11 @@ def sample_data_dir() -> Path:
     if not (SAMPLE_DATA_DIR / "train.jsonl").exists():
         pytest.skip(f"the UltraFeedback sample is not at {SAMPLE_DATA_DIR}")
     return SAMPLE_DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def train():
+    """The command line of scripts/train.py (a thin wrapper around it), `otpo_trl.cli.train`."""
+    from otpo_trl.cli import train as train_cli
+
+    return train_cli

@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
-from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences, tokenize_pair
+from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences
 from otpo_trl.cli import evaluate as evaluate_cli
 from otpo_trl.cli import plot_weights as plot_weights_cli
 from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.tokenization import tokenize_pair
 
 
 # As in test_trainer.py: a huge entropic regularisation makes the plan uniform and "length" makes every weight 1.
@@ -61,8 +62,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     differs from its base and the margins are not 0."""
     path = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(path)
     return str(path)
 
@@ -95,8 +97,9 @@ def test_adapter_loads_with_its_base_as_reference(adapter_dir, adapter_models, t
     # `ref` given for an adapter: the base it is loaded on (here the same folder, so the same numbers).
     policy2, reference2, _ = load_model_and_tokenizer(adapter_dir, ref=tiny_model_dir, device="cpu")
     assert reference2 is policy2
-    torch.testing.assert_close(pair_token_stats(policy2, reference2, tokenizer, examples).chosen_logps,
-                               stats.chosen_logps)  # fmt: skip
+    torch.testing.assert_close(
+        pair_token_stats(policy2, reference2, tokenizer, examples).chosen_logps, stats.chosen_logps
+    )
 
 
 def test_full_model_with_separate_reference(tiny_model_dir):
@@ -180,16 +183,30 @@ def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, 
     dataset = load_preference_dataset(str(data_file))
     ours = score_preferences(policy, reference, tokenizer, list(dataset), beta=0.1, max_length=64, progress=False)
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir,
-                                      is_trainable=True)  # fmt: skip
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir, is_trainable=True
+    )
     config_cls = OTPOConfig if trainer_cls is OTPOTrainer else DPOConfig
-    args = config_cls(output_dir=str(tmp_path), per_device_eval_batch_size=len(dataset), max_length=64, beta=0.1,
-                      report_to="none", use_cpu=True, bf16=False)  # fmt: skip
+    args = config_cls(
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=len(dataset),
+        max_length=64,
+        beta=0.1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+    )
     # (fp32: the trainer's numbers are compared with the analysis tools' at fp32 tolerance.)
     # The base as an explicit reference: given a PeftModel alone, TRL takes a copy of the adapter as the reference.
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                          processing_class=tokenizer)  # fmt: skip
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tokenizer,
+    )
     metrics = trainer.evaluate()
     weighting = "ot" if trainer_cls is OTPOTrainer else "uniform"
     assert metrics["eval_rewards/margins"] == pytest.approx(ours[weighting]["margin_mean"], rel=1e-4, abs=1e-6)
@@ -340,8 +357,10 @@ def test_plot_weights_warns_of_an_empty_completion(tiny_model_dir, tmp_path):
         plot_weights_cli.main(argv)
     assert not [w for w in record if "rejected completion" in str(w.message)]
     user = {"role": "user", "content": "Hi?"}
-    implicit = {"chosen": [user, {"role": "assistant", "content": "Yes."}], "rejected": [user, {"role": "assistant",
-                "content": ""}]}  # fmt: skip
+    implicit = {
+        "chosen": [user, {"role": "assistant", "content": "Yes."}],
+        "rejected": [user, {"role": "assistant", "content": ""}],
+    }
     with pytest.warns(UserWarning, match="The rejected completion is empty"):
         assert plot_weights_cli.warn_empty_completions(implicit) == ["rejected"]
     assert plot_weights_cli.warn_empty_completions({"prompt": "p", "chosen": "a", "rejected": "b"}) == []

@@ -1,5 +1,5 @@
 """`bench/gpu/run.sh` end to end on the CPU at tiny sizes (`--device cpu --tiny`), so that the GPU suite is known to
-run before it meets a GPU (issue 21). The install-from-wheels step is skipped here: WHEEL_DIR points at an empty
+run before it meets a GPU. The install-from-wheels step is skipped here: WHEEL_DIR points at an empty
 folder (the `.whl/` wheels are cp312 builds for the GPU machine), so the suite runs in this test's environment, which
 has trl, datasets and POT. ~50 s on 2 shared CPU cores (one thread per part)."""
 
@@ -77,8 +77,11 @@ def test_parts_that_cannot_start_in_the_budget_are_skipped(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(SUITE), "--out", str(out), "--device", "cpu", "--budget-s", "1"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "suite.json").read_text())
     assert {p["status"] for p in result["parts"].values()} == {"skipped"}
@@ -153,7 +156,7 @@ def test_the_timed_official_loop_is_the_official_procedure():
         from ot_weights import official_torch
     finally:
         sys.path.remove(str(REPO_ROOT / "bench"))
-    from .test_ot_official import official_weights, padded_batch, worst_error
+    from .testing_utils import official_weights, padded_batch, worst_error
 
     for seed, offset in ((0, 0.0), (1, 6.0)):
         hc, hr, mc, mr = padded_batch(seed, offset_ratio=offset)

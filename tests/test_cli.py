@@ -1,37 +1,21 @@
 """scripts/train.py's command line: every recipe parses, unknown keys and bad values fail by name, configs load."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 import trl
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from trl import DPOConfig
 
 from otpo_trl import OTPOConfig
-from otpo_trl.cli import train as train_cli
 
 from .conftest import REPO_ROOT
+from .testing_utils import CONFIGS, RECIPES, recipe_argv
 
 
-CONFIGS = REPO_ROOT / "configs"
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
 ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 QUICKSTART = CONFIGS / "quickstart.yaml"
-
-
-@pytest.fixture(scope="module")
-def train():
-    """The command line of scripts/train.py (a thin wrapper around it)."""
-    return train_cli
-
-
-def recipe_argv(path):
-    # bf16 recipes are for GPUs; transformers refuses bf16 on a machine without one unless told to use the CPU.
-    needs_cpu = yaml.safe_load(Path(path).read_text()).get("bf16") and not torch.cuda.is_available()
-    return ["--config", str(path), *(["--use_cpu", "true"] if needs_cpu else [])]
 
 
 def write_recipe(tmp_path, **changes):

@@ -30,8 +30,7 @@ import yaml
 from otpo_trl.cli import train as train_cli
 
 from .conftest import REPO_ROOT
-from .test_e2e import ACCELERATE, child_env, logged, tiny_recipe
-from .test_trainer import config, conversational_pairs
+from .testing_utils import ACCELERATE, child_env, config, conversational_pairs, logged, tiny_recipe
 
 
 pytestmark = pytest.mark.slow

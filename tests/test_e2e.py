@@ -4,70 +4,18 @@ About a minute and a half on 2 CPU cores, most of it process start-up. Run only 
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import REPO_ROOT
+from .testing_utils import ACCELERATE, child_env, logged, tiny_recipe
 
 
 pytestmark = pytest.mark.slow
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def tiny_recipe(model_dir, data_dir, output_dir, **changes):
-    """A recipe like configs/quickstart.yaml, sized for a tiny model: 3 steps of 2 pairs, 512 tokens, CPU."""
-    recipe = {
-        # Model and LoRA
-        "model_name_or_path": model_dir,
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        # Data
-        "dataset_name": str(data_dir),
-        "max_train_samples": 16,
-        "max_eval_samples": 4,
-        "drop_ties": True,
-        "drop_identical": True,
-        # OTPO
-        "trainer": "otpo",
-        "beta": 0.1,
-        # Training
-        "output_dir": str(output_dir),
-        "max_steps": 3,
-        "per_device_train_batch_size": 2,
-        "per_device_eval_batch_size": 2,
-        "learning_rate": 1.0e-2,
-        "max_length": 512,
-        "bf16": False,  # the quickstart's CPU setting (fp32 runs well on any CPU); bf16 recipes run in test_recipes
-        "use_cpu": True,
-        "activation_checkpointing": False,
-        "dataloader_drop_last": True,
-        "do_eval": True,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 1,
-        "report_to": "none",
-        "seed": 42,
-    }
-    recipe.update(changes)
-    return recipe
-
-
-def child_env():
-    """The environment of the scripts run by these tests."""
-    # Without an editable install, the child processes find otpo_trl through PYTHONPATH.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("TENSORBOARD_LOGGING_DIR", None)  # the logs must land in output_dir/runs
-    return env
 
 
 def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
@@ -91,11 +39,6 @@ def launch(tmp_path, recipe, *args, num_processes=1, timeout=240):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     return output
-
-
-def logged(output_dir, key="loss"):
-    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
-    return {h["step"]: h[key] for h in state["log_history"] if key in h}
 
 
 def test_lora_run_saves_everything_and_resumes_at_the_saved_step(tiny_model_dir, sample_data_dir, tmp_path):

@@ -16,21 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
 
-from .test_trainer import config, conversational_pairs
+from .testing_utils import config, conversational_pairs, perturbed
 
 
 BETA = 0.5
 OT = {"ot_reg": 0.1}  # small entropic regularisation: weights far from uniform
-
-
-def perturbed(model, scale=0.05, seed=1):
-    """Move every trainable parameter by Gaussian noise (policy != reference), in place; returns the model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
-    return model
 
 
 def plain_forward(model, batch):
@@ -275,7 +265,7 @@ def test_gradients_match_oracle(tiny_model_dir, tmp_path, use_weighting):
     for name, p in params.items():
         assert p.grad.abs().max() > 0 or "embed" in name, f"{name}: no gradient, the comparison says nothing"
         atol = 1e-5 * p.grad.abs().max().item()  # fp32 sums in another order: relative to the tensor's scale
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def with_shared_offset(model, size=10.0, seed=3):

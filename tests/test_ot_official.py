@@ -9,10 +9,8 @@ from it where they should. Also: the `cost_scale="none"` and `weighting="uniform
 recipes.
 """
 
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,64 +20,12 @@ from otpo_trl import ot_weights as W
 from otpo_trl.ot_weights import ot_token_weights
 
 from .conftest import REPO_ROOT, SAMPLE_DATA_DIR
+from .testing_utils import REG_M, config, conversational_pairs, losses, official_weights, padded_batch, worst_error
 
 
 ot = pytest.importorskip("ot")
 MODEL_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 CONFIGS = REPO_ROOT / "configs" / "llama-3-8b-instruct"
-REG_M = 0.2
-
-
-def official_weights(chosen, rejected, chosen_mask, rejected_mask, reg, reg_m=REG_M, method="sinkhorn_stabilized",
-                     stop=1e-6, max_iter=1000):  # fmt: skip
-    """The official procedure, pair by pair, in float64. chosen, rejected (B, L, H) on the same padded length L;
-    masks (B, L) True at completion tokens. Returns (B, L) chosen and rejected weights and the (B,) scaled_coeff."""
-    out_c, out_r, coeff = [], [], []
-    for x, y, a, b in zip(chosen.double(), rejected.double(), chosen_mask.double(), rejected_mask.double()):
-        cost = torch.cdist(a[:, None] * x, b[:, None] * y, p=2) + 1e-6  # zeroed masked states
-        if cost.max() > 1:
-            cost = cost / cost.max()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "reg_type = entropy overwrites c", convergence notes
-            plan = ot.unbalanced.sinkhorn_unbalanced(a.numpy(), b.numpy(), cost.numpy(), reg, reg_m, method=method,
-                                                     reg_type="entropy", stopThr=stop, numItermax=max_iter)  # fmt: skip
-        plan = torch.from_numpy(np.asarray(plan))
-        scaled_coeff = plan.sum() / min(a.sum(), b.sum())
-        out_c.append(plan.sum(1) / scaled_coeff)
-        out_r.append(plan.sum(0) / scaled_coeff)
-        coeff.append(scaled_coeff)
-    return torch.stack(out_c), torch.stack(out_r), torch.stack(coeff)
-
-
-def padded_batch(seed, offset_ratio=0.0, B=3, L=48, H=16):
-    """Chosen and rejected states on one padded length: a prompt region (masked), a completion, right padding. The
-    masked positions hold junk, which the official code zeroes and ours never reads. `offset_ratio`: a component
-    shared by every state, of norm offset_ratio x the states' own spread (sqrt(H))."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(H, generator=g, dtype=torch.float64)
-    shared *= offset_ratio * H**0.5 / shared.norm()
-    states, masks = [], []
-    for _ in range(2):
-        states.append(torch.randn(B, L, H, generator=g, dtype=torch.float64) + shared)
-        mask = torch.zeros(B, L, dtype=torch.bool)
-        for k in range(B):
-            prompt = int(torch.randint(2, 12, (), generator=g))
-            length = int(torch.randint(5, L - prompt, (), generator=g))
-            mask[k, prompt : prompt + length] = True
-        masks.append(mask)
-    junk = ~torch.stack(masks)[..., None]
-    states = [torch.where(j, 50.0 * torch.randn(s.shape, generator=g, dtype=torch.float64), s)
-              for s, j in zip(states, junk)]  # fmt: skip
-    return states[0], states[1], masks[0], masks[1]
-
-
-def worst_error(ours, reference, masks):
-    """max over the pairs and both sides of max_i |ours_i - ref_i| / max_i ref_i (valid tokens)."""
-    worst = 0.0
-    for w, r, m in zip(ours, reference, masks):
-        for k in range(len(m)):
-            worst = max(worst, float((w[k][m[k]].double() - r[k][m[k]]).abs().max() / r[k][m[k]].abs().max()))
-    return worst
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +36,7 @@ def smollm2_batch():
         pytest.skip(f"SmolLM2-135M-Instruct is not prepared at {MODEL_DIR} (run `make prepare-model`)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from otpo_trl.analysis import tokenize_pair
+    from otpo_trl.tokenization import tokenize_pair
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
@@ -118,7 +64,7 @@ def batch_for(kind):
     return {"random": lambda: padded_batch(0), "offset": lambda: padded_batch(1, offset_ratio=6.0)}[kind]()
 
 
-# At ε = 1 the issue's bound: 1e-3 of the largest weight. At ε = 0.1 the bound comes from the solvers' own accuracy,
+# At ε = 1 the bound asked for: 1e-3 of the largest weight. At ε = 0.1 the bound comes from the solvers' own accuracy,
 # measured (test_official_solver_accuracy) against a float64 solution converged to stopThr 1e-14: the official
 # stabilised solver (stopThr 1e-6) is within 4e-8 to 6e-8 of it on the three batches, ours (float32 states and solver)
 # within 1.8e-7 to 4.9e-7 at ε = 0.1 and 2.1e-7 to 3.1e-7 at ε = 1; ours vs the official: at most 4.9e-7. So 1e-5 at
@@ -174,11 +120,15 @@ def test_official_divisor_by_cost():
     hc = (torch.tensor([3.0, 4.0])[:, None] * direction)[None]
     hr = (torch.tensor([5.0])[:, None] * direction)[None]
     mc, mr = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
-    for cost, divisor, raw in (("euclidean", 5.0, [2.0, 1.0]), ("sqeuclidean", 25.0, [4.0, 1.0]),
-                               ("cosine", 1.0, [0.0, 0.0])):  # fmt: skip
+    for cost, divisor, raw in (
+        ("euclidean", 5.0, [2.0, 1.0]),
+        ("sqeuclidean", 25.0, [4.0, 1.0]),
+        ("cosine", 1.0, [0.0, 0.0]),
+    ):
         _, _, info = ot_token_weights(hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True)
-        _, _, ref = ot_token_weights(hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True,
-                                     solver="pot")  # fmt: skip
+        _, _, ref = ot_token_weights(
+            hc, hr, mc, mr, cost=cost, reg=1.0, normalization="none", return_info=True, solver="pot"
+        )
         # the plan of a 2 x 1 problem with known costs M: check it through the first-order conditions' solution
         M = (torch.tensor(raw, dtype=torch.float64) + 1e-6) / (divisor + 1e-6)
         P = info.plan[0, :, 0].double()
@@ -273,8 +223,9 @@ def test_uniform_weighting(normalization):
     mr[3] = False  # an empty side: zero weights, as with OT
     hc[0, mc[0].nonzero()[0, 0], 0] = float("nan")  # the states are not read: no fallback
     for solver in ("batched", "pot"):
-        wc, wr, info = ot_token_weights(hc, hr, mc, mr, weighting="uniform", normalization=normalization,
-                                        solver=solver, return_info=True)  # fmt: skip
+        wc, wr, info = ot_token_weights(
+            hc, hr, mc, mr, weighting="uniform", normalization=normalization, solver=solver, return_info=True
+        )
         ot_c, ot_r = ot_token_weights(hc.nan_to_num(), hr, mc, mr, normalization=normalization, solver=solver)
         for k in range(3):
             n, m = int(mc[k].sum()), int(mr[k].sum())
@@ -331,8 +282,6 @@ def test_uniform_weighting_through_the_trainer_is_dpo_with_sensible_metrics(tiny
     from trl import DPOConfig, DPOTrainer
 
     from otpo_trl import OTPOTrainer
-
-    from .test_trainer import config, conversational_pairs, losses
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     runs = []

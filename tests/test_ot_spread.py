@@ -7,10 +7,11 @@ import pytest
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from otpo_trl.analysis import pair_token_stats, tokenize_pair
+from otpo_trl.analysis import pair_token_stats
 from otpo_trl.cli import ot_spread
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.tokenization import tokenize_pair
 
 
 MAX_LENGTH = 512

@@ -14,7 +14,7 @@ from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
 
-from .test_trainer import config, conversational_pairs, losses, train_pair
+from .testing_utils import config, conversational_pairs, losses, train_pair
 
 
 class RecordingOTPOTrainer(OTPOTrainer):

@@ -15,7 +15,10 @@ import pytest
 import yaml
 
 from .conftest import make_tiny_model_dir
-from .test_cli import CONFIGS, RECIPES, recipe_argv, train  # noqa: F401 (train is a fixture)
+from .testing_utils import CONFIGS, RECIPES, recipe_argv
+
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

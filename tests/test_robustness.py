@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 
-from .test_trainer import config, conversational_pairs, losses
+from .testing_utils import config, conversational_pairs, losses
 
 
 @pytest.fixture

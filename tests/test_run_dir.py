@@ -1,42 +1,15 @@
 """scripts/train.py's run directory: the same run resumes or says it has finished, a different run is refused before any
-model loads, `--overwrite_output_dir` clears, incomplete checkpoints are skipped (issue 12, items 1-3)."""
+model loads, `--overwrite_output_dir` clears, incomplete checkpoints are skipped."""
 
 import json
 import logging
 import shutil
 
 import pytest
-import transformers
 
 from otpo_trl.cli import run_dir
-from otpo_trl.cli import train as train_cli
 
-
-@pytest.fixture(scope="module")
-def train():
-    """The command line of scripts/train.py (a thin wrapper around it)."""
-    return train_cli
-
-
-def tiny_argv(model_dir, data_dir, output_dir, *extra):
-    """A 2-step full fine-tune of the tiny model on 8 UltraFeedback pairs, a checkpoint every step, CPU fp32 (these
-    tests are about the run directory, and fp32 is the fast precision on a CPU)."""
-    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(output_dir)]
-    argv += ["--max_train_samples", "8", "--max_steps", "2", "--per_device_train_batch_size", "2"]
-    argv += ["--learning_rate", "1e-3", "--max_length", "512", "--bf16", "false", "--use_cpu", "true"]
-    argv += ["--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", "--report_to", "none"]
-    argv += ["--dataloader_drop_last", "true", "--activation_checkpointing", "false", "--seed", "0"]
-    return [*argv, *extra]
-
-
-def forbid_models(monkeypatch, train):
-    """Make any model load fail the test: the checks under test must stop the run before one."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(train, "TRAINERS", {"otpo": refuse, "dpo": refuse})
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+from .testing_utils import forbid_models, tiny_argv
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 
-from .test_oracle import perturbed
-from .test_trainer import config, conversational_pairs, losses
+from .testing_utils import config, conversational_pairs, losses, perturbed
 
 
 def batch_loss(trainer):

@@ -8,36 +8,12 @@ import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PromptTuningConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
 from otpo_trl.otpo_config import LOSS_TYPES
 
-
-# Near-uniform OT weights: a huge entropic regularisation makes the plan uniform, and "length" normalisation makes
-# every weight 1, so OTPO must reproduce DPO exactly.
-UNIFORM = {"ot_reg": 1e6, "ot_normalization": "length"}
-
-
-def conversational_pairs(n=8):
-    answers = [
-        ("The capital of France is Paris.", "The capital of France is Italy, which is definitely incorrect."),
-        ("Two plus two is four.", "It is five, I think, or maybe six."),
-        ("Water boils at 100 degrees.", "Water boils when it feels like it."),
-        ("Hello! How can I help?", "Go away."),
-    ]
-    rows = []
-    for i in range(n):
-        chosen, rejected = answers[i % len(answers)]
-        prompt = [{"role": "user", "content": f"Question {i}: tell me something true."}]
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-    return Dataset.from_list(rows)
+from .testing_utils import config, conversational_pairs, losses, train_pair
 
 
 def standard_pairs(n=8):
@@ -52,45 +28,6 @@ def standard_pairs(n=8):
             for r in ds
         ]
     )
-
-
-def config(cls, tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,  # bf16 stays DPOConfig's default (True): the precision users train in, autocast on the CPU
-        save_strategy="no",
-        seed=42,
-        max_length=64,
-        gradient_checkpointing=False,
-        dataloader_drop_last=True,
-    )
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-
-def losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def train_pair(tiny_model_dir, tmp_path, dataset=None, dpo_kwargs=None, **kwargs):
-    """Train DPOTrainer and near-uniform OTPOTrainer on the same data and seed; return both trainers."""
-    dataset = dataset if dataset is not None else conversational_pairs()
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    trainers = []
-    for cls, cfg_cls, extra in ((DPOTrainer, DPOConfig, {}), (OTPOTrainer, OTPOConfig, UNIFORM)):
-        args = config(cfg_cls, tmp_path / cls.__name__, **kwargs, **extra)
-        trainer = cls(
-            model=tiny_model_dir, args=args, train_dataset=dataset, processing_class=tok, **(dpo_kwargs or {})
-        )
-        trainer.train()
-        trainers.append(trainer)
-    return trainers
 
 
 @pytest.mark.parametrize("dataset_fn", [conversational_pairs, standard_pairs])

@@ -1,5 +1,5 @@
 """Bad arguments, paths and data stop scripts/train.py (and evaluate.py) before any model loads, with a message that
-names the problem (issue 12, items 5-10)."""
+names the problem."""
 
 import json
 import math
@@ -14,19 +14,12 @@ import yaml
 
 from otpo_trl import OTPOConfig
 from otpo_trl.cli import evaluate as evaluate_cli
-from otpo_trl.cli import train as train_cli
 
 from .conftest import REPO_ROOT
-from .test_run_dir import forbid_models, tiny_argv
+from .testing_utils import forbid_models, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
-
-
-@pytest.fixture(scope="module")
-def train():
-    """The command line of scripts/train.py (a thin wrapper around it)."""
-    return train_cli
 
 
 @pytest.fixture

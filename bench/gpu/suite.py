@@ -568,8 +568,8 @@ def ot_part(name, args, deadline, state, save):
             break
         reg_start = time.time()
         state["inputs_seconds"] = state.get("inputs_seconds", reg_start - inputs_start)
-        batched = lambda: ot_token_weights(hc, hr, mc, mr, reg=reg, reg_m=0.2)  # noqa: E731
-        official = lambda: official_torch(hc, hr, mc, mr, reg, 0.2)  # noqa: E731
+        batched = lambda reg=reg: ot_token_weights(hc, hr, mc, mr, reg=reg, reg_m=0.2)  # noqa: E731
+        official = lambda reg=reg: official_torch(hc, hr, mc, mr, reg, 0.2)  # noqa: E731
         r = results[f"reg{reg}"] = {
             "first_call_s": {"batched": timed(batched, device), "official": timed(official, device)}
         }

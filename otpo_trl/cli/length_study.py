@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from ..analysis import generate_responses, score_preferences, template_kwargs, tokenize_pair
+from ..analysis import generate_responses, score_preferences
 from ..data import load_preference_dataset
 from ..loading import load_model_and_tokenizer
 from ..otpo_config import ot_kwargs
+from ..tokenization import template_kwargs, tokenize_pair
 from . import train as train_cli
 from .run_dir import RUN_FILE, _describe, _differences, run_settings
 

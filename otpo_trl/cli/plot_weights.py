@@ -83,7 +83,9 @@ def warn_missing_glyphs(texts: list[str], families: list[str]) -> str:
             f"{name} (Debian/Ubuntu: {package})" for name, package in FALLBACK_FONTS.items() if name not in families
         ]
         fix = f"install {' and '.join(absent)}" if absent else "no font configured here covers them"
-        warnings.warn(f"No installed font draws {missing[:40]!r}: they appear as boxes. To draw them, {fix}.")
+        warnings.warn(
+            f"No installed font draws {missing[:40]!r}: they appear as boxes. To draw them, {fix}.", stacklevel=2
+        )
     return missing
 
 
@@ -359,7 +361,8 @@ def warn_empty_completions(example: dict) -> list[str]:
     for side in empty:
         warnings.warn(
             f"The {side} completion is empty: the figure shows only the tokens the chat template adds to it (such as "
-            f"the end of the turn), so its weights say nothing about an answer. Is this the pair you meant?"
+            f"the end of the turn), so its weights say nothing about an answer. Is this the pair you meant?",
+            stacklevel=2,
         )
     return empty
 

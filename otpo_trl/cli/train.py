@@ -37,11 +37,11 @@ from transformers import AutoTokenizer
 from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from ..analysis import tokenize_pair
 from ..data import data_fingerprint, load_preference_dataset, split_off_eval
 from ..loading import _from_pretrained, check_not_adapter, read_chat_template, resolve_model_path, setup_tokenizer
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
+from ..tokenization import tokenize_pair
 from .run_dir import apply_run_plan, mark_finished, plan_run, run_settings
 
 
