@@ -312,7 +312,9 @@ def plan_run(
             record = json.loads((out / RUN_FILE).read_text())
             record["settings"]
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{out / RUN_FILE} is not a run record ({err}); delete it or use a new `output_dir`.") from err
+            raise ValueError(
+                f"{out / RUN_FILE} is not a run record ({err}); delete it or use a new `output_dir`."
+            ) from err
     checkpoints = checkpoint_folders(out)
     used = [p.name for p in checkpoints] + [n for n in RUN_OUTPUTS if n != RUN_FILE and (out / n).exists()]
     history = (record or {}).get("resumed_with_changes", [])
