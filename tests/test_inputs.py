@@ -14,21 +14,13 @@ import yaml
 
 from otpo_trl import data as data_module
 from otpo_trl.cli import run_dir
-from otpo_trl.cli import train as train_cli
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
 
 from .conftest import REPO_ROOT
-from .test_e2e import child_env
-from .test_run_dir import forbid_models, record, tiny_argv
+from .testing_utils import child_env, forbid_models, record, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
-
-
-@pytest.fixture(scope="module")
-def train():
-    """The command line of scripts/train.py (a thin wrapper around it)."""
-    return train_cli
 
 
 @pytest.fixture

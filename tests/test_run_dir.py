@@ -9,7 +9,7 @@ import pytest
 
 from otpo_trl.cli import run_dir
 
-from .testing_utils import forbid_models, tiny_argv
+from .testing_utils import forbid_models, record, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,6 @@ def run_copy(finished_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     return out
-
-
-def record(out):
-    return json.loads((out / "run_args.json").read_text())
 
 
 def global_step(out):

@@ -203,6 +203,11 @@ def tiny_argv(model_dir, data_dir, output_dir, *extra):
     return [*argv, *extra]
 
 
+def record(out):
+    """The run record (`run_args.json`) of the run directory `out`."""
+    return json.loads((Path(out) / "run_args.json").read_text())
+
+
 def forbid_models(monkeypatch, train):
     """Make any model load fail the test: the checks under test must stop the run before one."""
 

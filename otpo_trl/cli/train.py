@@ -38,7 +38,7 @@ from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..data import data_fingerprint, load_preference_dataset, split_off_eval
-from ..loading import _from_pretrained, check_not_adapter, read_chat_template, resolve_model_path, setup_tokenizer
+from ..loading import check_not_adapter, load_pretrained, read_chat_template, resolve_model_path, setup_tokenizer
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from ..tokenization import tokenize_pair
@@ -413,7 +413,7 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
     if os.path.isdir(os.path.expanduser(model_args.model_name_or_path)):
         # A saved adapter records its base as given here: absolute, it loads from any directory.
         model_args.model_name_or_path = os.path.abspath(os.path.expanduser(model_args.model_name_or_path))
-    tokenizer = _from_pretrained(  # a name that is neither a folder nor on the (reachable) Hub: one clear message
+    tokenizer = load_pretrained(  # a name that is neither a folder nor on the (reachable) Hub: one clear message
         AutoTokenizer,
         model_args.model_name_or_path,
         "`model_name_or_path`",
