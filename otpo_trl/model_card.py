@@ -116,10 +116,18 @@ def training_procedure(trainer, dataset_name: str | None) -> list[tuple[str, str
     rows += [("OT settings", ", ".join(f"`{name}` {_value(getattr(args, name))}" for name in OT_FIELDS))]
     if dataset_name:
         shown = public_name(dataset_name)
-        data = f"`{shown}` (a local data set)" if is_local(dataset_name) else f"[{shown}](https://huggingface.co/datasets/{shown})"
+        data = (
+            f"`{shown}` (a local data set)"
+            if is_local(dataset_name)
+            else f"[{shown}](https://huggingface.co/datasets/{shown})"
+        )
     else:
         data = "not recorded"
-    pairs = len(trainer.train_dataset) if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__") else None
+    pairs = (
+        len(trainer.train_dataset)
+        if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__")
+        else None
+    )
     rows += [("Data", data + (f", {pairs} training pairs" if pairs is not None else ""))]
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     rows += [
@@ -159,7 +167,9 @@ def training_procedure(trainer, dataset_name: str | None) -> list[tuple[str, str
     last = next((h for h in reversed(state.log_history) if "loss" in h and "rewards/accuracies" in h), None)
     if last is not None:
         values = ", ".join(
-            f"{key} {_value(round(last[key], 4))}" for key in ("loss", "rewards/accuracies", "rewards/margins") if key in last
+            f"{key} {_value(round(last[key], 4))}"
+            for key in ("loss", "rewards/accuracies", "rewards/margins")
+            if key in last
         )
         rows += [(f"Last training log (step {last.get('step', state.global_step)})", values)]
     return rows

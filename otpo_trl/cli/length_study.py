@@ -494,3 +494,7 @@ def _study(args, command):
 
 
 __all__ = ["answers", "bootstrap", "main", "pair_metrics", "parse_args", "significance"]
+
+
+if __name__ == "__main__":
+    main()
