@@ -6,6 +6,7 @@ fills "Training procedure" from the trainer's settings and state (method, `ot_*`
 LoRA or full), shows how to load the result (transformers, or peft for an adapter), and cites OTPO and TRL.
 """
 
+import enum
 import functools
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -73,6 +74,8 @@ def _version(package: str) -> str | None:
 
 
 def _value(value) -> str:
+    if isinstance(value, enum.Enum):  # TrainingArguments' SchedulerType, OptimizerNames: their YAML value
+        value = value.value
     if isinstance(value, (list, tuple, set)):
         return ", ".join(str(v) for v in (sorted(value) if isinstance(value, set) else value))
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -121,19 +124,20 @@ def training_procedure(trainer, dataset_name: str | None) -> list[tuple[str, str
             if is_local(dataset_name)
             else f"[{shown}](https://huggingface.co/datasets/{shown})"
         )
-    else:
-        data = "not recorded"
+    else:  # not given to create_model_card
+        data = None
     pairs = (
         len(trainer.train_dataset)
         if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__")
         else None
     )
-    rows += [("Data", data + (f", {pairs} training pairs" if pairs is not None else ""))]
+    counted = f"{pairs} training pairs" if pairs is not None else None
+    rows += [("Data", ", ".join(filter(None, [data, counted])) or "not recorded")]
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     rows += [
         (
             "Steps",
-            f"{state.global_step} of {state.max_steps} ({_value(round(state.epoch or 0.0, 3))} epochs), "
+            f"{state.global_step} of {state.max_steps} (epoch {_value(round(state.epoch or 0.0, 3))}), "
             f"{batch} pairs a step ({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps}"
             f" accumulation x {args.world_size} process(es))",
         ),

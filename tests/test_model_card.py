@@ -56,11 +56,12 @@ def test_lora_card_names_no_path_takes_the_base_license_and_fills_the_procedure(
         "`ot_reg` 0.5, `ot_reg_m` 0.2, `ot_cost` euclidean",
         "`ot_normalization` mean",
         "| Data | `my-preferences` (a local data set), 8 training pairs |",
-        "| Steps | 1 of 1 ",
+        "| Steps | 1 of 1 (epoch ",
         "2 pairs a step (2 per device x 1 accumulation x 1 process(es))",
         "| Precision | weights float32, bf16 autocast |",
         "| Fine-tuning | LoRA adapter: r 4, alpha 8, dropout 0, modules q_proj, v_proj |",
         "| Reference model | the base model with the adapter disabled |",
+        "learning rate 0.01, `linear` schedule",  # enums by their recipe value, not `SchedulerType.LINEAR`
     ):
         assert row in procedure, row
     assert "PeftModel.from_pretrained(base" in text and 'from_pretrained("Tiny-Llama-Instruct")' in text
