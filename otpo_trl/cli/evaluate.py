@@ -148,3 +148,7 @@ def cli(argv: list[str] | None = None) -> None:
         main(argv)
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -709,3 +709,7 @@ __all__ = [
     "reference_scores",
     "significance",
 ]
+
+
+if __name__ == "__main__":
+    main()

@@ -329,3 +329,7 @@ def cli(argv=None) -> None:
 
 
 __all__ = ["close_to_uniform", "completion_measures", "log_prob_margin", "main", "parse_args", "settings", "spread"]
+
+
+if __name__ == "__main__":
+    cli()

@@ -413,3 +413,7 @@ def cli(argv: list[str] | None = None) -> None:
         main(argv)
     except (FileNotFoundError, NotADirectoryError, IndexError, ValueError) as err:
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

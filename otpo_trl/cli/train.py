@@ -583,3 +583,7 @@ def cli(argv: list[str] | None = None) -> None:
         main(*arguments)
     except (FileNotFoundError, InputError) as err:  # a missing path, bad input: the message says which
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,104 @@
+"""The saved model card (README.md) of a tiny run: publishable as it is (no path of this machine, the license, a filled
+training procedure, how to load it, the citations)."""
+
+import shutil
+
+import pytest
+from huggingface_hub import ModelCard
+from peft import LoraConfig
+from transformers import AutoTokenizer
+
+from otpo_trl import OTPOConfig, OTPOTrainer
+from otpo_trl import model_card as model_card_module
+
+from .test_trainer import config, conversational_pairs
+
+
+def trained(model_dir, tmp_path, **kwargs):
+    """An OTPOTrainer after one step on `model_dir`, writing to tmp_path/out."""
+    args = config(OTPOConfig, tmp_path, max_steps=1, beta=0.25, ot_reg=0.5, ot_normalization="mean")
+    trainer = OTPOTrainer(
+        model=model_dir,
+        args=args,
+        train_dataset=conversational_pairs(),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
+def saved_card(trainer, **kwargs):
+    trainer.create_model_card(**kwargs)
+    path = f"{trainer.args.output_dir}/README.md"
+    with open(path) as f:
+        return f.read(), ModelCard.load(path).data
+
+
+def test_lora_card_names_no_path_takes_the_base_license_and_fills_the_procedure(tiny_model_dir, tmp_path):
+    base = tmp_path / "models" / "Tiny-Llama-Instruct"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# The base model\n")
+    data = tmp_path / "data" / "my-preferences"
+    data.mkdir(parents=True)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trained(str(base), tmp_path, peft_config=lora)
+
+    text, meta = saved_card(trainer, model_name="tiny-otpo", dataset_name=str(data))
+    assert str(tmp_path) not in text and "/tmp" not in text  # no path of this machine, anywhere
+    assert meta.license == "apache-2.0" and "licence" not in text
+    assert meta.base_model is None and meta.datasets is None  # a local folder is no Hub id: not in the metadata
+    assert meta.library_name == "peft" and {"otpo", "dpo", "trl", "lora"} <= set(meta.tags)
+    assert "`Tiny-Llama-Instruct` (a local model folder)" in text
+    procedure = text.split("## Training procedure", 1)[1]
+    for row in (
+        "| Loss | `loss_type` sigmoid, `beta` 0.25 |",
+        "`ot_reg` 0.5, `ot_reg_m` 0.2, `ot_cost` euclidean",
+        "`ot_normalization` mean",
+        "| Data | `my-preferences` (a local data set), 8 training pairs |",
+        "| Steps | 1 of 1 (epoch ",
+        "2 pairs a step (2 per device x 1 accumulation x 1 process(es))",
+        "| Precision | weights float32, bf16 autocast |",
+        "| Fine-tuning | LoRA adapter: r 4, alpha 8, dropout 0, modules q_proj, v_proj |",
+        "| Reference model | the base model with the adapter disabled |",
+        "learning rate 0.01, `linear` schedule",  # enums by their recipe value, not `SchedulerType.LINEAR`
+    ):
+        assert row in procedure, row
+    assert "PeftModel.from_pretrained(base" in text and 'from_pretrained("Tiny-Llama-Instruct")' in text
+    assert "2505.18720" in text and "@inproceedings{li2025otpo" in text and "vonwerra2020trl" in text
+
+    # A license given to create_model_card (or push_to_hub) replaces the base model's.
+    _, meta = saved_card(trainer, license="mit")
+    assert meta.license == "mit"
+
+
+def test_full_card_links_hub_names_and_says_when_the_license_is_unknown(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = trained(tiny_model_dir, tmp_path)
+    text, meta = saved_card(trainer, dataset_name="trl-lib/ultrafeedback_binarized")
+    assert "license" not in meta.to_dict() and "licence" not in text
+    assert "License: not recorded" in text
+    assert meta.datasets == ["trl-lib/ultrafeedback_binarized"] and meta.library_name == "transformers"
+    assert "[trl-lib/ultrafeedback_binarized](https://huggingface.co/datasets/trl-lib/ultrafeedback_binarized)" in text
+    assert "| Fine-tuning | full fine-tuning |" in text and 'pipeline("text-generation", model="out")' in text
+    assert str(tmp_path) not in text
+
+    # A base model given as a Hub id is named and linked as such, with its card's license.
+    monkeypatch.setattr(trainer.model.config, "_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.setattr(model_card_module, "base_model_license", lambda name: (("license", "apache-2.0"),))
+    text, meta = saved_card(trainer)
+    assert meta.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta.license == "apache-2.0"
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in text
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"), (None, None)],
+)
+def test_public_name_keeps_hub_ids(given, shown):
+    assert model_card_module.public_name(given) == shown
+
+
+def test_public_name_shows_a_folder_by_its_name(tmp_path):
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    folder.mkdir()
+    assert model_card_module.public_name(f"{folder}/") == "SmolLM2-135M-Instruct"
