@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from otpo_trl import OTPOConfig, OTPOTrainer
 from otpo_trl import model_card as model_card_module
 
-from .test_trainer import config, conversational_pairs
+from .testing_utils import config, conversational_pairs
 
 
 def trained(model_dir, tmp_path, **kwargs):
