@@ -32,7 +32,7 @@ from ..data import load_preference_dataset
 from ..loading import load_model_and_tokenizer
 from ..otpo_config import ot_kwargs
 from . import train as train_cli
-from .run_dir import RUN_FILE, _describe, _differences, run_settings
+from .run_dir import RUN_FILE, describe_changes, run_settings, settings_changes
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -264,10 +264,10 @@ def train(args, arm, seed, run_dir):
         # same --out) would otherwise be reported under the new ones.
         record = run_dir / RUN_FILE
         old = json.loads(record.read_text())["settings"] if record.exists() else {}
-        changes = _differences(old, run_settings(*parsed))
+        changes = settings_changes(old, run_settings(*parsed))
         if changes:
-            raise ValueError(f"{run_dir} holds a finished run of other settings ({_describe(changes)}): give the "
-                             "study a new --out, or delete that run.")  # fmt: skip
+            raise ValueError(f"{run_dir} holds a finished run of other settings ({describe_changes(changes)}): "
+                             "give the study a new --out, or delete that run.")  # fmt: skip
         print(f"{run_dir.name}: reusing the finished run")
         return
     print(f"{run_dir.name}: training", flush=True)
