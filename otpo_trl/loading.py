@@ -117,7 +117,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
+def from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     """`loader.from_pretrained(name_or_path, **kwargs)`; a name that is no local folder and that the Hub cannot give
     raises one `FileNotFoundError` that says both (offline: that the Hub cannot be reached)."""
     try:
@@ -138,7 +138,7 @@ def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
 
 
 def _load_causal_lm(name_or_path: str, dtype, device: torch.device, what: str) -> PreTrainedModel:
-    model = load_pretrained(AutoModelForCausalLM, name_or_path, what, dtype=dtype)
+    model = from_pretrained(AutoModelForCausalLM, name_or_path, what, dtype=dtype)
     # Per-token log-probs without (B, T, V) logits, as DPOTrainer computes them; generation is left unchanged.
     add_fused_lm_head(model)
     return model.to(device).eval()
@@ -206,13 +206,14 @@ def load_model_and_tokenizer(
 
     has_tokenizer = (Path(path) / "tokenizer_config.json").exists() or not is_adapter
     tokenizer_path = path if has_tokenizer else (ref or base)
-    tokenizer = setup_tokenizer(load_pretrained(AutoTokenizer, tokenizer_path, "Tokenizer"))
+    tokenizer = setup_tokenizer(from_pretrained(AutoTokenizer, tokenizer_path, "Tokenizer"))
     return policy, reference, tokenizer
 
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "check_not_adapter",
+    "from_pretrained",
     "load_model_and_tokenizer",
     "looks_like_local_path",
     "read_chat_template",

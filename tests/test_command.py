@@ -100,7 +100,7 @@ def test_shipped_names_are_the_configs_folder():
 def test_flags_only_accelerate_knows_go_to_the_launcher():
     from accelerate.commands.launch import launch_command_parser
 
-    from otpo_trl.cli.train import make_parser
+    from otpo_trl.cli.arguments import make_parser
 
     argv = ["--num_processes", "2", "--config", "quickstart", "--learning_rate", "1e-6", "--cpu"]
     argv += ["--gradient_accumulation_steps", "4", "--main_process_port=29600", "--accelerate_config", "ddp"]

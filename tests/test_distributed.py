@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from otpo_trl.cli import train as train_cli
+from otpo_trl.cli import upstream
 
 from .conftest import REPO_ROOT
 from .testing_utils import ACCELERATE, child_env, config, conversational_pairs, logged, tiny_recipe
@@ -221,12 +221,6 @@ def test_cpu_flag_that_would_drop_the_distributed_setup_is_refused(
     assert not (tmp_path / "out").exists()  # stopped before anything was loaded or written
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    """The command line of scripts/train.py (a thin wrapper around it)."""
-    return train_cli
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the defaults apply only without a GPU")
 @pytest.mark.parametrize(
     "env, defaults",
@@ -238,12 +232,12 @@ def train_script():
         ({}, {}),
     ],
 )
-def test_launch_defaults_without_a_gpu(train_script, monkeypatch, env, defaults):
+def test_launch_defaults_without_a_gpu(monkeypatch, env, defaults):
     for name in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert train_script.launch_defaults() == defaults
+    assert upstream.launch_defaults() == defaults
 
 
 # ---------------------------------------------------------------------------------------------- torch FSDP2

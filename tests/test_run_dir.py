@@ -27,6 +27,17 @@ def run_copy(finished_run, tmp_path):
     return out
 
 
+def plan_for(args):
+    """The run directory's plan for parsed arguments, from the values scripts/train.py passes (no data fingerprint)."""
+    script_args, training_args, _ = args
+    return run_dir.plan_run(
+        training_args.output_dir,
+        run_dir.run_settings(*args),
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite_output_dir=script_args.overwrite_output_dir,
+    )
+
+
 def global_step(out):
     return json.loads((out / "trainer_state.json").read_text())["global_step"]
 
@@ -93,7 +104,7 @@ def test_resume_false_in_a_used_dir_needs_overwrite(train, run_copy, tiny_model_
     assert record(run_copy)["status"] == "started" and record(run_copy)["settings"]["beta"] == 0.5
     # ... so that a later plain run of the same arguments has no stale checkpoint to resume from.
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.5"))
-    assert run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args)).checkpoint is None
+    assert plan_for(args).checkpoint is None
 
 
 def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run_copy, tiny_model_dir,
@@ -102,7 +113,7 @@ def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run
         args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
                                           "--resume_from_checkpoint", resume))  # fmt: skip
         with pytest.raises(ValueError, match="cannot be combined"):
-            run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
+            plan_for(args)
 
 
 def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(train, run_copy, tiny_model_dir,
@@ -139,14 +150,14 @@ def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it
 def test_explicit_resume_with_new_arguments_is_recorded(train, run_copy, tiny_model_dir, sample_data_dir):
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--beta", "0.2",
                                       "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
-    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
+    plan = plan_for(args)
     assert plan.action == "train" and plan.checkpoint == str(run_copy / "checkpoint-2")
     [change] = plan.record["resumed_with_changes"]
     assert change["changes"] == {"beta": [0.1, 0.2], "max_steps": [2, 3]}
     # At or past its end, the checkpoint is reported finished, not stepped again.
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2",
                                       "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
-    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
+    plan = plan_for(args)
     assert plan.action == "finished" and "nothing to train" in plan.message
 
 
@@ -154,7 +165,7 @@ def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, ti
     (run_copy / "run_args.json").unlink()  # written by an older version of the script, or by another tool
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
     with pytest.raises(ValueError, match="no run_args.json: the arguments of that run are unknown"):
-        run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
+        plan_for(args)
 
 
 def test_checkpoint_problems(tmp_path, train):
@@ -178,7 +189,7 @@ def test_checkpoint_problems(tmp_path, train):
 def test_a_kill_during_the_final_save_is_not_stepped_again(train, run_copy, tiny_model_dir, sample_data_dir):
     (run_copy / "run_args.json").write_text(json.dumps({**record(run_copy), "status": "started"}))
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
-    plan = run_dir.plan_run(args[0], args[1], run_dir.run_settings(*args))
+    plan = plan_for(args)
     assert plan.action == "finished" and "the trained weights are in" in plan.message
 
 
@@ -186,3 +197,29 @@ def test_the_dpo_baseline_does_not_compare_ot_arguments(train, tiny_model_dir, s
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--trainer", "dpo"))
     settings = run_dir.run_settings(*args)
     assert settings["trainer"] == "dpo" and not [key for key in settings if key.startswith("ot_")]
+
+
+def test_a_plan_is_made_from_plain_values(tmp_path):
+    out, settings = tmp_path / "new", {"max_steps": 2, "num_train_epochs": 3.0, "beta": 0.1}
+    plan = run_dir.plan_run(out, settings)
+    assert plan.action == "train" and plan.checkpoint is None and not plan.clear
+    assert plan.record == {"status": "started", "settings": settings}
+    run_dir.apply_run_plan(plan, out)
+    (out / "checkpoint-1").mkdir()  # the run has begun
+    with pytest.raises(ValueError, match=r"holds a run with other arguments \(beta: 0.1 -> 0.5\)"):
+        run_dir.plan_run(out, {**settings, "beta": 0.5})
+    with pytest.raises(ValueError, match="would leave its checkpoints"):
+        run_dir.plan_run(out, settings, resume_from_checkpoint="false")
+    plan = run_dir.plan_run(out, {**settings, "beta": 0.5}, overwrite_output_dir=True)
+    assert plan.action == "train" and plan.clear
+
+
+def test_settings_changes_and_their_description():
+    old = {"beta": 0.1, "max_steps": 2, "seed": 0}
+    new = {"beta": 0.2, "max_steps": 2, "ot_reg": 1.0}
+    changes = run_dir.settings_changes(old, new)
+    assert changes == {"beta": [0.1, 0.2], "ot_reg": ["<unset>", 1.0], "seed": [0, "<unset>"]}
+    assert run_dir.settings_changes(old, dict(old)) == {}
+    assert run_dir.describe_changes(changes) == "beta: 0.1 -> 0.2, ot_reg: '<unset>' -> 1.0, seed: 0 -> '<unset>'"
+    many = run_dir.settings_changes({}, {f"k{i}": i for i in range(10)})
+    assert run_dir.describe_changes(many, limit=2) == "k0: '<unset>' -> 0, k1: '<unset>' -> 1 and 8 more"

@@ -168,7 +168,7 @@ def launch_args_for(argv: list[str]):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
-    from .train import make_parser
+    from .arguments import make_parser
 
     launch_parser = launch_command_parser()
     training_options = set(make_parser()._option_string_actions)
@@ -193,7 +193,7 @@ def launch_args_for(argv: list[str]):
 
 
 def print_help() -> None:
-    from .train import make_parser
+    from .arguments import make_parser
 
     parser = make_parser()
     parser.prog = "otpo-trl train"

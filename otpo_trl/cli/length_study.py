@@ -44,7 +44,7 @@ from ..loading import load_model_and_tokenizer
 from ..otpo_config import ot_kwargs
 from ..tokenization import template_kwargs, tokenize_pair
 from . import train as train_cli
-from .run_dir import RUN_FILE, _describe, _differences, run_settings
+from .run_dir import RUN_FILE, describe_changes, run_settings, settings_changes
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -307,10 +307,10 @@ def train(args, arm, seed, run_dir):
         # same --out) would otherwise be reported under the new ones.
         record = run_dir / RUN_FILE
         old = json.loads(record.read_text())["settings"] if record.exists() else {}
-        changes = _differences(old, run_settings(*parsed))
+        changes = settings_changes(old, run_settings(*parsed))
         if changes:
-            raise ValueError(f"{run_dir} holds a finished run of other settings ({_describe(changes)}): give the "
-                             "study a new --out, or delete that run.")  # fmt: skip
+            raise ValueError(f"{run_dir} holds a finished run of other settings ({describe_changes(changes)}): "
+                             "give the study a new --out, or delete that run.")  # fmt: skip
         print(f"{run_dir.name}: reusing the finished run")
         return
     print(f"{run_dir.name}: training", flush=True)
@@ -461,9 +461,9 @@ def load_baseline(args, recipe, pairs, out):
             wanted[run] = planned_run_settings(args, arm, seed, out)
             ours_s = {k: v for k, v in wanted[run].items() if k not in BASELINE_IGNORED}
             theirs_s = {k: v for k, v in theirs_by_run.get(run, {}).items() if k not in BASELINE_IGNORED}
-            changes = _differences(theirs_s, ours_s)
+            changes = settings_changes(theirs_s, ours_s)
             if changes:
-                problems.append(f"{run} trained with other settings ({_describe(changes)})")
+                problems.append(f"{run} trained with other settings ({describe_changes(changes)})")
     if problems:
         raise ValueError(f"--baseline {path} cannot stand in for this study's dpo and uniform arms (checked against "
                          f"{how}): {'; '.join(problems)}. Drop --baseline to train every arm, or match its settings.")  # fmt: skip

@@ -1,10 +1,30 @@
-"""The run directory of `scripts/train.py`: it cannot lie.
+"""The run directory of `scripts/train.py`: it cannot lie. This docstring is where its rules are stated.
 
-`output_dir/run_args.json` records the arguments that decide what is trained ([`run_settings`]) and, under its own
-key `data`, a fingerprint of the training data (`otpo_trl.data.data_fingerprint`). [`plan_run`] decides, from what
-`output_dir` holds, whether a run trains afresh, resumes from its last complete checkpoint, has finished, or must stop
-(a different run or other data is there, `output_dir` overlaps an input of the run, nothing is there to resume);
-[`apply_run_plan`] then clears and records, and [`mark_finished`] closes it.
+The rules:
+
+- `output_dir/run_args.json` records the arguments that decide what is trained ([`run_settings`]: all but where and
+  how a run logs, saves, evaluates and launches, `NOT_TRAINING_ARGS`; the number of processes included), under its
+  own key `data` a fingerprint of the training data (`otpo_trl.data.data_fingerprint`: size, modification time and a
+  hash of the first and last MiB of each local file; `datasets`' fingerprint for Hub data), and whether the run
+  finished.
+- `output_dir` may not be, hold or lie inside a local input of the run (the model, the data, the chat template): such
+  a run is refused whatever the flags, before anything is written or deleted.
+- The same run again resumes from its last complete checkpoint (an incomplete one, cut short by a kill or a full disk,
+  is skipped with a warning naming it) or, if it finished, says so and trains nothing. Checkpoints saved with
+  `save_only_model` (no optimizer or scheduler state) are not resumed. `--resume_from_checkpoint true` with nothing
+  to resume is an error.
+- A different run there (other arguments, or the same on changed data) stops before any model is loaded, listing the
+  differences and how to go on: a new `output_dir`; `--resume_from_checkpoint <output_dir>/checkpoint-<step>`, which
+  continues that run with the new arguments (recorded in `run_args.json` under `resumed_with_changes`); or
+  `--overwrite_output_dir`, which deletes its checkpoints, results and weights first.
+- `--resume_from_checkpoint false` in a used `output_dir` needs `--overwrite_output_dir`, so that no stale checkpoint
+  is left for a later run to resume from.
+
+The code: [`plan_run`] decides from values (the folder, the settings, the data fingerprint, the resume and overwrite
+flags) whether a run trains afresh, resumes, has finished, or must stop, and returns a [`RunPlan`];
+[`apply_run_plan`] then clears and records, and [`mark_finished`] closes it. [`settings_changes`] and
+[`describe_changes`] tell whether a recorded run matches given settings, for the studies that reuse finished runs.
+Nothing here imports the command line that calls it.
 """
 
 import json
@@ -17,15 +37,6 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from trl import ModelConfig
-
-from ..otpo_config import OTPOConfig
-
-
-if TYPE_CHECKING:
-    from .train import ScriptArguments
 
 
 logger = logging.getLogger(__name__)
@@ -91,10 +102,16 @@ def _jsonable(value):
     return value.value if isinstance(value, Enum) else str(value)
 
 
-def run_settings(script_args: "ScriptArguments", training_args: OTPOConfig, model_args: ModelConfig) -> dict:
+def run_settings(script_args, training_args, model_args) -> dict:
     """The arguments that decide what a run trains, as JSON values: all but `NOT_TRAINING_ARGS` (and the `ot_*` ones
     for `trainer: dpo`, which does not use them), plus the number of processes (`world_size`); local data, model and
-    template paths made absolute."""
+    template paths made absolute.
+
+    Args:
+        script_args, training_args, model_args: the three dataclasses the training CLI parses (its script arguments,
+            with `trainer`; an `OTPOConfig` or `DPOConfig`, with `world_size`; a `trl.ModelConfig`). Every init field
+            is read by name, so this module needs none of their classes.
+    """
     settings = {"world_size": training_args.world_size}
     for args in (script_args, model_args, training_args):
         settings |= {f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name not in NOT_TRAINING_ARGS}
@@ -107,12 +124,17 @@ def run_settings(script_args: "ScriptArguments", training_args: OTPOConfig, mode
     return json.loads(json.dumps(settings, default=_jsonable))
 
 
-def _differences(old: dict, new: dict) -> dict:
+def settings_changes(old: dict, new: dict) -> dict:
+    """The settings that differ between `old` (say a run record's) and `new`, by key: `{key: [old, new]}`, sorted, with
+    "<unset>" for a key that one side lacks; empty when they match. Compare [`run_settings`] with a recorded one to
+    tell whether a finished run is the one these arguments would train."""
     unset = "<unset>"
     return {k: [old.get(k, unset), new.get(k, unset)] for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
 
 
-def _describe(changes: dict, limit: int = 8) -> str:
+def describe_changes(changes: dict, limit: int = 8) -> str:
+    """`changes` ([`settings_changes`]) in one line, `key: old -> new, ...`: the first `limit`, then a count of the
+    rest."""
     text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:limit])
     return text + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
 
@@ -188,10 +210,10 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def _reached_the_end(state: dict, training_args: OTPOConfig) -> bool:
-    if training_args.max_steps > 0:
-        return state["global_step"] >= training_args.max_steps
-    return state.get("epoch", 0) >= training_args.num_train_epochs - 1e-6
+def _reached_the_end(state: dict, settings: dict) -> bool:
+    if settings["max_steps"] > 0:
+        return state["global_step"] >= settings["max_steps"]
+    return state.get("epoch", 0) >= settings["num_train_epochs"] - 1e-6
 
 
 @dataclass
@@ -248,8 +270,9 @@ def _summary(entry: dict | None) -> str:
 
 
 def _data_changes(old: dict | None, new: dict | None, where: Path) -> dict:
-    """The data whose fingerprint changed, as `_differences` entries ("data <file>": [old, new]); {} when unchanged
-    or unknown (a record of an older version has no fingerprint: a warning says that the data could not be checked)."""
+    """The data whose fingerprint changed, as [`settings_changes`] entries ("data <file>": [old, new]); {} when
+    unchanged or unknown (a record of an older version has no fingerprint: a warning says that the data could not be
+    checked)."""
     if new is None:
         return {}
     if old is None:
@@ -271,15 +294,26 @@ def _data_changes(old: dict | None, new: dict | None, where: Path) -> dict:
 
 
 def plan_run(
-    script_args: "ScriptArguments", training_args: OTPOConfig, settings: dict, data: dict | None = None
+    output_dir: str | Path,
+    settings: dict,
+    *,
+    resume_from_checkpoint: str | bool | None = None,
+    overwrite_output_dir: bool = False,
+    data: dict | None = None,
 ) -> RunPlan:
-    """Decide, from what `output_dir` holds and the arguments, whether to train afresh, resume, or stop.
+    """Decide, from what `output_dir` holds and the run's values, whether to train afresh, resume, or stop.
 
     Nothing is written but `output_dir` itself (created, to check that it is writable): [`apply_run_plan`] does the
     rest, once the data have been checked.
 
     Args:
-        settings: the run's arguments, as [`run_settings`] gives them.
+        output_dir: the run directory.
+        settings: the run's arguments, as [`run_settings`] gives them; its `max_steps` and `num_train_epochs` say
+            where training ends.
+        resume_from_checkpoint: as the flag: None (resume the same run if there is one), true / "last", false /
+            "never", or the path of a checkpoint folder.
+        overwrite_output_dir: delete the previous run's outputs (the plan's `clear`) instead of refusing a different
+            run.
         data: the fingerprint of the training data (`otpo_trl.data.data_fingerprint`), recorded under `data` and
             compared on resume like the settings; None: not recorded, not compared.
 
@@ -290,22 +324,18 @@ def plan_run(
             to resume; the requested checkpoint is missing, incomplete or saved with `save_only_model`. The message
             says how to go on.
     """
-    check_apart_from_inputs(training_args.output_dir, settings)  # before anything is created or deleted
-    requested = training_args.resume_from_checkpoint
+    check_apart_from_inputs(output_dir, settings)  # before anything is created or deleted
+    requested = resume_from_checkpoint
     mode = "auto" if requested is None else str(requested).lower()
     mode = {"true": "last", "yes": "last", "false": "never", "no": "never", "none": "never"}.get(mode, mode)
     nothing_to_resume = (
         f"`--resume_from_checkpoint {requested}` resumes the run in `output_dir` from its last checkpoint, but "
-        f"there is nothing to resume: {training_args.output_dir}"
+        f"there is nothing to resume: {output_dir}"
     )
     fix = " Check the path of `--output_dir`; to start a new run, leave `--resume_from_checkpoint` unset."
-    if (
-        mode == "last"
-        and not script_args.overwrite_output_dir
-        and not Path(training_args.output_dir).expanduser().exists()
-    ):
+    if mode == "last" and not overwrite_output_dir and not Path(output_dir).expanduser().exists():
         raise ValueError(f"{nothing_to_resume} does not exist (relative to {Path.cwd()}).{fix}")
-    out = writable_dir(training_args.output_dir, "`output_dir`")
+    out = writable_dir(output_dir, "`output_dir`")
     record = None
     if (out / RUN_FILE).exists():
         try:
@@ -325,8 +355,8 @@ def plan_run(
         "with `--overwrite_output_dir`."
     )
 
-    clear = script_args.overwrite_output_dir and bool(used)
-    if script_args.overwrite_output_dir:
+    clear = overwrite_output_dir and bool(used)
+    if overwrite_output_dir:
         inside = mode not in ("auto", "never", "last") and out.resolve() in Path(requested).resolve().parents
         if mode == "last" or inside:
             raise ValueError(
@@ -354,15 +384,15 @@ def plan_run(
             )
         changes = {}
         if record is not None:
-            changes = _differences(record["settings"], settings) | _data_changes(record.get("data"), data, out)
+            changes = settings_changes(record["settings"], settings) | _data_changes(record.get("data"), data, out)
         if changes:
-            logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {_describe(changes)}.")
+            logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {describe_changes(changes)}.")
             history = [*history, {"checkpoint": str(checkpoint), "changes": changes}]
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if _reached_the_end(state, training_args):
+        if _reached_the_end(state, settings):
             return RunPlan("finished", message=(
                 f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
-                f"(max_steps {training_args.max_steps}, num_train_epochs {training_args.num_train_epochs}): nothing "
+                f"(max_steps {settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing "
                 "to train. Raise max_steps (or num_train_epochs) to train further."
             ))  # fmt: skip
         kept = {**new_record, "resumed_with_changes": history} if history else new_record
@@ -383,9 +413,9 @@ def plan_run(
             f"{out} holds checkpoints or results ({', '.join(used[:6])}) but no {RUN_FILE}: the arguments of that "
             f"run are unknown, so it is not resumed automatically. {how}"
         )
-    changes = _differences(record["settings"], settings) | _data_changes(record.get("data"), data, out)
+    changes = settings_changes(record["settings"], settings) | _data_changes(record.get("data"), data, out)
     if changes:
-        raise ValueError(f"{out} holds a run with other arguments ({_describe(changes)}). {how}")
+        raise ValueError(f"{out} holds a run with other arguments ({describe_changes(changes)}). {how}")
     if record.get("status") == "finished":
         return RunPlan("finished", message=(
             f"{out} holds this run, finished at step {record.get('global_step')}: nothing to train. To train it "
@@ -399,7 +429,7 @@ def plan_run(
         logger.info(f"{out} holds this run but no complete checkpoint: training from the start.")
         return RunPlan("train", record=kept)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    if _reached_the_end(state, training_args):
+    if _reached_the_end(state, settings):
         return RunPlan("finished", message=(
             f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
             f"finish: the trained weights are in {checkpoint}. Nothing to train."
