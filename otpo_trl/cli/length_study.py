@@ -548,7 +548,7 @@ def render(args, recipe, command, stats, per_seed, gen, n_pairs, paths, report_d
              f"{compute['score_minutes']:.1f} min of scoring in all, on "
              + (compute["cuda"] or f"{compute['cpu_count']} CPU cores (torch threads: {compute['torch_threads']})")
              + ("." if not compute.get("baseline_arms") else
-                f" The {' and '.join(a.upper() for a in compute['baseline_arms'])} arms were not trained or scored "
+                f". The {' and '.join(a.upper() for a in compute['baseline_arms'])} arms were not trained or scored "
                 f"here: their margins and generations are those of `{args.baseline}` (made by "
                 f"`{compute['baseline_command']}`), whose held-out pairs, scoring, seeds and training settings for "
                 f"those arms (all but {', '.join(BASELINE_IGNORED)}) were checked to be this study's."),
