@@ -53,6 +53,8 @@ def test_lora_run_saves_everything_and_resumes_at_the_saved_step(tiny_model_dir,
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
     assert "OTPO" in card and "2505.18720" in card
+    # the local data set is named by its folder's name, never by an absolute path
+    assert f"`{sample_data_dir.name}` (a local data set)" in card and str(sample_data_dir.resolve()) not in card
     results = json.loads((out / "all_results.json").read_text())
     # Pairs whose prompt alone fills max_length are dropped by TRL (the tiny tokenizer's tokens are short).
     assert 0 < results["train_samples"] <= 16 and 0 < results["eval_samples"] <= 4 and "eval_loss" in results

@@ -315,7 +315,8 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     is_local_data = os.path.exists(os.path.expanduser(script_args.dataset_name))
     trainer.create_model_card(  # only on the main process
         model_name=Path(training_args.output_dir).name,
-        dataset_name=None if is_local_data else script_args.dataset_name,
+        # OTPO's card names a local data set by its folder's name only; TRL's (trainer: dpo) would link it as a Hub id
+        dataset_name=None if is_local_data and script_args.trainer == "dpo" else script_args.dataset_name,
         tags=["dpo", script_args.trainer],
     )
     if trainer.accelerator.is_main_process:
