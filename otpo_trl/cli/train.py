@@ -35,7 +35,13 @@ from ..otpo_trainer import OTPOTrainer
 from ..tokenization import tokenize_pair
 from .arguments import ScriptArguments, parse_args
 from .run_dir import RunPlan, apply_run_plan, mark_finished, plan_run, run_settings
-from .upstream import DEPRECATED_TRAINING_ARGS, end_processes, fix_local_model_card, keep_tensorboard_logs_with_run
+from .upstream import (
+    DEPRECATED_TRAINING_ARGS,
+    end_processes,
+    fix_local_model_card,
+    keep_tensorboard_logs_with_run,
+    silence_repeated_deprecations,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ def setup_logging(training_args: OTPOConfig) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    silence_repeated_deprecations()
 
 
 def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
@@ -273,9 +280,10 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     # Setup logging
     ###############
     setup_logging(training_args)
-    logger.info(f"Script arguments: {script_args}")
-    logger.info(f"Model arguments: {model_args}")
-    logger.info(f"Training arguments: {training_args}")
+    # The ~150-line dump of every argument is for --log_level debug; what decides the run is in output_dir/run_args.json.
+    logger.debug(f"Script arguments: {script_args}")
+    logger.debug(f"Model arguments: {model_args}")
+    logger.debug(f"Training arguments: {training_args}")
 
     ###############################################################
     # Run directory, data and tokenizer (checked before the model)

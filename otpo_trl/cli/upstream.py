@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,18 @@ from transformers.integrations import TensorBoardCallback
 
 
 logger = logging.getLogger(__name__)
+
+
+# transformers 5.24 deprecates `is_gradient_checkpointing`; TRL 1.16 (`disable_gradient_checkpointing`, around every
+# reference forward) and peft read it, so the FutureWarning is printed at every step and breaks the progress bar.
+GRADIENT_CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
+def silence_repeated_deprecations() -> None:
+    """Ignore the FutureWarning `is_gradient_checkpointing is deprecated` (that message only), which transformers 5.24
+    prints at every training step because TRL 1.16 and peft 0.18 read the deprecated property. Can go once TRL reads
+    `is_activation_checkpointing`."""
+    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_DEPRECATION, category=FutureWarning)
 
 
 def _launched(variable: str) -> bool:
