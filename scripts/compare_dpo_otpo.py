@@ -1,16 +1,17 @@
 """DPO vs OTPO on the same data: train both from one recipe, evaluate both, write a Markdown report with figures.
 
 ```bash
-make report   # = python scripts/compare_dpo_otpo.py (quickstart model, UltraFeedback sample, CPU, ~40 min on 2 cores)
+make report   # = python scripts/compare_dpo_otpo.py (quickstart model, UltraFeedback sample, CPU, 35 min on 2 cores)
 python scripts/compare_dpo_otpo.py --recipe configs/quickstart.yaml --max_steps 30 --report reports/dpo_vs_otpo.md
 ```
 
 Both runs use the recipe as it is (model, LoRA, data, seed, batch, learning rate) and differ only in `trainer`
 (`dpo` / `otpo`); `--max_steps` sets their common length. Each is then scored by `scripts/evaluate.py` on the test
 split: held-out preference accuracy and margin under uniform and OT token weights, and greedy generations with a
-fixed token budget. The base model's generations are measured too, for scale. A finished run (its
-`all_results.json` exists) or evaluation (`eval.json`) is reused, so an interrupted comparison picks up where it
-stopped; `--fresh` redoes everything.
+fixed token budget. The base model's generations are measured too, for scale. A finished run is reused only if its
+`run_args.json` records the settings these flags would train (another `--max_steps` into the same `--out` is refused,
+naming the difference), and an evaluation only if made by the same command, so an interrupted comparison picks up
+where it stopped; `--fresh` redoes everything.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from otpo_trl.cli import train as train_cli  # scripts/train.py's parser: the recipe as the runs resolve it
+from otpo_trl.cli.run_dir import RUN_FILE, describe_changes, run_settings, settings_changes
 from otpo_trl.otpo_config import OT_FIELDS
 
 
@@ -60,7 +62,22 @@ def run(cmd, log_path):
 
 def train(kind, args, recipe, out):
     run_dir = out / kind
+    flags = ["--config", args.recipe, "--trainer", kind, "--max_steps", str(args.max_steps)]
+    flags += ["--output_dir", str(run_dir), "--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
+    # Enough pairs for max_steps without a second epoch (twice as many: TRL drops those whose prompt fills max_length).
+    pairs = args.max_steps * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    flags += ["--max_train_samples", str(2 * pairs)]
+    if not _has_gpu():
+        flags += ["--use_cpu", "true"]
     if (run_dir / "all_results.json").exists() and not args.fresh:
+        # Reuse only what these flags would train: a finished run of other settings (say 30 steps, asked for 60)
+        # would otherwise be reported under the new ones.
+        record = run_dir / RUN_FILE
+        old = json.loads(record.read_text())["settings"] if record.exists() else {}
+        changes = settings_changes(old, run_settings(*train_cli.parse_args(flags)))
+        if changes:
+            sys.exit(f"error: {run_dir} holds a finished {kind} run of other settings ({describe_changes(changes)}): "
+                     "give the comparison a new --out, or --fresh to train both runs again.")  # fmt: skip
         print(f"{kind}: reusing the finished run in {run_dir}")
         return
     if args.fresh and run_dir.exists():
@@ -69,35 +86,40 @@ def train(kind, args, recipe, out):
     cmd = [accelerate, "launch", "--config_file", "configs/accelerate/single_gpu.yaml"]
     if "OMP_NUM_THREADS" not in os.environ:  # else accelerate launch gives the process a single CPU thread
         cmd += ["--num_cpu_threads_per_process", str(os.cpu_count())]
-    cmd += ["scripts/train.py"]
-    cmd += ["--config", args.recipe, "--trainer", kind, "--max_steps", str(args.max_steps)]
-    cmd += ["--output_dir", str(run_dir), "--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
-    # Enough pairs for max_steps without a second epoch (twice as many: TRL drops those whose prompt fills max_length).
-    pairs = args.max_steps * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
-    cmd += ["--max_train_samples", str(2 * pairs)]
-    if not _has_gpu():
-        cmd += ["--use_cpu", "true"]
-    run(cmd, out / f"train_{kind}.log")
+    run([*cmd, "scripts/train.py", *flags], out / f"train_{kind}.log")
 
 
 def evaluate(name, model, args, recipe, out):
     eval_dir = out / f"eval_{name}"
-    if (eval_dir / "eval.json").exists() and not args.fresh:
-        print(f"{name}: reusing {eval_dir / 'eval.json'}")
+    # An evaluation is reused only if made by the same command (the model, the pairs, the budgets, the OT settings).
+    done = eval_dir / "eval.json"
+    made_by = eval_dir / "compare_command.json"
+    cmd = _evaluate_command(name, model, args, recipe, eval_dir)
+    same = made_by.exists() and json.loads(made_by.read_text()) == cmd[1:]  # [0] is the interpreter
+    if done.exists() and not args.fresh and same:
+        print(f"{name}: reusing {done}")
     else:
-        # The base model is its own reference (every margin 0): only its generations are measured.
-        max_samples = 0 if name == "base" else args.max_samples
-        cmd = [sys.executable, "scripts/evaluate.py", "--model", str(model), "--data", recipe["dataset_name"]]
-        cmd += ["--split", args.split, "--beta", str(recipe["beta"]), "--max_length", str(recipe["max_length"])]
-        for key in OT_FIELDS:  # the held-out OT weights are those OTPO trained with (unset keys: the same defaults)
-            if key in recipe:
-                cmd += [f"--{key}", str(recipe[key])]
-        if name != "base" and not recipe["use_peft"]:  # a LoRA run's reference is its base (the adapter disabled)
-            cmd += ["--ref", recipe["model_name_or_path"]]
-        cmd += ["--max_samples", str(max_samples), "--num_generations", str(args.num_generations)]
-        cmd += ["--max_new_tokens", str(args.max_new_tokens), "--output_dir", str(eval_dir)]
+        if done.exists() and not args.fresh:
+            print(f"{name}: {done} was made with other settings: evaluating again")
         run(cmd, out / f"eval_{name}.log")
-    return json.loads((eval_dir / "eval.json").read_text()), eval_dir
+        made_by.write_text(json.dumps(cmd[1:]))
+    return json.loads(done.read_text()), eval_dir
+
+
+def _evaluate_command(name, model, args, recipe, eval_dir):
+    """`scripts/evaluate.py`'s command line for `name` (a run, or "base"), into `eval_dir`."""
+    # The base model is its own reference (every margin 0): only its generations are measured.
+    max_samples = 0 if name == "base" else args.max_samples
+    cmd = [sys.executable, "scripts/evaluate.py", "--model", str(model), "--data", recipe["dataset_name"]]
+    cmd += ["--split", args.split, "--beta", str(recipe["beta"]), "--max_length", str(recipe["max_length"])]
+    for key in OT_FIELDS:  # the held-out OT weights are those OTPO trained with (unset keys: the same defaults)
+        if key in recipe:
+            cmd += [f"--{key}", str(recipe[key])]
+    if name != "base" and not recipe["use_peft"]:  # a LoRA run's reference is its base (the adapter disabled)
+        cmd += ["--ref", recipe["model_name_or_path"]]
+    cmd += ["--max_samples", str(max_samples), "--num_generations", str(args.num_generations)]
+    cmd += ["--max_new_tokens", str(args.max_new_tokens), "--output_dir", str(eval_dir)]
+    return cmd
 
 
 def _has_gpu():

@@ -133,3 +133,13 @@ def test_compare_script_trains_both_evaluates_and_writes_the_report(tiny_model_d
     # A second call reuses the finished runs and evaluations instead of training again.
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 5
+
+    # Other settings into the same --out: a run of other steps is refused, naming the change (not reported as new) ...
+    longer = [*cmd[: cmd.index("--max_steps") + 1], "3", *cmd[cmd.index("--max_steps") + 2 :]]
+    refused = subprocess.run(longer, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "max_steps: 2 -> 3" in refused.stderr, refused.stderr[-3000:]
+    # ... and an evaluation of other budgets is made again, the finished runs being reused.
+    fewer = [*cmd[: cmd.index("--num_generations") + 1], "2", *cmd[cmd.index("--num_generations") + 2 :]]
+    redo = subprocess.run(fewer, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert redo.returncode == 0 and redo.stdout.count("made with other settings") == 3, redo.stdout[-3000:]
+    assert json.loads(report.with_suffix(".json").read_text())["held_out"]["dpo"]["generation"]["n"] == 2
