@@ -50,13 +50,14 @@ quickstart: prepare-model prepare-data
 		scripts/train.py --config configs/quickstart.yaml $(ARGS)
 
 # DPO vs OTPO with the quickstart recipe (same seed, steps, LoRA), both evaluated on the test split: writes
-# reports/dpo_vs_otpo.md and its figures (35 min on 2 CPU cores, reports/dpo_vs_otpo.md; finished runs are reused). Options: ARGS="..."
+# reports/dpo_vs_otpo/ (the report, its JSON and figures; 35 min on 2 CPU cores; finished runs are reused).
+# Options: ARGS="..."; rewrite the report from its JSON, training nothing: make report ARGS=--render_only
 report: prepare-model prepare-data
 	$(PY) scripts/compare_dpo_otpo.py $(ARGS)
 
-# Length exploitation: DPO, OTPO and uniform-weight OTPO over 3 seeds, scored on 200 held-out pairs with bootstrap
-# intervals: writes reports/length_study.md, its JSON and figures (1 h 55 min on 2 CPU cores; runs and scores are reused).
-# A tiny check of the pipeline: make study ARGS=--quick
+# Length exploitation: DPO, OTPO and OTPO w/o OT (ot_weighting: uniform) over 3 seeds, scored on 200 held-out pairs
+# with bootstrap intervals: writes reports/length_study/ (the report, its JSON and figures; 1 h 55 min on 2 CPU cores;
+# runs and scores are reused). A tiny check of the pipeline: make study ARGS=--quick; from the JSON: ARGS=--render_only
 study: prepare-model prepare-data
 	$(PY) scripts/length_study.py $(ARGS)
 

@@ -1,16 +1,23 @@
-"""Length exploitation: DPO vs OTPO vs uniform weights, over seeds, scored on held-out pairs with bootstrap intervals.
+"""Length exploitation: DPO vs OTPO vs OTPO w/o OT, over seeds, scored on held-out pairs with bootstrap intervals.
 
 ```bash
-make study                                # = python scripts/length_study.py (~2 h on 2 CPU cores)
-python scripts/length_study.py --quick    # 2 steps, 1 seed, 16 pairs: checks the pipeline (~6 min)
+make study                                  # = python scripts/length_study.py (~2 h on 2 CPU cores)
+python scripts/length_study.py --quick      # 2 steps, 1 seed, 16 pairs: checks the pipeline (~6 min)
+python scripts/length_study.py --render_only   # rewrite reports/length_study/ from its JSON, training nothing
 ```
 
-Writes reports/length_study.md, its JSON and figures; the runs and scores go to out/length_study and are reused. The
-arms, held-out pairs and statistics are in `otpo_trl.cli.length_study` (`--help` lists the options).
+Writes reports/length_study/length_study.md, its JSON and figures; the runs and scores go to out/length_study and are
+reused. The arms, held-out pairs and statistics are in `studies/length_study.py` (`--help` lists the options).
 """
 
-from otpo_trl.cli.length_study import main
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where `studies/` is
+
+from studies.length_study import cli  # noqa: E402
 
 
 if __name__ == "__main__":
-    main()
+    cli()

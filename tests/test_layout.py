@@ -24,7 +24,7 @@ TRAINING = (
     "otpo_trl.cli.run_dir",
 )
 # Evaluation and studies: what training must not import, directly or through another module.
-EVALUATION = ("otpo_trl.analysis", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights", "otpo_trl.cli.length_study")
+EVALUATION = ("otpo_trl.analysis", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
 # Top-level folders of the checkout that are not the package (the package imports nothing from them).
 OUTSIDE = ("scripts", "studies", "tests", "bench")
 
@@ -131,13 +131,16 @@ def private_imports(imports) -> set[tuple[str, str, str]]:
 
 IMPORTS = read_imports(REPO_ROOT)
 GRAPH = internal_graph(IMPORTS)
+STUDY_IMPORTS = read_imports(REPO_ROOT, "studies")
+STUDY_GRAPH = internal_graph(STUDY_IMPORTS, "studies")
 
 
 def test_the_graph_is_read():
     assert {"otpo_trl.otpo_trainer", "otpo_trl.cli.train", "otpo_trl.forward"} <= set(GRAPH)
     assert "otpo_trl.forward" in GRAPH["otpo_trl.otpo_trainer"]
     assert "otpo_trl.tokenization" in GRAPH["otpo_trl.cli.train"]
-    assert "otpo_trl.cli.train" in GRAPH["otpo_trl.cli.length_study"]  # `from . import train as train_cli`
+    assert "otpo_trl.cli.arguments" in GRAPH["otpo_trl.cli.launch"]  # `from .arguments import ...` in a function
+    assert "studies.common" in STUDY_GRAPH["studies.length_study"]  # `from .common import ...`
 
 
 def test_no_import_cycle():
@@ -155,6 +158,14 @@ def test_the_package_imports_nothing_from_the_checkout_outside_it():
         (name, target) for name, found in IMPORTS.items() for target, _ in found if target.split(".")[0] in OUTSIDE
     }
     assert outside == set()
+
+
+def test_studies_import_the_package_never_a_script_and_form_no_cycle():
+    """`studies/` (outside the wheel) builds on `otpo_trl`; the package never imports a study (checked above)."""
+    assert {"studies.common", "studies.length_study", "studies.dpo_vs_otpo"} <= set(STUDY_GRAPH)
+    targets = {target.split(".")[0] for found in STUDY_IMPORTS.values() for target, _ in found}
+    assert PACKAGE in targets and "scripts" not in targets and "tests" not in targets
+    assert cycles(STUDY_GRAPH) == set()
 
 
 def test_no_script_imports_another():

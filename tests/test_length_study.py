@@ -1,4 +1,4 @@
-"""scripts/length_study.py: its statistics on numbers whose answer is known, and the quick study end to end."""
+"""The length study (`studies/length_study.py`, run by scripts/length_study.py): its statistics on numbers whose answer is known, and the quick study end to end."""
 
 import json
 import shlex
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from otpo_trl.analysis import score_preferences
-from otpo_trl.cli import length_study
 from otpo_trl.cli import train as train_cli
 from otpo_trl.loading import load_model_and_tokenizer
+from studies import length_study
 
 
 # ------------------------------------------------------------------ statistics
@@ -184,7 +184,7 @@ def test_options_quick_never_writes_the_real_report():
     assert args.max_steps == 2 and args.seeds == [42] and args.train_flags == ["--beta", "0.2"]
     assert args.report != length_study.STUDY_REPORT and args.out != length_study.parse_args([]).out
     full = length_study.parse_args(["--max_steps", "5"])
-    assert full.report == "reports/length_study.md" and full.max_steps == 5 and full.seeds == [42, 43, 44]
+    assert full.report == "reports/length_study/length_study.md" and full.max_steps == 5 and full.seeds == [42, 43, 44]
     # `--seed` (not `--seeds`) would give every run the same seed: refused, like the other per-run flags.
     for flag in ("--seed", "--trainer", "--output_dir=x"):
         with pytest.raises(SystemExit):

@@ -223,3 +223,12 @@ def test_settings_changes_and_their_description():
     assert run_dir.describe_changes(changes) == "beta: 0.1 -> 0.2, ot_reg: '<unset>' -> 1.0, seed: 0 -> '<unset>'"
     many = run_dir.settings_changes({}, {f"k{i}": i for i in range(10)})
     assert run_dir.describe_changes(many, limit=2) == "k0: '<unset>' -> 0, k1: '<unset>' -> 1 and 8 more"
+
+
+def test_finished_run_changes_reads_the_recorded_settings(tmp_path):
+    assert run_dir.finished_run_changes(tmp_path, {"max_steps": 2}) == {"max_steps": ["<unset>", 2]}  # no record
+    (tmp_path / run_dir.RUN_FILE).write_text(json.dumps({"settings": {"max_steps": 2, "seed": 42}, "finished": True}))
+    assert run_dir.finished_run_changes(tmp_path, {"max_steps": 2, "seed": 42}) == {}
+    assert run_dir.finished_run_changes(tmp_path, {"max_steps": 3, "seed": 42}) == {"max_steps": [2, 3]}
+    (tmp_path / run_dir.RUN_FILE).write_text(json.dumps({"finished": True}))  # a record without settings
+    assert run_dir.finished_run_changes(tmp_path, {"seed": 42}) == {"seed": ["<unset>", 42]}

@@ -22,8 +22,9 @@ The rules:
 
 The code: [`plan_run`] decides from values (the folder, the settings, the data fingerprint, the resume and overwrite
 flags) whether a run trains afresh, resumes, has finished, or must stop, and returns a [`RunPlan`];
-[`apply_run_plan`] then clears and records, and [`mark_finished`] closes it. [`settings_changes`] and
-[`describe_changes`] tell whether a recorded run matches given settings, for the studies that reuse finished runs.
+[`apply_run_plan`] then clears and records, and [`mark_finished`] closes it. [`finished_run_changes`] (built on
+[`settings_changes`]) and [`describe_changes`] tell whether a recorded run matches given settings, for the studies
+that reuse finished runs.
 Nothing here imports the command line that calls it.
 """
 
@@ -130,6 +131,15 @@ def settings_changes(old: dict, new: dict) -> dict:
     tell whether a finished run is the one these arguments would train."""
     unset = "<unset>"
     return {k: [old.get(k, unset), new.get(k, unset)] for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
+
+
+def finished_run_changes(run_dir: str | Path, settings: dict) -> dict:
+    """How the run recorded in `run_dir` differs from `settings` ([`run_settings`] of the arguments a study would
+    train it with): [`settings_changes`] of the `settings` that `run_args.json` records (none when it records none)
+    and `settings`. Empty when the run there is the one these arguments would train."""
+    record = Path(run_dir) / RUN_FILE
+    old = json.loads(record.read_text()).get("settings", {}) if record.exists() else {}
+    return settings_changes(old, settings)
 
 
 def describe_changes(changes: dict, limit: int = 8) -> str:

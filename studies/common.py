@@ -1,0 +1,174 @@
+"""What the studies share: the recipe as the training CLI resolves it, one way to train an arm (in this process, with
+the settings-checked reuse), the runs' logs, figures, Markdown, and the compute they ran on.
+
+A study's paths, the recipe's included, are relative to the repository root ([`REPO_ROOT`]): the studies run from
+there ([`at_repo_root`]), as `make study` and `make report` do.
+"""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from otpo_trl.cli import train as train_cli
+from otpo_trl.cli.run_dir import describe_changes, finished_run_changes, run_settings
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIGURE_DPI = 120
+FIGURE_SIZE = (6.4, 3.6)
+
+
+@contextlib.contextmanager
+def at_repo_root():
+    """Run the block from the repository root (training runs in this process: the recipe's relative paths must
+    resolve as under `make`), then go back."""
+    cwd = Path.cwd()
+    os.chdir(REPO_ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------------------ the recipe and the arms
+
+
+def parse_train_flags(flags: list[str]):
+    """`flags` as `scripts/train.py` parses them (the recipe, its defaults and checks): (script, training, model)."""
+    return train_cli.parse_args(flags)
+
+
+def recipe_values(parsed) -> dict:
+    """The parsed arguments of [`parse_train_flags`] as one flat dict (script, model, then training arguments)."""
+    script_args, training_args, model_args = parsed
+    return {**vars(script_args), **vars(model_args), **training_args.to_dict()}
+
+
+def resolve_recipe(flags: list[str]) -> dict:
+    """The recipe as a run trained with `flags` resolves it, as one dict."""
+    return recipe_values(parse_train_flags(flags))
+
+
+def planned_settings(flags: list[str]) -> dict:
+    """The settings that `run_args.json` would record for a run trained with `flags` (`run_settings`)."""
+    return run_settings(*parse_train_flags(flags))
+
+
+def run_arm(flags: list[str], run_dir: str | Path, *, on_mismatch: str = "give the study a new --out") -> bool:
+    """Train the run that `flags` describe into `run_dir` in this process, through the training CLI's parser and
+    main, unless it has finished. A finished run (`all_results.json`) is reused only if `run_args.json` records the
+    settings these flags would train: one of other settings raises ValueError naming the difference (`on_mismatch`
+    says how to go on), so that it is never reported under the new ones. An interrupted run resumes from its last
+    checkpoint (the training CLI's rules, `otpo_trl.cli.run_dir`). `flags` must set `--output_dir run_dir`.
+
+    Returns True if it trained, False if it reused the finished run.
+    """
+    run_dir = Path(run_dir)
+    parsed = parse_train_flags(flags)
+    if Path(parsed[1].output_dir).resolve() != run_dir.resolve():
+        raise ValueError(f"the flags train into {parsed[1].output_dir}, not {run_dir}")
+    if (run_dir / "all_results.json").exists():
+        changes = finished_run_changes(run_dir, run_settings(*parsed))
+        if changes:
+            raise ValueError(
+                f"{run_dir} holds a finished run of other settings ({describe_changes(changes)}): {on_mismatch}."
+            )
+        print(f"{run_dir.name}: reusing the finished run in {run_dir}")
+        return False
+    print(f"{run_dir.name}: training", flush=True)
+    train_cli.main(*parsed)
+    return True
+
+
+def cpu_flags() -> list[str]:
+    """`--use_cpu true` where no GPU is seen (TRL would otherwise look for an accelerator)."""
+    return [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+
+
+# ------------------------------------------------------------------ the runs' logs
+
+
+def log_history(run_dir: str | Path) -> list[dict]:
+    """The `log_history` of a run's `trainer_state.json` ([] when the run has none)."""
+    state = Path(run_dir) / "trainer_state.json"
+    return json.loads(state.read_text())["log_history"] if state.exists() else []
+
+
+def training_steps(history: list[dict]) -> list[dict]:
+    """The per-step training entries of a log history (those with a `loss` and a `step`; not the final summary)."""
+    return [h for h in history if "loss" in h and "step" in h]
+
+
+def mean_logged(history: list[dict], keys) -> dict[str, float]:
+    """The mean over steps of each of `keys` that the history logged (say the `ot/*` scalars); absent keys left out."""
+    return {k: float(np.mean([h[k] for h in history if k in h])) for k in keys if any(k in h for h in history)}
+
+
+# ------------------------------------------------------------------ figures
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, save at the studies' resolution and close `fig`; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    pyplot().close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ Markdown
+
+
+def relative(path: str | Path, report_dir: str | Path) -> str:
+    """`path` relative to the report's folder, as a link in the report."""
+    return os.path.relpath(path, report_dir)
+
+
+def image(alt: str, path: str | Path, report_dir: str | Path) -> str:
+    return f"![{alt}]({relative(path, report_dir)})"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "---") -> list[str]:
+    """A Markdown table's lines: `header`, the separator, one line per row of cells."""
+
+    def line(cells):
+        return "|" + "".join(f" {c} |" if str(c) else " |" for c in cells)
+
+    return [line(header), "|" + f"{align}|" * len(header), *(line(row) for row in rows)]
+
+
+def report_paths(report: str | Path) -> tuple[Path, Path, Path]:
+    """(the Markdown report, its JSON beside it, its figures folder)."""
+    report = Path(report)
+    return report, report.with_suffix(".json"), report.parent / "figures"
+
+
+# ------------------------------------------------------------------ compute
+
+
+def compute_description() -> dict:
+    """What this process runs on: CPU cores, torch threads and the GPU's name (None without one)."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def device_name() -> str:
+    """The GPU's name, else `CPU (<n> cores)`."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
