@@ -38,7 +38,7 @@ from .tokenization import template_kwargs, tokenize_pair, tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
-WEIGHTINGS = ("uniform", "ot")  # DPO's weight 1 per completion token; OTPO's OT weights
+WEIGHTINGS = ("unweighted", "ot")  # DPO's plain sum (w = 1 per completion token); OTPO's OT weights
 # OTPOConfig's defaults, as keyword arguments of ot_token_weights
 OT_DEFAULTS = ot_kwargs(SimpleNamespace(**{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS}))
 DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "max_length")  # TRL's: 1024
@@ -138,8 +138,8 @@ def pair_token_stats(
         return_hidden: also keep the policy's hidden states in the result (`chosen_hidden`, `rejected_hidden`), so
             that [`ot_token_weights`] can be called on them again with other settings.
         **ot_options: keyword arguments of [`ot_token_weights`] (`reg`, `reg_m`, `cost`, `cost_scale`,
-            `normalization`, `weighting`, `solver`, `max_iter`, `tol`); see [`ot_kwargs`]. `weighting="uniform"`
-            solves no OT problem.
+            `normalization`, `weighting`, `solver`, `max_iter`, `tol`); see [`ot_kwargs`]. `weighting="uniform"` (the
+            paper's "w/o OT": 1 per token, then the same normalisation) solves no OT problem.
 
     Returns:
         [`PairStats`], on the policy's device.
@@ -204,7 +204,8 @@ def implicit_rewards(stats: PairStats, beta: float, weighting: str = "ot") -> tu
     Args:
         stats: from [`pair_token_stats`].
         beta: DPO's beta.
-        weighting: `"uniform"` (w = 1 on every completion token: DPO) or `"ot"` (the OT weights: OTPO).
+        weighting: `"unweighted"` (w = 1 on every completion token, no normalisation: DPO's sum) or `"ot"` (the OT
+            weights: OTPO).
 
     Returns:
         `(chosen_rewards, rejected_rewards)`, each (B,) float32.
@@ -214,7 +215,7 @@ def implicit_rewards(stats: PairStats, beta: float, weighting: str = "ot") -> tu
     rewards = []
     for side in ("chosen", "rejected"):
         mask = getattr(stats, f"{side}_mask")
-        weights = mask.float() if weighting == "uniform" else getattr(stats, f"{side}_weights")
+        weights = mask.float() if weighting == "unweighted" else getattr(stats, f"{side}_weights")
         delta = getattr(stats, f"{side}_logps") - getattr(stats, f"ref_{side}_logps")
         rewards.append(beta * (weights * delta * mask).sum(1))
     return rewards[0], rewards[1]
@@ -261,13 +262,13 @@ def score_preferences(
     progress: bool = True,
     **ot_options,
 ) -> dict[str, Any]:
-    """Implicit-reward accuracy and margins of `examples` under uniform (DPO) and OT (OTPO) token weights.
+    """Implicit-reward accuracy and margins of `examples`, unweighted (DPO's sum) and with OT (OTPO) token weights.
 
     Pairs whose prompt alone fills `max_length` are skipped, as DPOTrainer drops them (counted in `n_skipped`).
 
     Returns:
-        dict with `n_pairs`, `n_skipped`, `uniform` and `ot` (each [`preference_metrics`]), and `pairs`: one dict
-        per scored pair (`index` in `examples`, `margin_uniform`, `margin_ot`, `chosen_tokens`, `rejected_tokens`,
+        dict with `n_pairs`, `n_skipped`, `unweighted` and `ot` (each [`preference_metrics`]), and `pairs`: one
+        dict per scored pair (`index` in `examples`, `margin_unweighted`, `margin_ot`, `chosen_tokens`, `rejected_tokens`,
         and the summed log-probs of each side under the policy and the reference, `chosen_logp`, `rejected_logp`,
         `ref_chosen_logp`, `ref_rejected_logp`; the reference's are the policy's when `reference` is None).
     """
@@ -292,7 +293,7 @@ def score_preferences(
             pairs.append(
                 {
                     "index": i,
-                    "margin_uniform": margins["uniform"][k],
+                    "margin_unweighted": margins["unweighted"][k],
                     "margin_ot": margins["ot"][k],
                     "chosen_tokens": int(stats.chosen_mask[k].sum()),
                     "rejected_tokens": int(stats.rejected_mask[k].sum()),
@@ -419,7 +420,7 @@ def evaluate(
     progress: bool = True,
     **ot_options,
 ) -> dict[str, Any]:
-    """Evaluate one model: implicit-reward preference accuracy and margins (uniform and OT weights) on the first
+    """Evaluate one model: implicit-reward preference accuracy and margins (unweighted and OT weights) on the first
     `max_samples` pairs of `data[split]`, and greedy responses to the prompts of its first `num_generations` pairs.
 
     Args:

@@ -200,7 +200,7 @@ def load_model_and_tokenizer(
         reference = None if ref is None else _load_causal_lm(ref, dtype, device, "Reference model")
         if reference is None:
             logger.warning(
-                "No reference model: the policy is its own reference, so every implicit reward and margin (uniform "
+                "No reference model: the policy is its own reference, so every implicit reward and margin (unweighted "
                 "and OT) is 0. Pass the model it was trained from as `ref` (`--ref`)."
             )
 

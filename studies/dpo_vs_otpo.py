@@ -305,8 +305,8 @@ def render(summary, report_dir):
         "",
         "## Held-out preference accuracy and margin",
         "",
-        "Implicit reward beta * (log pi - log pi_ref) summed over the completion with uniform (DPO) or OT (OTPO) "
-        "token weights; the reference is the base model.",
+        "Implicit reward beta * (log pi - log pi_ref) summed over the completion, unweighted (w = 1 per token: DPO) "
+        "or with OT (OTPO) token weights; the reference is the base model.",
         "",
     ]
     rows = []
@@ -315,13 +315,13 @@ def render(summary, report_dir):
         rows.append(
             [
                 kind.upper(),
-                pct(r["uniform"]["accuracy"]),
+                pct(r["unweighted"]["accuracy"]),
                 pct(r["ot"]["accuracy"]),
-                f"{r['uniform']['margin_mean']:.4f}",
+                f"{r['unweighted']['margin_mean']:.4f}",
                 f"{r['ot']['margin_mean']:.4f}",
             ]
         )
-    lines += table(["model", "accuracy, uniform", "accuracy, OT", "margin, uniform", "margin, OT"], rows)
+    lines += table(["model", "accuracy, unweighted", "accuracy, OT", "margin, unweighted", "margin, OT"], rows)
     lines += ["", "## Generated lengths", ""]
     rows = []
     for name in ("base", *KINDS):

@@ -1,19 +1,21 @@
-"""Does the learned reward depend on length? DPO vs OTPO vs uniform weights, over seeds, with bootstrap intervals.
+"""Does the learned reward depend on length? DPO vs OTPO vs OTPO w/o OT, over seeds, with bootstrap intervals.
 
 ```bash
 make study                                  # = python scripts/length_study.py (~2 h on 2 CPU cores)
 python scripts/length_study.py --quick      # 2 steps, 1 seed, 16 pairs (~6 min): checks the pipeline
 python scripts/length_study.py --seeds 42 43 --learning_rate 5e-5   # unknown flags go to scripts/train.py
 # another ot_* setting: only the otpo arm trains; dpo and uniform come from the committed study (checked first)
-python scripts/length_study.py --ot_reg 0.1 --out out/length_study_reg0.1 --baseline reports/length_study.json \
+python scripts/length_study.py --ot_reg 0.1 --out out/length_study_reg0.1 \
+    --baseline reports/length_study/length_study.json \
     --report reports/length_study_reg0.1/length_study.md
 python scripts/length_study.py --held_out_file my_pairs.jsonl --report out/my_pairs/length_study.md
 ```
 
 Three arms train from one recipe with the same data, steps, LoRA and seed: `dpo` (`trainer: dpo`), `otpo`, and
-`uniform` (OTPO's normalisation with `ot_weighting: uniform`, the paper's "w/o OT"). Each trained model scores every
-held-out pair (the first `--test_pairs` of the test split and the last `--held_out_train` of the train split, which
-training never reaches) with DPO's uniform-weight implicit reward, as `scripts/evaluate.py` does. The primary measure
+`uniform` (labelled OTPO w/o OT: `ot_weighting: uniform`, 1 per token and then OTPO's min-length normalisation, the
+paper's "w/o OT" ablation). Each trained model scores every held-out pair (the first `--test_pairs` of the test split
+and the last `--held_out_train` of the train split, which training never reaches) with DPO's unweighted implicit
+reward (w = 1 per token, a plain sum), as `scripts/evaluate.py` does. The primary measure
 is corr(margin, chosen tokens - rejected tokens): how much the reward follows length. Intervals are paired bootstrap
 intervals over held-out pairs (the same resample for every arm and seed). A finished run (`all_results.json`) and a
 run's scores (`scores/<run>.json`) are reused, so an interrupted study resumes. The reference's log-probs do not
@@ -78,6 +80,9 @@ ARMS = {
     "otpo": ["--trainer", "otpo", "--ot_weighting", "ot"],
     "uniform": ["--trainer", "otpo", "--ot_weighting", "uniform"],
 }
+# How the reports name the arms: `uniform` is the paper's "w/o OT" (1 per token, then the same normalisation), not the
+# unweighted sum the margins are scored with.
+ARM_LABELS = {"dpo": "DPO", "otpo": "OTPO", "uniform": "OTPO w/o OT"}
 METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap")
 # The study's setting on top of the recipe (issue 13's measurement, sized for ~2 h on 2 CPU cores); flags override it.
 STUDY = {
@@ -159,7 +164,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--baseline",
-        help="a study's JSON (e.g. reports/length_study.json) whose dpo and uniform arms are "
+        help="a study's JSON (e.g. reports/length_study/length_study.json) whose dpo and uniform arms are "
         "taken instead of trained and scored: only the otpo arm runs. Refused, naming the difference, "
         "unless its held-out pairs, scoring, seeds and the training settings of those arms (all but "
         f"{', '.join(sorted(BASELINE_IGNORED))}, which they do not use) are this study's",
@@ -307,9 +312,8 @@ def significance(stats):
             and len(rows[k]["per_seed"]) > 1
             and (np.all(np.array(rows[k]["per_seed"]) > 0) or np.all(np.array(rows[k]["per_seed"]) < 0))
         ]
-        a, b = (x.upper() for x in name.split("-"))
         out.append(
-            f"{a} - {b}: the 95% interval excludes 0 over pairs and seeds for {', '.join(both) or 'no metric'}; "
+            f"{label(name)}: the 95% interval excludes 0 over pairs and seeds for {', '.join(both) or 'no metric'}; "
             f"over pairs only (these seeds) for {', '.join(pairs) or 'no further metric'}; it includes 0 for "
             f"{', '.join(rest) or 'no metric'}"
             + (f"; undefined (an empty subset or constant values) for {', '.join(nan)}" if nan else "")
@@ -318,14 +322,19 @@ def significance(stats):
     return " ".join(out)
 
 
+def label(name):
+    """The report's name of an arm (`uniform`: OTPO w/o OT) or of an arm difference (`otpo-uniform`)."""
+    return " - ".join(ARM_LABELS.get(part, part.upper()) for part in name.split("-"))
+
+
 def answers(stats):
     """The study's two questions answered from the primary measure, corr(margin, length difference), with its
-    intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over uniform ones?"""
+    intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over OTPO w/o OT?"""
     questions = {
         "otpo-dpo": ("Does OTPO's reward depend less on length than DPO's?", "DPO's"),
         "otpo-uniform": (
-            "Do OT weights add anything over uniform weights with the same normalisation?",
-            "uniform weights'",
+            "Do OT weights add anything over OTPO w/o OT (1 per token, the same normalisation)?",
+            "OTPO w/o OT's",
         ),
     }
     out = []
@@ -447,7 +456,8 @@ def scoring_setting(args, recipe, pairs):
 
 
 def _log_prob_sums(model, tokenizer, pairs, args, recipe):
-    """Each scored pair's summed completion log-probs under `model` alone (uniform weights: no OT problem solved)."""
+    """Each scored pair's summed completion log-probs under `model` alone (`weighting: uniform` solves no OT
+    problem; the sums are unweighted whatever the weighting)."""
     options = {**ot_kwargs(argparse.Namespace(**recipe)), "weighting": "uniform"}
     scored = score_preferences(
         model, None, tokenizer, pairs, beta=recipe["beta"], max_length=args.max_length, progress=False, **options
@@ -640,7 +650,7 @@ def figures(summary, fig_dir):
         if np.ptp(x) > 0:
             slope, intercept = np.polyfit(x, y, 1)
             ax.plot(np.sort(x), slope * np.sort(x) + intercept, "k-", lw=1)
-        ax.set_title(f"{arm.upper()}: corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
+        ax.set_title(f"{label(arm)}: corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
         ax.set_xlabel("chosen - rejected tokens")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("implicit-reward margin")
@@ -654,7 +664,7 @@ def figures(summary, fig_dir):
                 k * (len(margins) + 1) + j,
                 s["mean"],
                 color=colors[arm],
-                label=arm.upper() if k == 0 else None,
+                label=label(arm) if k == 0 else None,
                 yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]],
                 capsize=3,
             )
@@ -667,7 +677,7 @@ def figures(summary, fig_dir):
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for arm, lengths in gens.items():
-        ax.hist(lengths, bins=np.linspace(0, budget, 17), alpha=0.5, color=colors[arm], label=arm.upper())
+        ax.hist(lengths, bins=np.linspace(0, budget, 17), alpha=0.5, color=colors[arm], label=label(arm))
     ax.set_xlabel(f"greedy response length (tokens, budget {budget})")
     ax.set_ylabel("responses (all seeds)")
     ax.legend()
@@ -697,12 +707,14 @@ def render(summary, report_dir):
         else "with one seed it is the interval over pairs."
     )
     lines = [
-        "# Length exploitation: DPO vs OTPO vs uniform weights",
+        "# Length exploitation: DPO vs OTPO vs OTPO w/o OT",
         "",
         f"Made by `{command}`.",
         "",
         "## Setting",
         "",
+        "- Arms: DPO (`trainer: dpo`), OTPO (`ot_weighting: ot`) and OTPO w/o OT (`ot_weighting: uniform`: 1 per "
+        "token, then OTPO's normalisation; the paper's \"w/o OT\" ablation), trained alike.",
         f"- Recipe `{args.recipe}`: model `{recipe['model_name_or_path']}`, data `{recipe['dataset_name']}`, "
         f"{args.max_steps} steps, batch {recipe['per_device_train_batch_size']}, learning rate "
         f"{recipe['learning_rate']}, beta {recipe['beta']}, max_length {args.max_length}, seeds {args.seeds}; "
@@ -714,7 +726,7 @@ def render(summary, report_dir):
         + (
             "."
             if not compute.get("baseline_arms")
-            else f". The {' and '.join(a.upper() for a in compute['baseline_arms'])} arms were not trained or scored "
+            else f". The {' and '.join(label(a) for a in compute['baseline_arms'])} arms were not trained or scored "
             f"here: their margins and generations are those of `{baseline['path']}` ("
             + (f"`{baseline['moved_from']}` when this study ran; " if baseline.get("moved_from") else "")
             + "made by "
@@ -728,8 +740,8 @@ def render(summary, report_dir):
             "(never trained on)"
         )
         + f"; {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
-        "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length) with uniform "
-        "weights, the reference being the base model; length difference: chosen - rejected tokens of the whole "
+        "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length), unweighted "
+        "(w = 1 per token, DPO's sum), the reference being the base model; length difference: chosen - rejected tokens of the whole "
         "completions. corr_margin_length is Pearson's; acc_chosen_longer / shorter the accuracy on the pairs "
         "whose chosen side is longer / shorter, subset_gap their difference.",
         f"- Intervals: 95% paired percentile bootstrap ({args.bootstrap} resamples). *Over pairs*: the held-out "
@@ -745,7 +757,7 @@ def render(summary, report_dir):
         "",
     ]
     lines += table(
-        ["", *METRICS], [[name.upper(), *(cell(row[k], k in pct) for k in METRICS)] for name, row in stats.items()]
+        ["", *METRICS], [[label(name), *(cell(row[k], k in pct) for k in METRICS)] for name, row in stats.items()]
     )
     rows = []
     for name in (n for n in stats if "-" in n):
@@ -753,7 +765,7 @@ def render(summary, report_dir):
             r, f = stats[name][k], (lambda x: f"{100 * x:+.1f}") if k in pct else (lambda x: f"{x:+.3g}")
             rows.append(
                 [
-                    name.upper(),
+                    label(name),
                     k,
                     f(r["mean"]),
                     ", ".join(f(x) for x in r["per_seed"]),
@@ -770,7 +782,7 @@ def render(summary, report_dir):
         ["arm", "seed", "accuracy", "corr", "longer", "shorter"],
         [
             [
-                arm,
+                label(arm),
                 seed,
                 f"{100 * m['accuracy']:.1f}",
                 f"{m['corr_margin_length']:+.3f}",
@@ -789,7 +801,7 @@ def render(summary, report_dir):
             f"{recipe['ot_cost_scale']}), averaged over steps. ot/weight_entropy is the entropy of a completion's "
             "weights over log(length): 1 for uniform weights. ot/weight_max is a batch's largest weight, where a "
             "weight of 1 is the mean on the shorter side. Weights close to uniform leave OTPO close to its "
-            "uniform-weight arm.",
+            "w/o OT arm.",
             "",
         ]
         lines += table(
@@ -804,7 +816,10 @@ def render(summary, report_dir):
     ]
     lines += table(
         ["arm", "mean tokens", "share at the budget"],
-        [[arm, f"{np.mean(g['lengths']):.1f}", f"{100 * np.mean(g['hit_budget']):.1f}%"] for arm, g in gen.items()],
+        [
+            [label(arm), f"{np.mean(g['lengths']):.1f}", f"{100 * np.mean(g['hit_budget']):.1f}%"]
+            for arm, g in gen.items()
+        ],
     )
     figure_dir = Path(report_dir) / "figures"
     lines += ["", *(image(Path(name).stem, figure_dir / name, report_dir) + "\n" for name in FIGURES)]

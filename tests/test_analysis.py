@@ -176,9 +176,9 @@ def test_tokenize_pair_passes_tools_and_chat_template_kwargs_as_dpo_trainer(tiny
         tokenize_pair({**rows[0], "chat_template_kwargs": "terse"}, tokenizer)
 
 
-@pytest.mark.parametrize("trainer_cls", [DPOTrainer, OTPOTrainer], ids=["uniform", "ot"])
+@pytest.mark.parametrize("trainer_cls", [DPOTrainer, OTPOTrainer], ids=["unweighted", "ot"])
 def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, adapter_models, data_file, tmp_path):
-    """Our implicit-reward accuracy and margin equal those DPOTrainer (uniform) / OTPOTrainer (OT) log in eval."""
+    """Our implicit-reward accuracy and margin equal those DPOTrainer (unweighted) / OTPOTrainer (OT) log in eval."""
     policy, reference, tokenizer = adapter_models
     dataset = load_preference_dataset(str(data_file))
     ours = score_preferences(policy, reference, tokenizer, list(dataset), beta=0.1, max_length=64, progress=False)
@@ -208,22 +208,22 @@ def test_scores_match_trainer_metrics(trainer_cls, tiny_model_dir, adapter_dir, 
         processing_class=tokenizer,
     )
     metrics = trainer.evaluate()
-    weighting = "ot" if trainer_cls is OTPOTrainer else "uniform"
+    weighting = "ot" if trainer_cls is OTPOTrainer else "unweighted"
     assert metrics["eval_rewards/margins"] == pytest.approx(ours[weighting]["margin_mean"], rel=1e-4, abs=1e-6)
     assert metrics["eval_rewards/chosen"] == pytest.approx(ours[weighting]["chosen_reward_mean"], rel=1e-4, abs=1e-6)
     assert metrics["eval_rewards/accuracies"] == pytest.approx(ours[weighting]["accuracy"])
 
 
-def test_near_uniform_ot_equals_uniform(adapter_models, data_file):
+def test_near_uniform_ot_equals_unweighted(adapter_models, data_file):
     policy, reference, tokenizer = adapter_models
     examples = list(load_preference_dataset(str(data_file)))
     result = score_preferences(policy, reference, tokenizer, examples, batch_size=4, progress=False, **NEAR_UNIFORM)
     assert result["n_pairs"] == len(examples) and result["n_skipped"] == 0
-    assert result["uniform"]["margin_mean"] != 0  # a real test: the adapter moved the policy
-    for key, value in result["uniform"].items():
+    assert result["unweighted"]["margin_mean"] != 0  # a real test: the adapter moved the policy
+    for key, value in result["unweighted"].items():
         assert result["ot"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     for pair in result["pairs"]:
-        assert pair["margin_ot"] == pytest.approx(pair["margin_uniform"], rel=1e-4, abs=1e-7)
+        assert pair["margin_ot"] == pytest.approx(pair["margin_unweighted"], rel=1e-4, abs=1e-7)
 
 
 def test_ot_arguments_follow_the_config():
@@ -267,7 +267,7 @@ def test_evaluate_script(adapter_dir, data_file, tmp_path):
     summary = json.loads((out / "eval.json").read_text())
     assert summary["reference"] == "base (adapter disabled)"
     assert summary["preference"]["n_pairs"] == 5
-    for weighting in ("uniform", "ot"):
+    for weighting in ("unweighted", "ot"):
         assert 0 <= summary["preference"][weighting]["accuracy"] <= 1
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == summary["generation"]["n"] == 3
@@ -275,7 +275,7 @@ def test_evaluate_script(adapter_dir, data_file, tmp_path):
     assert summary["generation"]["hit_budget_share"] == sum(g["hit_budget"] for g in generations) / 3
     assert all(g["prompt"][0]["role"] == "user" for g in generations)
     report = (out / "eval.md").read_text()
-    assert "| uniform (DPO) |" in report and "| OT (OTPO) |" in report
+    assert "| unweighted (DPO) |" in report and "| OT (OTPO) |" in report
     assert result["preference"] == summary["preference"] and len(result["pairs"]) == 5
 
 

@@ -119,7 +119,7 @@ def test_compare_script_trains_both_evaluates_and_writes_the_report(tiny_model_d
     for kind in ("dpo", "otpo"):
         assert logged(tmp_path / "runs" / kind).keys() == {1, 2}
         preference = summary["held_out"][kind]["preference"]
-        for weighting in ("uniform", "ot"):
+        for weighting in ("unweighted", "ot"):
             assert 0 <= preference[weighting]["accuracy"] <= 1
         generation = summary["held_out"][kind]["generation"]
         assert generation["n"] == 3 and 0 < generation["length_mean"] <= 8

@@ -55,8 +55,8 @@ def test_evaluate_scores_every_pair_of_a_file(adapter, tmp_path, option):
             examples = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
                          "rejected": [{"role": "assistant", "content": r}]} for p, c, r in ROWS]  # fmt: skip
         direct = score_preferences(policy, reference, tokenizer, examples, progress=False)
-        assert [p["margin_uniform"] for p in result["pairs"]] == pytest.approx(
-            [p["margin_uniform"] for p in direct["pairs"]], rel=1e-5, abs=1e-7
+        assert [p["margin_unweighted"] for p in result["pairs"]] == pytest.approx(
+            [p["margin_unweighted"] for p in direct["pairs"]], rel=1e-5, abs=1e-7
         )
-        assert any(abs(p["margin_uniform"]) > 1e-6 for p in result["pairs"])
+        assert any(abs(p["margin_unweighted"]) > 1e-6 for p in result["pairs"])
         assert json.loads((out / "eval.json").read_text())["preference"]["n_pairs"] == len(ROWS)

@@ -74,10 +74,10 @@ def test_bootstrap_differences_are_paired():
     # Shifting every margin leaves the correlation with length unchanged: a difference of exactly 0.
     corr = stats["otpo-dpo"]["corr_margin_length"]
     assert [corr[k] for k in ("mean", "low", "high", "low_seeds", "high_seeds")] == pytest.approx([0] * 5, abs=1e-9)
-    first = length_study.significance(stats).split("OTPO - UNIFORM")[0].split(". Same sign")[0]
+    first = length_study.significance(stats).split("OTPO - OTPO w/o OT")[0].split(". Same sign")[0]
     excludes, includes = first.split("; it includes 0 for ")
     assert "margin_mean" in excludes and "corr_margin_length" in includes and "margin_mean" not in includes
-    assert "OTPO - UNIFORM: " in length_study.significance(stats)
+    assert "OTPO - OTPO w/o OT: " in length_study.significance(stats)
 
 
 def test_bootstrap_over_seeds_is_paired_and_wider():
@@ -216,7 +216,9 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     for name in ("dpo", "otpo", "uniform", "otpo-dpo", "otpo-uniform"):
         assert set(saved["stats"][name]) == set(length_study.METRICS)
     text = report.read_text()
-    assert "python scripts/length_study.py --quick" in text and "| OTPO-DPO |" in text and "**Significance.**" in text
+    assert (
+        "python scripts/length_study.py --quick" in text and "| OTPO - DPO |" in text and "**Significance.**" in text
+    )
     run_args = {
         arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"] for arm in length_study.ARMS
     }
@@ -268,7 +270,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
         policy, reference, tokenizer = load_model_and_tokenizer(str(out / f"{arm}-seed42"), device="cpu")
         scored = score_preferences(policy, reference, tokenizer, pairs, beta=0.1, max_length=512, progress=False)
         direct = {
-            (pairs[p["index"]]["source"], pairs[p["index"]]["row"]): p["margin_uniform"] for p in scored["pairs"]
+            (pairs[p["index"]]["source"], pairs[p["index"]]["row"]): p["margin_unweighted"] for p in scored["pairs"]
         }
         assert sorted(direct) == order
         assert rescored["margins"][f"{arm}-seed42"] == pytest.approx([direct[k] for k in order], rel=1e-5, abs=1e-6)
@@ -315,7 +317,7 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
     assert summary["margins"]["otpo-seed42"] != first["margins"]["otpo-seed42"]
     assert summary["generation"]["dpo"] == first["generation"]["dpo"]
     assert summary["run_settings"]["otpo-seed42"]["ot_reg"] == 0.5
-    assert "DPO and UNIFORM arms were not trained or scored here" in new_report.read_text()
+    assert "DPO and OTPO w/o OT arms were not trained or scored here" in new_report.read_text()
 
     # A JSON that predates the recorded settings is checked against what its command trains: the same answers.
     old = json.loads(baseline.read_text())

@@ -222,11 +222,13 @@ def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_
     argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--max_samples", "2", "--max_length", "4",
             "--num_generations", "0", "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
     result = evaluate_cli.main(argv)
-    assert math.isnan(result["preference"]["uniform"]["accuracy"])  # in memory, a mean over nothing
+    assert math.isnan(result["preference"]["unweighted"]["accuracy"])  # in memory, a mean over nothing
     text = (out / "eval.json").read_text()
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))  # strict JSON
     assert (summary["preference"]["n_pairs"], summary["preference"]["n_skipped"]) == (0, 2)
-    assert summary["preference"]["uniform"]["accuracy"] is None and summary["preference"]["ot"]["margin_mean"] is None
+    assert (
+        summary["preference"]["unweighted"]["accuracy"] is None and summary["preference"]["ot"]["margin_mean"] is None
+    )
 
 
 # ------------------------------------------------------------------ adapters record an absolute base path

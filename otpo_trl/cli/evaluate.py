@@ -9,7 +9,7 @@ python scripts/evaluate.py --model out/otpo-full --ref models/SmolLM2-135M-Instr
 Writes to `--output_dir`:
 
 - `eval.json`: implicit-reward preference accuracy and mean margin (also the mean chosen and rejected rewards) with
-  uniform (DPO) and OT (OTPO) token weights, and the length statistics of greedy responses;
+  unweighted (w = 1 per token: DPO) and OT (OTPO) token weights, and the length statistics of greedy responses;
 - `eval.md`: the same as Markdown tables;
 - `generations.jsonl`: one greedy response per prompt (`index`, `prompt`, `response`, `length`, `hit_budget`).
 
@@ -34,7 +34,7 @@ from .run_dir import writable_dir
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    """A Markdown report of one [`evaluate`] result: the preference table (uniform vs OT) and the generation one."""
+    """A Markdown report of one [`evaluate`] result: the preference table (unweighted vs OT) and the generation one."""
     pref = result["preference"]
     reference = result["reference"] or "none: the policy is its own reference, so every margin is 0"
     lines = [
@@ -48,7 +48,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "| token weights | accuracy | mean margin | mean chosen reward | mean rejected reward |",
         "|---|---:|---:|---:|---:|",
     ]
-    for weighting, label in (("uniform", "uniform (DPO)"), ("ot", "OT (OTPO)")):
+    for weighting, label in (("unweighted", "unweighted (DPO)"), ("ot", "OT (OTPO)")):
         m = pref[weighting]
         lines.append(f"| {label} | {m['accuracy']:.3f} | {m['margin_mean']:.4f} | {m['chosen_reward_mean']:.4f} | "
                      f"{m['rejected_reward_mean']:.4f} |")  # fmt: skip

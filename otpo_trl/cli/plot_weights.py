@@ -392,10 +392,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ]
     if stats.has_reference:
         margins = {}
-        for weighting in ("uniform", "ot"):
+        for weighting in ("unweighted", "ot"):
             chosen, rejected = implicit_rewards(stats, args.beta, weighting)
             margins[weighting] = float(chosen[0] - rejected[0])
-        title.append(f"Implicit-reward margin (β={args.beta}): uniform (DPO) {margins['uniform']:+.4f}, "
+        title.append(f"Implicit-reward margin (β={args.beta}): unweighted (DPO) {margins['unweighted']:+.4f}, "
                      f"OT (OTPO) {margins['ot']:+.4f}")  # fmt: skip
     warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
     fig = plot_pair(stats, 0, title, args.max_tokens)
