@@ -130,6 +130,18 @@ def test_compare_script_trains_both_evaluates_and_writes_the_report(tiny_model_d
         assert (report.parent / "figures" / name).stat().st_size > 0
         assert f"figures/{name}" in text
 
+    # --render_only rewrites the same report from its JSON (which holds the curves and lengths: every figure redrawn).
+    made = text
+    for name in ("loss.png", "lengths.png"):
+        (report.parent / "figures" / name).unlink()
+    render = subprocess.run(
+        [*cmd, "--render_only"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert render.returncode == 0 and "redrew 4 figures" in render.stdout, (
+        render.stdout[-3000:] + render.stderr[-3000:]
+    )
+    assert report.read_text() == made and (report.parent / "figures" / "loss.png").stat().st_size > 0
+
     # A second call reuses the finished runs and evaluations instead of training again.
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 5
