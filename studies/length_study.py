@@ -9,21 +9,22 @@ python scripts/length_study.py --ot_reg 0.1 --out out/length_study_reg0.1 \
     --baseline reports/length_study/length_study.json \
     --report reports/length_study_reg0.1/length_study.md
 python scripts/length_study.py --held_out_file my_pairs.jsonl --report out/my_pairs/length_study.md
+python scripts/length_study.py --render_only --report reports/length_study_reg0.1/length_study.md  # from its JSON
 ```
 
 Three arms train from one recipe with the same data, steps, LoRA and seed: `dpo` (`trainer: dpo`), `otpo`, and
 `uniform` (labelled OTPO w/o OT: `ot_weighting: uniform`, 1 per token and then OTPO's min-length normalisation, the
 paper's "w/o OT" ablation). Each trained model scores every held-out pair (the first `--test_pairs` of the test split
 and the last `--held_out_train` of the train split, which training never reaches) with DPO's unweighted implicit
-reward (w = 1 per token, a plain sum), as `scripts/evaluate.py` does. The primary measure
-is corr(margin, chosen tokens - rejected tokens): how much the reward follows length. Intervals are paired bootstrap
-intervals over held-out pairs (the same resample for every arm and seed). A finished run (`all_results.json`) and a
-run's scores (`scores/<run>.json`) are reused, so an interrupted study resumes. The reference's log-probs do not
-depend on the run: they are computed once per held-out set and scoring setting (`scores/reference-<key>.json`), and
-scoring a run then runs only its policy. `--held_out_file` scores every pair of a file instead of the split slices.
-`--baseline` takes the dpo and uniform arms, which no `ot_*` option but `ot_weighting` / `ot_normalization` changes,
-from an earlier study's JSON, after checking that they are what this study would train and score (see
-[`load_baseline`]); the report says so.
+reward (w = 1 per token, a plain sum), as `scripts/evaluate.py` does. The primary measure is corr(margin, chosen
+tokens - rejected tokens): how much the reward follows length. Intervals are paired bootstrap intervals over held-out
+pairs (the same resample for every arm and seed). A finished run (`all_results.json`) and a run's scores
+(`scores/<run>.json`) are reused, so an interrupted study resumes; `--render_only` redraws the figures and rewrites
+the report from the study's JSON alone. The reference's log-probs do not depend on the run: they are computed once
+per held-out set and scoring setting (`scores/reference-<key>.json`), and scoring a run then runs only its policy.
+`--held_out_file` scores every pair of a file instead of the split slices. `--baseline` takes the dpo and uniform
+arms, which no `ot_*` option but `ot_weighting` / `ot_normalization` changes, from an earlier study's JSON, after
+checking that they are what this study would train and score (see [`load_baseline`]); the report says so.
 """
 
 import argparse

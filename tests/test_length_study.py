@@ -15,6 +15,8 @@ from otpo_trl.cli import train as train_cli
 from otpo_trl.loading import load_model_and_tokenizer
 from studies import length_study
 
+from .conftest import REPO_ROOT
+
 
 # ------------------------------------------------------------------ statistics
 
@@ -201,7 +203,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     # `make study ARGS=--quick` as a user runs it, with the tiny model (-o: the SmolLM2 folder is not prepared).
     make = ["make", "-s", "-o", "prepare-model", "study", f"PY={sys.executable}", f"SAMPLE_DATA={sample_data_dir}",
             "ARGS=" + " ".join(shlex.quote(a) for a in argv)]  # fmt: skip
-    done = subprocess.run(make, cwd=length_study.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(make, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     assert report.exists() and report.with_suffix(".json").exists()
