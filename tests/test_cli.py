@@ -3,6 +3,7 @@
 import json
 import logging
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import trl
@@ -205,3 +206,20 @@ def test_cpu_notices_are_silenced_and_nothing_else():
         deepspeed_logger.filters.clear()
     assert [str(w.message) for w in caught] == ["another warning"]
     assert [r.getMessage() for r in records] == ["another DeepSpeed message"]
+
+
+def test_the_tensorboard_message_names_what_the_trainer_logs(tmp_path, caplog):
+    """DPOTrainer logs no `ot/*` scalars: the message says so for `trainer: dpo`."""
+    from transformers.integrations import TensorBoardCallback
+
+    from otpo_trl import OTPOTrainer
+
+    messages = {}
+    for name, trainer in (("dpo", SimpleNamespace()), ("otpo", object.__new__(OTPOTrainer))):
+        trainer.callback_handler = SimpleNamespace(callbacks=[TensorBoardCallback()])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="otpo_trl"):
+            upstream.keep_tensorboard_logs_with_run(trainer, str(tmp_path / name))
+        messages[name] = caplog.text
+        assert trainer.callback_handler.callbacks[0].logging_dir == str(tmp_path / name / "runs")
+    assert "ot/*" in messages["otpo"] and "ot/*" not in messages["dpo"] and "loss, rewards" in messages["dpo"]

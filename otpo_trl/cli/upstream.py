@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers.integrations import TensorBoardCallback
 
+from ..otpo_trainer import OTPOTrainer
+
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +164,12 @@ def keep_tensorboard_logs_with_run(trainer, output_dir: str) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = os.path.join(output_dir, "runs")
-            logger.info(
-                f"TensorBoard logs (loss, rewards, ot/* and the ot/token_weights histogram): {callback.logging_dir}"
+            logged = (
+                "loss, rewards, ot/* and the ot/token_weights histogram"
+                if isinstance(trainer, OTPOTrainer)
+                else "loss, rewards"
             )
+            logger.info(f"TensorBoard logs ({logged}): {callback.logging_dir}")
 
 
 def fix_local_model_card(card: Path, model_name_or_path: str, output_dir: str) -> None:
