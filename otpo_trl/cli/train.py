@@ -331,7 +331,7 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
         dataset_name=None if is_local_data and script_args.trainer == "dpo" else script_args.dataset_name,
         tags=["dpo", script_args.trainer],
     )
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and script_args.trainer == "dpo":  # TRL's card; OTPO writes its own
         card = Path(training_args.output_dir) / "README.md"
         fix_local_model_card(card, model_args.model_name_or_path, training_args.output_dir)
     if training_args.should_save:

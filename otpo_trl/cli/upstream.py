@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers.integrations import TensorBoardCallback
 
+from ..model_card import base_model_license, is_local, public_name
 from ..otpo_trainer import OTPOTrainer
 
 
@@ -173,16 +174,25 @@ def keep_tensorboard_logs_with_run(trainer, output_dir: str) -> None:
 
 
 def fix_local_model_card(card: Path, model_name_or_path: str, output_dir: str) -> None:
-    """Name a local base model and the saved model in the model card `card` (on the main process only).
+    """Make TRL's own model card (`trainer: dpo`) publishable like OTPO's: no path of this machine, a real license.
 
-    Targets TRL 1.16: `create_model_card` links the base model and the quick-start model as Hub ids, "None" for a
-    local folder (`[None](https://huggingface.co/None)`, `model="None"`). Nothing is done unless `card` exists and
-    `model_name_or_path` is a folder. Delete when TRL's card names local models.
+    Targets TRL 1.16's `create_model_card`: a local base model appears as "None" (`[None](https://huggingface.co/None)`,
+    `model="None"`) or as the absolute path the run records, and the metadata says `licence: license`. Here a local
+    base is named by its folder's name, the quick start loads `output_dir`, and the metadata line becomes the base's
+    license (from its card), or goes when none is known. Nothing is done unless `card` exists. Delete when TRL's card
+    names local models and their license.
     """
-    if not card.exists() or not os.path.isdir(model_name_or_path):
+    if not card.exists():
         return
-    text = card.read_text().replace("[None](https://huggingface.co/None)", f"`{model_name_or_path}`")
-    card.write_text(text.replace('model="None"', f'model="{output_dir}"'))
+    text = card.read_text()
+    licence = "".join(f"{key}: {value}\n" for key, value in base_model_license(model_name_or_path))
+    text = text.replace("licence: license\n", licence, 1)
+    if is_local(model_name_or_path):
+        name = public_name(model_name_or_path)
+        for shown in ("[None](https://huggingface.co/None)", str(Path(model_name_or_path).expanduser().resolve())):
+            text = text.replace(f"`{shown}`", f"`{name}`").replace(shown, f"`{name}`")
+        text = text.replace('model="None"', f'model="{output_dir}"')
+    card.write_text(text)
 
 
 def end_processes(trainer) -> None:
