@@ -331,7 +331,7 @@ class _TokenProgress(BaseStreamer):
             self.shown = time.monotonic()
 
     def end(self) -> None:
-        pass
+        self.bar.set_postfix_str(f"token {self.step}/{self.max_new_tokens}")  # where the batch stopped
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

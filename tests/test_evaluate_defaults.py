@@ -99,8 +99,11 @@ def test_a_flag_given_wins_over_the_run(run_dir, data_file, tmp_path, caplog):
     assert "given on the command line: max_length=1024, drop_ties=False, beta=0.2." in line
 
 
-def test_without_a_run_record_the_documented_defaults_apply(tiny_model_dir, data_file, tmp_path, capsys):
-    result = evaluate(tiny_model_dir, data_file, tmp_path)
+def test_without_a_run_record_the_documented_defaults_apply(tiny_model_dir, data_file, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="otpo_trl"):
+        result = evaluate(tiny_model_dir, data_file, tmp_path)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("No run_args.json"))
+    assert f"the defaults: max_length={DEFAULT_MAX_LENGTH}, drop_ties=False" in line
     assert (result["preference"]["n_pairs"], result["preference"]["n_skipped"]) == (len(ROWS), 0)
     settings = (result["max_length"], result["drop_ties"], result["drop_identical"], result["beta"])
     assert settings == (DEFAULT_MAX_LENGTH, False, False, 0.1)
