@@ -468,9 +468,9 @@ def evaluate(
 
     Returns:
         JSON-serialisable dict: `model`, `reference` (a path, `"base (adapter disabled)"` or `None`), `data`, `split`,
-        `beta`, `max_length`, `drop_ties`, `drop_identical`, `ot` (the options used), `preference` ([`score_preferences`]'s result without `pairs`), `pairs`,
-        `generation` ([`generation_metrics`], or None), `generations` (the records of [`generate_responses`], each
-        with its `prompt`), `seconds`.
+        `beta`, `max_length`, `drop_ties`, `drop_identical`, `ot` (the options used), `preference`
+        ([`score_preferences`]'s result without `pairs`), `pairs`, `generation` ([`generation_metrics`], or None),
+        `generations` (the records of [`generate_responses`], each with its `prompt`), `seconds`.
     """
     started = time.perf_counter()
     ot_options = {**OT_DEFAULTS, **ot_options}
