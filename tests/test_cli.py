@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -127,6 +128,46 @@ def test_unknown_key_in_recipe_fails_naming_it(train, tmp_path):
 def test_unknown_key_on_command_line_fails_naming_it(train, flag):
     with pytest.raises(ValueError, match=f"`{flag[2:]}` in the command line"):
         train.parse_args(["--config", str(QUICKSTART), flag, "0.5"])
+
+
+@pytest.mark.parametrize(
+    ("argv0", "env", "command"),
+    [
+        ("/somewhere/.venv/bin/accelerate", "otpo-trl train", "otpo-trl train"),  # the processes otpo-trl starts
+        ("scripts/train.py", None, "scripts/train.py"),
+        (str(REPO_ROOT / "otpo_trl" / "cli" / "train.py"), None, "python -m otpo_trl.cli.train"),
+        ("/usr/bin/python", None, "otpo-trl train"),  # called from Python
+    ],
+    ids=["otpo-trl", "script", "module", "python"],
+)
+def test_unknown_key_message_names_the_command_used(train, monkeypatch, argv0, env, command):
+    from otpo_trl.cli.arguments import COMMAND_ENV
+
+    monkeypatch.setattr("sys.argv", [argv0])
+    if env is None:
+        monkeypatch.delenv(COMMAND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COMMAND_ENV, env)
+    with pytest.raises(ValueError, match="Unknown argument") as error:
+        train.parse_args(["--config", str(QUICKSTART), "--lerning_rate", "1e-5"])
+    assert str(error.value).endswith(f"See `{command} --help`.")
+
+
+def test_otpo_trl_train_tells_its_processes_the_command(monkeypatch):
+    """`otpo-trl train` starts the training through `accelerate launch -m`: it names itself in the environment the
+    processes inherit, for their messages."""
+    import accelerate.commands.launch
+
+    from otpo_trl.cli import launch
+    from otpo_trl.cli.arguments import COMMAND_ENV
+
+    seen = []
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    monkeypatch.setattr(
+        accelerate.commands.launch, "launch_command", lambda args: seen.append(os.environ[COMMAND_ENV])
+    )
+    launch.cli(["--config", "quickstart", "--max_steps", "1"])
+    assert seen == ["otpo-trl train"]
 
 
 @pytest.mark.parametrize(
