@@ -28,9 +28,11 @@ def add_max_length_argument(parser: argparse.ArgumentParser, run_defaults: bool 
     is None, for the caller to take from the evaluated run ([`settings_from_run`]) and else TRL's."""
     default = f"{RUN_DEFAULT} {DEFAULT_MAX_LENGTH} (TRL's)" if run_defaults else f"{DEFAULT_MAX_LENGTH} (TRL's)"
     parser.add_argument(
-        "--max_length", type=int, default=None if run_defaults else DEFAULT_MAX_LENGTH,
+        "--max_length",
+        type=int,
+        default=None if run_defaults else DEFAULT_MAX_LENGTH,
         help=f"Truncate prompt + completion to this many tokens (training's `max_length`). Default: {default}.",
-    )  # fmt: skip
+    )
 
 
 def add_ot_arguments(parser: argparse.ArgumentParser, run_defaults: bool = False) -> None:
@@ -42,9 +44,12 @@ def add_ot_arguments(parser: argparse.ArgumentParser, run_defaults: bool = False
         if f.name in OT_FIELDS:
             default = f"{RUN_DEFAULT} {f.default}" if run_defaults else f.default
             group.add_argument(
-                f"--{f.name}", type=type(f.default), default=None if run_defaults else f.default,
-                choices=f.metadata.get("choices"), help=f"{f.metadata['help']} Default: {default}.",
-            )  # fmt: skip
+                f"--{f.name}",
+                type=type(f.default),
+                default=None if run_defaults else f.default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} Default: {default}.",
+            )
 
 
 def boolean(value: str) -> bool:
