@@ -8,13 +8,36 @@
 - `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
   tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
+
+`import otpo_trl` itself imports neither torch nor TRL: `OTPOConfig`, `OTPOTrainer` and `ot_token_weights` are loaded
+on first use (PEP 562), so that `otpo-trl --help` answers at once. `from otpo_trl import OTPOTrainer` works as usual.
 """
+
+import importlib
+from typing import TYPE_CHECKING
+
 
 __version__ = "0.1.0"
 
-from .ot_weights import ot_token_weights
-from .otpo_config import OTPOConfig
-from .otpo_trainer import OTPOTrainer
+# The public names, each with the module that defines it; a module is imported when one of its names is first used.
+_LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot_weights"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time, `__getattr__` below
+    from .ot_weights import ot_token_weights
+    from .otpo_config import OTPOConfig
+    from .otpo_trainer import OTPOTrainer
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later uses find it without coming here
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = ["OTPOConfig", "OTPOTrainer", "__version__", "ot_token_weights"]

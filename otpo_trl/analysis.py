@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 from trl.data_utils import maybe_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -275,7 +276,8 @@ def score_preferences(
     order = scoring_order(examples, tokenizer, max_length)
     rewards = {w: ([], []) for w in WEIGHTINGS}
     pairs = []
-    for start in tqdm(range(0, len(order), batch_size), desc="Scoring pairs", disable=not progress):
+    bar = tqdm(total=len(order), desc="Scoring pairs", unit="pair", disable=not progress)
+    for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         stats = pair_token_stats(
             policy, reference, tokenizer, [examples[i] for i in indices], max_length=max_length, **ot_options
@@ -300,6 +302,8 @@ def score_preferences(
                     **{name: values[k] for name, values in sums.items()},
                 }
             )
+        bar.update(len(indices))
+    bar.close()
     pairs.sort(key=lambda p: p["index"])
     result = {"n_pairs": len(order), "n_skipped": len(examples) - len(order)}
     for weighting, (chosen, rejected) in rewards.items():
@@ -311,6 +315,24 @@ def score_preferences(
 
 
 # ------------------------------------------------------------------ greedy generation
+
+
+class _TokenProgress(BaseStreamer):
+    """A `generate` streamer that shows on a tqdm bar which token of the budget is being generated (`generate` hands it
+    the prompts, then each step's new tokens): a batch of long responses takes minutes on a CPU."""
+
+    def __init__(self, bar, max_new_tokens: int, every: float = 1.0):
+        self.bar, self.max_new_tokens, self.every = bar, max_new_tokens, every
+        self.step, self.shown = -1, 0.0  # the first call is the prompts
+
+    def put(self, value) -> None:
+        self.step += 1
+        if self.step and time.monotonic() - self.shown >= self.every:
+            self.bar.set_postfix_str(f"token {self.step}/{self.max_new_tokens}")
+            self.shown = time.monotonic()
+
+    def end(self) -> None:
+        self.bar.set_postfix_str(f"token {self.step}/{self.max_new_tokens}")  # where the batch stopped
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -342,7 +364,7 @@ def generate_responses(
         batch_size: prompts per `generate` call.
         max_prompt_length: keep only the last this many prompt tokens (the end is what the response continues).
         prompt_template_kwargs: for each conversational prompt, chat-template arguments ([`template_kwargs`]).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar of the prompts answered, with the token being generated.
 
     Returns:
         One dict per prompt, in order: `index`, `response` (text, special tokens removed), `length` (new tokens up to
@@ -356,7 +378,8 @@ def generate_responses(
     device, pad_id = _device(model), tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]), reverse=True)  # the largest batch first
     records = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="Generating", disable=not progress):
+    bar = tqdm(total=len(prompts), desc="Generating", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         width = max(len(prompt_ids[i]) for i in indices)
         input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in indices])
@@ -371,6 +394,7 @@ def generate_responses(
             top_k=None,
             pad_token_id=pad_id,
             eos_token_id=eos_ids,
+            streamer=None if bar.disable else _TokenProgress(bar, max_new_tokens),
         )
         new_tokens = output[:, width:].cpu()
         is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype))
@@ -385,6 +409,8 @@ def generate_responses(
                 "length": length,
                 "hit_budget": not bool(has_eos[k]) and length >= max_new_tokens,
             }
+        bar.update(len(indices))
+    bar.close()
     return [records[i] for i in range(len(prompts))]
 
 
@@ -415,6 +441,8 @@ def evaluate(
     num_generations: int = 64,
     max_new_tokens: int = 256,
     max_length: int | None = DEFAULT_MAX_LENGTH,
+    drop_ties: bool = False,
+    drop_identical: bool = False,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
@@ -434,19 +462,23 @@ def evaluate(
         max_new_tokens: generation budget per response.
         max_length: truncation of prompt + completion when scoring (TRL's `max_length`); also bounds the prompts
             generated from (their last tokens are kept).
-        progress: show tqdm bars.
+        drop_ties, drop_identical: drop the pairs whose scores tie, or whose chosen equals rejected, before taking
+            the first `max_samples` (and `num_generations`), as training does (see [`load_preference_dataset`]).
+        progress: show tqdm bars (pairs scored; prompts answered, with the token being generated).
         **ot_options: keyword arguments of [`ot_token_weights`] (see [`ot_kwargs`]).
 
     Returns:
         JSON-serialisable dict: `model`, `reference` (a path, `"base (adapter disabled)"` or `None`), `data`, `split`,
-        `beta`, `ot` (the options used), `preference` ([`score_preferences`]'s result without `pairs`), `pairs`,
-        `generation` ([`generation_metrics`], or None), `generations` (the records of [`generate_responses`], each
-        with its `prompt`), `seconds`.
+        `beta`, `max_length`, `drop_ties`, `drop_identical`, `ot` (the options used), `preference`
+        ([`score_preferences`]'s result without `pairs`), `pairs`, `generation` ([`generation_metrics`], or None),
+        `generations` (the records of [`generate_responses`], each with its `prompt`), `seconds`.
     """
     started = time.perf_counter()
     ot_options = {**OT_DEFAULTS, **ot_options}
     wanted = None if max_samples is None else max(max_samples, num_generations, 1)  # 1: the data are still checked
-    dataset = load_preference_dataset(data, split, max_samples=wanted)  # before the model: bad data fails fast
+    dataset = load_preference_dataset(  # before the model: bad data fails fast
+        data, split, max_samples=wanted, drop_ties=drop_ties, drop_identical=drop_identical
+    )
     policy, reference, tokenizer = load_model_and_tokenizer(model_path, ref=ref, dtype=dtype, device=device)
     examples = [maybe_extract_prompt(dict(e)) for e in dataset]
 
@@ -481,6 +513,8 @@ def evaluate(
         "split": split,
         "beta": beta,
         "max_length": max_length,
+        "drop_ties": drop_ties,
+        "drop_identical": drop_identical,
         "ot": ot_options,
         "preference": {k: v for k, v in scored.items() if k != "pairs"},
         "pairs": scored["pairs"],

@@ -62,8 +62,9 @@ def check_not_adapter(name_or_path: str, what: str) -> None:
         base = None
     resume = (
         f" To continue the run it belongs to, pass `--resume_from_checkpoint {name_or_path}` instead."
-        if re.fullmatch(r"checkpoint-\d+", path.name) else ""
-    )  # fmt: skip
+        if re.fullmatch(r"checkpoint-\d+", path.name)
+        else ""
+    )
     raise ValueError(
         f"{what} {name_or_path} is a PEFT adapter (it has adapter_config.json), not a model. Pass its base model "
         f"as {what} ({base or 'its base_model_name_or_path'}), with `use_peft: true` to train a new adapter on it; "

@@ -23,6 +23,7 @@ import torch
 from datasets.fingerprint import Hasher
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
@@ -68,6 +69,36 @@ def _call_weakly(method):
 def _remove_hooks(handles) -> None:
     for handle in handles:
         handle.remove()
+
+
+def console_logs(logs: dict[str, Any], max_iter: int) -> dict[str, Any]:
+    """The logs as the console shows them: `ot/fallbacks` only when a pair fell back, `ot/solver_iters` only when the
+    solver stopped at `ot_max_iter` (it did not converge). Every key still reaches the loggers and `log_history`."""
+    quiet = {}
+    for key, value in logs.items():
+        if key.endswith("ot/fallbacks") and value == 0:
+            continue
+        if key.endswith("ot/solver_iters") and value < max_iter:
+            continue
+        quiet[key] = value
+    return quiet
+
+
+def _quiet_console_logs(trainer: "OTPOTrainer") -> None:
+    """Swap transformers' console callback (`ProgressCallback`, or `PrinterCallback` with `disable_tqdm`) for one that
+    prints [`console_logs`]: OTPO's per-step line then has the length of DPOTrainer's plus three `ot/*` values.
+    Targets transformers 5.24's callbacks, which print every logged key."""
+    max_iter = trainer.args.ot_max_iter
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback) in (ProgressCallback, PrinterCallback):
+
+            class Quiet(type(callback)):
+                def on_log(self, args, state, control, logs=None, **kwargs):
+                    return super().on_log(args, state, control, logs=console_logs(logs or {}, max_iter), **kwargs)
+
+            Quiet.__name__ = Quiet.__qualname__ = f"OTPO{type(callback).__name__}"
+            trainer.callback_handler.remove_callback(callback)
+            trainer.callback_handler.add_callback(Quiet())
 
 
 class OTWeightHistogramCallback(TrainerCallback):
@@ -164,6 +195,7 @@ class OTPOTrainer(DPOTrainer):
         self._ot_histogram = "tensorboard" in (self.args.report_to or [])
         if self._ot_histogram:
             self.add_callback(OTWeightHistogramCallback(self))
+        _quiet_console_logs(self)
 
     # ------------------------------------------------------------------ the seam with TRL's fused forwards
 

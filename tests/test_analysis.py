@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -21,6 +22,8 @@ from otpo_trl.cli import plot_weights as plot_weights_cli
 from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.ot_weights import ot_token_weights
+from otpo_trl.otpo_config import ot_kwargs
 from otpo_trl.tokenization import tokenize_pair
 
 
@@ -389,3 +392,47 @@ def test_plan_labels_do_not_overlap_the_heading(rows):
         box = label.get_window_extent(renderer)
         assert box.y1 < heading_box.y0, (label.get_text(), box, heading_box)
     plot_weights_cli.plt.close(fig)
+
+
+def test_plot_weights_compares_ot_reg_on_a_relative_scale(tiny_model_dir, tmp_path, monkeypatch):
+    """`--compare_ot_reg` adds one panel per ε, computed from the same hidden states as the main one; with
+    `--color_scale relative` the tokens are shaded by weight / side mean on a scale centred on 1 (the weight without
+    OT) that spans every panel."""
+    drawn = {}
+    plot = plot_weights_cli.plot_pair
+
+    def spy(stats, i, title, max_tokens, panels=None, color_scale="weight"):
+        fig = plot(stats, i, title, max_tokens, panels=panels, color_scale=color_scale)
+        drawn.update(stats=stats, panels=panels, color_scale=color_scale, fig=fig)
+        return fig
+
+    monkeypatch.setattr(plot_weights_cli, "plot_pair", spy)
+    out = tmp_path / "two.png"
+    argv = ["--model", tiny_model_dir, "--out", str(out), "--device", "cpu", "--ot_reg", "0.02"]
+    argv += ["--compare_ot_reg", "1.0", "--color_scale", "relative"]
+    argv += [arg for key, value in PARIS.items() for arg in (f"--{key}", value)]
+    plot_weights_cli.main(argv)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    stats, panels = drawn["stats"], drawn["panels"]
+    assert [heading for heading, _, _ in panels] == ["ot_reg = 0.02", "ot_reg = 1.0"]
+    n, m = int(stats.chosen_mask[0].sum()), int(stats.rejected_mask[0].sum())
+    # The first panel is the figure's own weights; the second is the solver at ε 1 on the same states.
+    np.testing.assert_allclose(panels[0][1], stats.chosen_weights[0, :n].numpy())
+    expected = ot_token_weights(stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask,
+                                **{**ot_kwargs(plot_weights_cli.parse_args(argv)), "reg": 1.0})  # fmt: skip
+    np.testing.assert_allclose(panels[1][1], expected[0][0, :n].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(panels[1][2], expected[1][0, :m].numpy(), rtol=1e-6)
+    # Smaller ε moves the weights further from their mean.
+    spread = [max(w.max() / w.mean() for w in sides) for _, *sides in panels]
+    assert spread[0] > spread[1] > 1
+    # One scale for both panels, white at 1 and spanning the lowest and highest ratio of any panel.
+    bar = next(ax for ax in drawn["fig"].axes if ax.get_label() == "token weight scale")
+    ratios = np.concatenate([w / w.mean() for _, *sides in panels for w in sides])
+    assert bar.get_xlim() == pytest.approx((min(ratios.min(), 0.95), max(ratios.max(), 1.05)), rel=1e-6)
+    plot_weights_cli.plt.close(drawn["fig"])
+
+
+def test_plot_weights_checks_compare_ot_reg(capsys):
+    with pytest.raises(SystemExit):
+        plot_weights_cli.parse_args(["--model", "m", "--data", "d", "--compare_ot_reg", "0"])
+    assert "--compare_ot_reg must be a finite number > 0" in capsys.readouterr().err

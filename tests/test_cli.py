@@ -1,6 +1,10 @@
 """scripts/train.py's command line: every recipe parses, unknown keys and bad values fail by name, configs load."""
 
 import json
+import logging
+import os
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import trl
@@ -9,6 +13,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from trl import DPOConfig
 
 from otpo_trl import OTPOConfig
+from otpo_trl.cli import upstream
 
 from .conftest import REPO_ROOT
 from .testing_utils import CONFIGS, RECIPES, recipe_argv
@@ -126,6 +131,46 @@ def test_unknown_key_on_command_line_fails_naming_it(train, flag):
 
 
 @pytest.mark.parametrize(
+    ("argv0", "env", "command"),
+    [
+        ("/somewhere/.venv/bin/accelerate", "otpo-trl train", "otpo-trl train"),  # the processes otpo-trl starts
+        ("scripts/train.py", None, "scripts/train.py"),
+        (str(REPO_ROOT / "otpo_trl" / "cli" / "train.py"), None, "python -m otpo_trl.cli.train"),
+        ("/usr/bin/python", None, "otpo-trl train"),  # called from Python
+    ],
+    ids=["otpo-trl", "script", "module", "python"],
+)
+def test_unknown_key_message_names_the_command_used(train, monkeypatch, argv0, env, command):
+    from otpo_trl.cli.arguments import COMMAND_ENV
+
+    monkeypatch.setattr("sys.argv", [argv0])
+    if env is None:
+        monkeypatch.delenv(COMMAND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COMMAND_ENV, env)
+    with pytest.raises(ValueError, match="Unknown argument") as error:
+        train.parse_args(["--config", str(QUICKSTART), "--lerning_rate", "1e-5"])
+    assert str(error.value).endswith(f"See `{command} --help`.")
+
+
+def test_otpo_trl_train_tells_its_processes_the_command(monkeypatch):
+    """`otpo-trl train` starts the training through `accelerate launch -m`: it names itself in the environment the
+    processes inherit, for their messages."""
+    import accelerate.commands.launch
+
+    from otpo_trl.cli import launch
+    from otpo_trl.cli.arguments import COMMAND_ENV
+
+    seen = []
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    monkeypatch.setattr(
+        accelerate.commands.launch, "launch_command", lambda args: seen.append(os.environ[COMMAND_ENV])
+    )
+    launch.cli(["--config", "quickstart", "--max_steps", "1"])
+    assert seen == ["otpo-trl train"]
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [("ot_reg", -1.0), ("ot_normalization", "sum"), ("beta", 0.0), ("loss_type", ["sigmoid", "typo"])],
 )
@@ -178,3 +223,44 @@ def test_missing_model_path_fails_naming_it(train, tmp_path, sample_data_dir):
     )
     with pytest.raises(FileNotFoundError, match=f"`model_name_or_path` '{missing}': no such folder"):
         train.main(*args)
+
+
+def test_cpu_notices_are_silenced_and_nothing_else():
+    """The training CLI drops torch's per-DataLoader `pin_memory` UserWarning and DeepSpeed's "Setting accelerator to
+    CPU" notice, and only those messages."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    deepspeed_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            upstream.silence_cpu_notices()
+            message = "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory"
+            warnings.warn(message + " won't be used.", UserWarning, stacklevel=1)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        deepspeed_logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+        deepspeed_logger.warning("another DeepSpeed message")
+    finally:
+        deepspeed_logger.removeHandler(handler)
+        deepspeed_logger.filters.clear()
+    assert [str(w.message) for w in caught] == ["another warning"]
+    assert [r.getMessage() for r in records] == ["another DeepSpeed message"]
+
+
+def test_the_tensorboard_message_names_what_the_trainer_logs(tmp_path, caplog):
+    """DPOTrainer logs no `ot/*` scalars: the message says so for `trainer: dpo`."""
+    from transformers.integrations import TensorBoardCallback
+
+    from otpo_trl import OTPOTrainer
+
+    messages = {}
+    for name, trainer in (("dpo", SimpleNamespace()), ("otpo", object.__new__(OTPOTrainer))):
+        trainer.callback_handler = SimpleNamespace(callbacks=[TensorBoardCallback()])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="otpo_trl"):
+            upstream.keep_tensorboard_logs_with_run(trainer, str(tmp_path / name))
+        messages[name] = caplog.text
+        assert trainer.callback_handler.callbacks[0].logging_dir == str(tmp_path / name / "runs")
+    assert "ot/*" in messages["otpo"] and "ot/*" not in messages["dpo"] and "loss, rewards" in messages["dpo"]

@@ -1,6 +1,8 @@
 """The `otpo-trl` command: subcommands, exit statuses, recipes by name, and the `accelerate launch` it starts."""
 
+import json
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from otpo_trl.cli import launch, main
 
 from .conftest import REPO_ROOT
+from .testing_utils import child_env
 
 
 # runpy re-runs a module the test session already imported (as `python -m` would run it fresh): expected here.
@@ -36,6 +39,46 @@ def test_help_lists_every_command(capsys):
 def test_no_command_or_an_unknown_one_exits_2(argv, capsys):
     status, _, err = run_main(argv, capsys)
     assert status == 2 and "usage: otpo-trl" in err
+
+
+HEAVY = ("torch", "trl", "transformers", "datasets", "accelerate", "peft")
+# In a fresh interpreter: what `import otpo_trl` and then `otpo-trl --help` have imported, and what the lazy names give.
+_IMPORTS = f"""
+import json, sys
+heavy = {HEAVY!r}
+import otpo_trl
+loaded = {{"import": [m for m in heavy if m in sys.modules]}}
+from otpo_trl.cli import main
+try:
+    main.main(["--help"])
+except SystemExit:
+    pass
+loaded["help"] = [m for m in heavy if m in sys.modules]
+loaded["dir"] = [n for n in otpo_trl.__all__ if n in dir(otpo_trl)]
+from otpo_trl import OTPOTrainer
+loaded["lazy"] = [OTPOTrainer.__name__, otpo_trl.OTPOConfig.__name__, otpo_trl.ot_token_weights.__name__]
+loaded["after"] = [m for m in ("torch", "trl") if m in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def test_import_and_help_load_no_heavy_package():
+    """`import otpo_trl` and `otpo-trl --help` import neither torch nor TRL (that took ~9 s); the public names still
+    load, on first use."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded["import"] == [] and loaded["help"] == []
+    assert loaded["dir"] == ["OTPOConfig", "OTPOTrainer", "__version__", "ot_token_weights"]
+    assert loaded["lazy"] == ["OTPOTrainer", "OTPOConfig", "ot_token_weights"] and loaded["after"] == ["torch", "trl"]
+
+
+def test_an_unknown_name_of_the_package_is_an_attribute_error():
+    import otpo_trl
+
+    with pytest.raises(AttributeError, match="no attribute 'OTPOTrainerr'"):
+        otpo_trl.OTPOTrainerr  # noqa: B018
 
 
 def test_every_command_module_has_cli():

@@ -48,6 +48,7 @@ def test_lora_run_saves_everything_and_resumes_at_the_saved_step(tiny_model_dir,
     assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard logs belong under output_dir/runs"
     # a readable console: no deprecation warning at every step, no dump of every argument
     assert "is_gradient_checkpointing" not in output and "Training arguments:" not in output
+    assert "pin_memory" not in output and "Setting accelerator to CPU" not in output
 
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / name).exists(), name

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 from otpo_trl import model_card as model_card_module
+from otpo_trl.cli import upstream
 
 from .testing_utils import config, conversational_pairs
 
@@ -102,3 +103,26 @@ def test_public_name_shows_a_folder_by_its_name(tmp_path):
     folder = tmp_path / "SmolLM2-135M-Instruct"
     folder.mkdir()
     assert model_card_module.public_name(f"{folder}/") == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("base_card", ["---\nlicense: apache-2.0\n---\n# base\n", None])
+def test_the_dpo_baseline_card_names_no_path_of_this_machine(tmp_path, base_card):
+    """`trainer: dpo` saves TRL's card; the training CLI names its local base by the folder's name and replaces TRL's
+    `licence: license` with the base's license, or drops it when the base has none."""
+    base = tmp_path / "models" / "MyBase"
+    base.mkdir(parents=True)
+    if base_card:
+        (base / "README.md").write_text(base_card)
+    card = tmp_path / "out" / "README.md"
+    card.parent.mkdir()
+    card.write_text(  # the parts of TRL 1.16's card that name the base model and the license
+        "---\nlibrary_name: transformers\nmodel_name: out\nlicence: license\n---\n\n"
+        f"This model is a fine-tuned version of `{base.resolve()}`.\n"
+        'generator = pipeline("text-generation", model="None", device_map="auto")\n'
+        "[None](https://huggingface.co/None)\n"
+    )
+    upstream.fix_local_model_card(card, str(base.resolve()), "out/run")
+    text = card.read_text()
+    assert str(tmp_path) not in text and "None" not in text and "licence" not in text
+    assert "fine-tuned version of `MyBase`." in text and 'model="out/run"' in text
+    assert ModelCard(text).data.get("license") == ("apache-2.0" if base_card else None)

@@ -1,6 +1,7 @@
 """OTPOTrainer against TRL's DPOTrainer, on a tiny Llama built from a config (CPU, offline)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,10 +9,12 @@ import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PromptTuningConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
 from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
 from otpo_trl.otpo_config import LOSS_TYPES
+from otpo_trl.otpo_trainer import console_logs
 
 from .testing_utils import config, conversational_pairs, losses, train_pair
 
@@ -334,3 +337,30 @@ def test_moe_router_aux_loss_is_kept(tmp_path):
     assert losses(otpo) == pytest.approx(losses(dpo), rel=1e-4)
     # the router loss is really in it: step 1 (policy == reference) is above DPO's ln 2 by the aux term
     assert losses(dpo)[0] > math.log(2) + 1e-3
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_console_shows_the_ot_alarms_only_when_they_ring(tiny_model_dir, tmp_path, disable_tqdm, capsys):
+    """The per-step console line leaves out `ot/fallbacks` while it is 0 and `ot/solver_iters` while the solver
+    converged; TensorBoard and `log_history` get every key (the callbacks see the logs unchanged)."""
+    trainer = OTPOTrainer(
+        model=tiny_model_dir,
+        args=config(OTPOConfig, tmp_path, disable_tqdm=disable_tqdm, ot_max_iter=50),
+        train_dataset=conversational_pairs(),
+    )
+    printers = [c for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
+    assert len(printers) == 1 and type(printers[0]).__name__.startswith("OTPO")
+    printer = printers[0]
+    if not disable_tqdm:
+        printer.training_bar = SimpleNamespace(write=print)
+    state = SimpleNamespace(is_world_process_zero=True, is_local_process_zero=True)
+    calm = {"loss": 0.5, "ot/weight_max": 1.1, "ot/fallbacks": 0.0, "ot/solver_iters": 10.0}
+    ringing = {"loss": 0.5, "ot/weight_max": 1.1, "ot/fallbacks": 2.0, "ot/solver_iters": 50.0}
+    for logs in (calm, ringing):
+        printer.on_log(trainer.args, state, None, logs=dict(logs))
+    calm_line, ringing_line = capsys.readouterr().out.strip().splitlines()
+    assert "ot/weight_max" in calm_line and "ot/fallbacks" not in calm_line and "ot/solver_iters" not in calm_line
+    assert "'ot/fallbacks'" in ringing_line and "'ot/solver_iters'" in ringing_line
+    assert console_logs({"eval_ot/fallbacks": 0.0, "eval_ot/solver_iters": 3.0, "eval_loss": 1.0}, 50) == {
+        "eval_loss": 1.0
+    }

@@ -9,6 +9,7 @@ reads the data or the model: those checks are `otpo_trl.cli.train`'s.
 
 import difflib
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -111,6 +112,24 @@ def make_parser() -> TrlParser:
     return TrlParser((ScriptArguments, OTPOConfig, ModelConfig), allow_abbrev=False)
 
 
+# Set by `otpo-trl train` (`otpo_trl.cli.launch`) for the processes it starts, which run this module through
+# `accelerate launch -m`: how the user started the training, for the messages that point to its `--help`.
+COMMAND_ENV = "OTPO_TRL_COMMAND"
+
+
+def command_name() -> str:
+    """How the training was started, as the user would type it again: `otpo-trl train` (from [`COMMAND_ENV`]), the
+    script's path as given (`scripts/train.py`), or `python -m otpo_trl.cli.train`; `otpo-trl train` otherwise (called
+    from Python)."""
+    if os.environ.get(COMMAND_ENV):
+        return os.environ[COMMAND_ENV]
+    script = Path(sys.argv[0] if sys.argv else "")
+    if script.name == "train.py":
+        in_package = script.parent.name == "cli" and script.parent.parent.name == "otpo_trl"
+        return "python -m otpo_trl.cli.train" if in_package else sys.argv[0]
+    return "otpo-trl train"
+
+
 # A negative number argparse takes for an option (it knows only `-1` and `-0.5`): `-1e-6`, `-.5E3`, `-inf`.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -183,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, OTPOConf
             hint = f" (did you mean {', '.join(f'`{c}`' for c in close)}?)" if close else ""
             errors.append(f"`{key}` in {where}{hint}")
     if errors:
-        raise ValueError(f"Unknown argument(s): {'; '.join(errors)}. See `scripts/train.py --help`.")
+        raise ValueError(f"Unknown argument(s): {'; '.join(errors)}. See `{command_name()} --help`.")
     check_parsed(*parsed)
     return tuple(parsed)
 

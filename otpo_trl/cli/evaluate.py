@@ -17,6 +17,11 @@ The reference is `--ref`, else an adapter's base (the adapter disabled); a full 
 reference, and every margin is then 0. A pair counts as correct when its chosen reward is strictly larger (ties are
 wrong, as in TRL's `rewards/accuracies`); with no pair scored, the accuracy and margins are `null` in `eval.json`. The
 work is done by `otpo_trl.analysis.evaluate`.
+
+The settings follow the run evaluated ([`RUN_DEFAULTS`]): when `--model` is a training run's folder (`output_dir`)
+or one of its `checkpoint-<step>` folders, `--max_length`, `--drop_ties`, `--drop_identical`, `--beta` and the `--ot_*`
+options default to that run's, read from its `run_args.json` (`otpo_trl.cli.run_dir`); a flag given wins. The log and
+`eval.json` (`defaults_from_run`) say which values came from the run.
 """
 
 import argparse
@@ -24,13 +29,33 @@ import json
 import logging
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..analysis import evaluate
-from ..otpo_config import ot_kwargs
-from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments
-from .run_dir import writable_dir
+from ..analysis import DEFAULT_MAX_LENGTH, evaluate
+from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
+from .options import (
+    add_max_length_argument,
+    add_model_arguments,
+    add_ot_arguments,
+    boolean,
+    check_ot_arguments,
+    settings_from_run,
+)
+from .run_dir import RUN_FILE, run_record_of, writable_dir
+
+
+logger = logging.getLogger(__name__)
+
+# The options that default to the evaluated run's setting (its run_args.json), each with its default without a run.
+RUN_DEFAULTS = {
+    "max_length": DEFAULT_MAX_LENGTH,
+    "drop_ties": False,
+    "drop_identical": False,
+    "beta": 0.1,
+    **{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS},
+}
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -92,8 +117,17 @@ def write_report(result: dict[str, Any], output_dir: str | Path) -> dict[str, Pa
     return paths
 
 
+EPILOG = f"""Defaults from the run: when --model is the folder a training run saved (`otpo-trl train`, scripts/train.py:
+its output_dir, or a checkpoint-<step> in it), --max_length, --drop_ties, --drop_identical, --beta and the --ot_*
+options default to that run's values, read from its {RUN_FILE}; a flag given here wins, and the log says which values
+came from the run. Without {RUN_FILE} (a Hub id, a model not trained here) the defaults are the ones listed."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    """The arguments, with the run's settings filled in where not given (see [`RUN_DEFAULTS`]): `args.run_file` (the
+    run record read, or None), `args.from_run` and `args.given` (name -> value). Bad values exit naming the option,
+    or the run record they came from, before any model loads."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, allow_abbrev=False)
     add_model_arguments(parser)
     parser.add_argument(
         "--data", "--held_out_file", dest="data", required=True,
@@ -103,15 +137,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--split", default="test", help="Split of --data (ignored for a single file). Default: test.")
     parser.add_argument(
-        "--max_samples", type=int, help="Score at most this many pairs (the first ones). Default: all."
+        "--max_samples",
+        type=int,
+        help="Score at most this many pairs (the first ones, after --drop_ties / --drop_identical). Default: all. "
+        "Cost: 4.5-6.6 s a pair for SmolLM2-135M on 2 CPU cores (docs/evaluation.md).",
+    )
+    parser.add_argument(
+        "--drop_ties",
+        type=boolean,
+        nargs="?",
+        const=True,
+        metavar="true|false",
+        help="Drop pairs whose chosen and rejected scores are equal (score_chosen == score_rejected), as training's "
+        "`drop_ties` does. Default: the evaluated run's, else false.",
+    )
+    parser.add_argument(
+        "--drop_identical",
+        type=boolean,
+        nargs="?",
+        const=True,
+        metavar="true|false",
+        help="Drop pairs whose chosen equals rejected, as training's `drop_identical` does. Default: the evaluated "
+        "run's, else false.",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="Pairs per forward, prompts per generate call.")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta for the implicit rewards. Default: 0.1.")
-    add_max_length_argument(parser)
-    parser.add_argument("--num_generations", type=int, default=64, help="Prompts to answer greedily (0: none).")
+    parser.add_argument(
+        "--beta", type=float, help="DPO's beta for the implicit rewards. Default: the evaluated run's, else 0.1."
+    )
+    add_max_length_argument(parser, run_defaults=True)
+    parser.add_argument(
+        "--num_generations",
+        type=int,
+        default=64,
+        help="Prompts to answer greedily (0: none). Default: 64. Cost: each batch of --batch_size prompts runs until "
+        "its longest answer ends, at most --max_new_tokens steps: 0.12-0.19 s a step for SmolLM2-135M on 2 CPU cores, "
+        "5-7 min for the defaults (docs/evaluation.md).",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=256, help="Token budget per response. Default: 256.")
     parser.add_argument("--output_dir", default="out/eval", help="Folder for the results. Default: out/eval.")
-    add_ot_arguments(parser)
+    parser.add_argument(
+        "--disable_tqdm",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="No progress bars (as TrainingArguments' disable_tqdm). Default: false.",
+    )
+    add_ot_arguments(parser, run_defaults=True)
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -119,24 +192,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_samples", "num_generations"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0.")
-    check_ot_arguments(parser, args)  # --ot_* and --beta as OTPOConfig checks them
+    try:
+        found = run_record_of(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    args.run_file = found[0] if found else None
+    args.from_run, args.given = settings_from_run(args, RUN_DEFAULTS, found[1]["settings"] if found else None)
+    labels = {name: f"`{name}` of the run in {args.run_file}" for name in args.from_run}
+    if args.max_length is not None and not (type(args.max_length) is int and args.max_length >= 1):
+        parser.error(f"{labels.get('max_length', '--max_length')} must be an int >= 1, got {args.max_length!r}.")
+    check_ot_arguments(parser, args, labels)  # --ot_* and --beta as OTPOConfig checks them
     return args
+
+
+def _listed(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def describe_settings(args: argparse.Namespace) -> str:
+    """One line for the log: which of the [`RUN_DEFAULTS`] options came from the run, which were given, which are
+    the defaults."""
+    rest = {k: getattr(args, k) for k in RUN_DEFAULTS if k not in args.from_run and k not in args.given}
+    if args.run_file is None:
+        parts = [f"No {RUN_FILE} in {args.model} (not a training run's folder), so no setting comes from a run"]
+    else:
+        parts = [f"Settings of the run in {args.run_file}: {_listed(args.from_run) or 'none'}"]
+    if args.given:
+        parts.append(f"given on the command line: {_listed(args.given)}")
+    if rest:
+        parts.append(f"{'not in the run, ' if args.run_file else ''}the defaults: {_listed(rest)}")
+    return "; ".join(parts) + "."
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     logging.getLogger("otpo_trl").setLevel(logging.INFO)  # what is loaded and used as the reference
+    logger.info(describe_settings(args))
     writable_dir(args.output_dir, "--output_dir")  # before the evaluation, not after it
     result = evaluate(
         args.model, args.data, ref=args.ref, split=args.split, max_samples=args.max_samples,
         batch_size=args.batch_size, beta=args.beta, num_generations=args.num_generations,
-        max_new_tokens=args.max_new_tokens, max_length=args.max_length, device=args.device, dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, drop_ties=args.drop_ties,
+        drop_identical=args.drop_identical, device=args.device, dtype=args.dtype, progress=not args.disable_tqdm,
         **ot_kwargs(args),
     )  # fmt: skip
+    result["defaults_from_run"] = {"file": str(args.run_file) if args.run_file else None, "settings": args.from_run}
     paths = write_report(result, args.output_dir)
     if result["preference"]["n_pairs"] == 0 and args.max_samples != 0:
-        logging.getLogger(__name__).warning("No pair was scored: the accuracy and margins in eval.json are null.")
+        logger.warning("No pair was scored: the accuracy and margins in eval.json are null.")
     print(format_markdown(result))
     print(f"Wrote {', '.join(str(p) for p in paths.values())} in {result['seconds']:.1f} s.")
     return result

@@ -228,6 +228,10 @@ def cli(argv: list[str] | None = None) -> None:
     from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from .arguments import COMMAND_ENV
+
+    os.environ[COMMAND_ENV] = "otpo-trl train"  # the processes' messages name the command the user ran
+
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # one process: it printed its error

@@ -59,14 +59,22 @@ def parse_args(argv=None):
         "--data", required=True, help="Hub data set id, or a local .jsonl / .json / .parquet file or folder."
     )
     p.add_argument("--split", default="test", help="Split of --data (a single file is one split). Default: test.")
-    p.add_argument("--num_pairs", type=int, default=32,
-                   help="The first N pairs of the split whose prompt does not fill max_length. Default: 32.")  # fmt: skip
+    p.add_argument(
+        "--num_pairs",
+        type=int,
+        default=32,
+        help="The first N pairs of the split whose prompt does not fill max_length. Default: 32.",
+    )
     add_max_length_argument(p)
     p.add_argument("--batch_size", type=int, default=8, help="Pairs per forward. Default: 8.")
     p.add_argument("--index", type=int, default=0, help="The pair (of those scored) the figure shows. Default: 0.")
-    p.add_argument("--uniform_threshold", type=float, default=UNIFORM_THRESHOLD,
-                   help="A setting is close to uniform when its median max / mean weight is below this. Default: "
-                   f"{UNIFORM_THRESHOLD}.")  # fmt: skip
+    p.add_argument(
+        "--uniform_threshold",
+        type=float,
+        default=UNIFORM_THRESHOLD,
+        help="A setting is close to uniform when its median max / mean weight is below this. Default: "
+        f"{UNIFORM_THRESHOLD}.",
+    )
     p.add_argument(
         "--out", default="out/ot_spread", help="Folder for ot_spread.{md,json,png}. Default: out/ot_spread."
     )
@@ -75,10 +83,14 @@ def parse_args(argv=None):
         if f.name in OT_FIELDS and f.name != "ot_weighting":  # both weightings are computed
             listed = f.name in LISTED
             group.add_argument(
-                f"--{f.name}", type=type(f.default), nargs="+" if listed else None,
-                default=[f.default] if listed else f.default, choices=f.metadata.get("choices"),
-                help=f"{f.metadata['help']} Default: {f.default}." + (" Several values: one setting each." if listed else ""),
-            )  # fmt: skip
+                f"--{f.name}",
+                type=type(f.default),
+                nargs="+" if listed else None,
+                default=[f.default] if listed else f.default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} Default: {f.default}."
+                + (" Several values: one setting each." if listed else ""),
+            )
     args = p.parse_args(argv)
     for name in ("num_pairs", "batch_size"):
         if getattr(args, name) < 1:
@@ -103,8 +115,11 @@ def parse_args(argv=None):
 
 def settings(args) -> list[dict]:
     """The keyword arguments of [`ot_token_weights`] for every setting: each ot_reg with each ot_cost_scale."""
-    shared = {name.removeprefix("ot_"): getattr(args, name) for name in OT_FIELDS
-              if name not in LISTED and name != "ot_weighting"}  # fmt: skip
+    shared = {
+        name.removeprefix("ot_"): getattr(args, name)
+        for name in OT_FIELDS
+        if name not in LISTED and name != "ot_weighting"
+    }
     return [{**shared, "reg": reg, "cost_scale": scale} for scale in args.ot_cost_scale for reg in args.ot_reg]
 
 
@@ -131,8 +146,12 @@ def completion_measures(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, 
     low = torch.where(mask, w, math.inf).amin(1)
     ratio = torch.where(mask, w / mean[:, None], math.nan)
     ok = (n > 0) & (total > 0)
-    return {"entropy": entropy, "max_mean": torch.where(ok, top / mean, math.nan),
-            "max_min": torch.where(ok, top / low, math.nan), "ratio": ratio}  # fmt: skip
+    return {
+        "entropy": entropy,
+        "max_mean": torch.where(ok, top / mean, math.nan),
+        "max_min": torch.where(ok, top / low, math.nan),
+        "ratio": ratio,
+    }
 
 
 def log_prob_margin(chosen_w, rejected_w, chosen_logps, rejected_logps) -> torch.Tensor:
@@ -176,14 +195,24 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
     order = scoring_order(examples, tokenizer, max_length)
     keep = sorted(order)  # the figure's pair: the index-th pair that can be scored, in data order
     shown = keep[min(index, len(keep) - 1)] if keep else None
-    acc = {label(o): {"entropy": [], "max_mean": [], "max_min": [], "margin_change": [], "delta": [], "ratio": []}
-           for o in options_list}  # fmt: skip
+    acc = {
+        label(o): {"entropy": [], "max_mean": [], "max_min": [], "margin_change": [], "delta": [], "ratio": []}
+        for o in options_list
+    }
     pair_weights, tokens = {}, None
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         # One forward: log-probs and hidden states; uniform weighting solves no OT problem here.
-        stats = pair_token_stats(policy, None, tokenizer, [examples[i] for i in indices], max_length=max_length,
-                                 return_hidden=True, weighting="uniform", normalization=options_list[0]["normalization"])  # fmt: skip
+        stats = pair_token_stats(
+            policy,
+            None,
+            tokenizer,
+            [examples[i] for i in indices],
+            max_length=max_length,
+            return_hidden=True,
+            weighting="uniform",
+            normalization=options_list[0]["normalization"],
+        )
         hc, hr, mc, mr = stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask
         for options in options_list:
             name = label(options)
@@ -204,8 +233,12 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
                 tokens = stats.chosen_tokens[k]
     rows = {name: summarize(a, np.asarray(a["ratio"]), o) for o, (name, a) in zip(options_list, acc.items())}
     per_pair = {name: {k: v for k, v in a.items() if k != "ratio"} for name, a in acc.items()}
-    figure_data = {"ratios": {name: a["ratio"] for name, a in acc.items()}, "pair": pair_weights, "tokens": tokens,
-                   "pair_index": shown}  # fmt: skip
+    figure_data = {
+        "ratios": {name: a["ratio"] for name, a in acc.items()},
+        "pair": pair_weights,
+        "tokens": tokens,
+        "pair_index": shown,
+    }
     return rows, per_pair, figure_data, len(order)
 
 
@@ -232,17 +265,24 @@ def close_to_uniform(rows: dict, threshold: float) -> str:
         return f"Every setting leaves the weights close to uniform ({rule}): OTPO would train close to its uniform-weight arm."
     if not close:
         return f"No setting leaves the weights close to uniform ({rule}): in all of them the transport plan reweights tokens."
-    return (f"Close to uniform ({rule}), so OTPO would train close to its uniform-weight arm: {'; '.join(close)}. "
-            f"Clearly reweighted: {'; '.join(far)}.")  # fmt: skip
+    return (
+        f"Close to uniform ({rule}), so OTPO would train close to its uniform-weight arm: {'; '.join(close)}. "
+        f"Clearly reweighted: {'; '.join(far)}."
+    )
 
 
 def table(rows: dict) -> list[str]:
-    lines = ["| setting | entropy, median | max / mean, median (max) | below half the mean | margin change, median | "
-             "Δ, median | bound exp(Δ/(ε+τ)) | max / min, median |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | entropy, median | max / mean, median (max) | below half the mean | margin change, median | "
+        "Δ, median | bound exp(Δ/(ε+τ)) | max / min, median |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['entropy_median']:.4f} | {r['max_mean_median']:.2f} ({r['max_mean_max']:.2f}) | "
-                     f"{100 * r['below_half']:.1f}% | {100 * r['margin_change_median']:.1f}% | {r['delta_median']:.3f} | "
-                     f"{r['bound_at_median_delta']:.3g} | {r['max_min_median']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['entropy_median']:.4f} | {r['max_mean_median']:.2f} ({r['max_mean_max']:.2f}) | "
+            f"{100 * r['below_half']:.1f}% | {100 * r['margin_change_median']:.1f}% | {r['delta_median']:.3f} | "
+            f"{r['bound_at_median_delta']:.3g} | {r['max_min_median']:.2f} |"
+        )
     return lines
 
 
@@ -288,32 +328,65 @@ def main(argv=None) -> dict:
     policy, _, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype, device=args.device)
     examples, data_rows = first_scorable(dataset, tokenizer, args.num_pairs, args.max_length)
     options_list = settings(args)
-    rows, per_pair, figure_data, n_scored = spread(policy, tokenizer, examples, options_list,
-                                                   max_length=args.max_length, batch_size=args.batch_size,
-                                                   index=args.index)  # fmt: skip
+    rows, per_pair, figure_data, n_scored = spread(
+        policy,
+        tokenizer,
+        examples,
+        options_list,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        index=args.index,
+    )
     seconds = time.perf_counter() - started
     verdict = close_to_uniform(rows, args.uniform_threshold)
     out = Path(args.out)
     figure(figure_data, out / "ot_spread.png")
-    summary = {"command": command, "model": args.model, "data": args.data, "split": args.split,
-               "max_length": args.max_length, "n_pairs": n_scored, "data_rows": data_rows,
-               "n_skipped": (data_rows[-1] + 1 - len(data_rows)) if data_rows else 0,
-               "settings": options_list, "uniform_threshold": args.uniform_threshold, "close_to_uniform": verdict,
-               "results": rows, "per_pair": per_pair, "figure_pair": figure_data["pair_index"], "seconds": seconds}  # fmt: skip
+    summary = {
+        "command": command,
+        "model": args.model,
+        "data": args.data,
+        "split": args.split,
+        "max_length": args.max_length,
+        "n_pairs": n_scored,
+        "data_rows": data_rows,
+        "n_skipped": (data_rows[-1] + 1 - len(data_rows)) if data_rows else 0,
+        "settings": options_list,
+        "uniform_threshold": args.uniform_threshold,
+        "close_to_uniform": verdict,
+        "results": rows,
+        "per_pair": per_pair,
+        "figure_pair": figure_data["pair_index"],
+        "seconds": seconds,
+    }
     (out / "ot_spread.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# OT weight spread of `{args.model}`", "", f"Made by `{command}` in {seconds:.0f} s.", "",
-             f"{n_scored} pairs of `{args.data}` [{args.split}] (max_length {args.max_length}"
-             + (f"; the first {n_scored} whose prompt does not fill max_length, {summary['n_skipped']} skipped"
-                if summary["n_skipped"] else "")
-             + "); shared OT options: " + ", ".join(f"{k}={v}" for k, v in options_list[0].items()
-                                                     if k not in ("reg", "cost_scale")) + ".", "",
-             *table(rows), "",
-             "Entropy: of a completion's normalised weights over log(length), 1 for uniform. Max / mean: a "
-             "completion's largest weight over its mean (1: uniform), median over completions (largest in "
-             "brackets). Below half the mean: share of all tokens. Margin change: |m_OT - m_uniform| / |m_uniform| "
-             "per pair, m the chosen - rejected sum of weighted policy log-probs, uniform weights with the same "
-             "normalisation. Δ: the pair's cost spread; exp(Δ/(ε+τ)) bounds a completion's max / min weight.", "",
-             f"**{verdict}**", "", "![ot_spread](ot_spread.png)", ""]  # fmt: skip
+    lines = [
+        f"# OT weight spread of `{args.model}`",
+        "",
+        f"Made by `{command}` in {seconds:.0f} s.",
+        "",
+        f"{n_scored} pairs of `{args.data}` [{args.split}] (max_length {args.max_length}"
+        + (
+            f"; the first {n_scored} whose prompt does not fill max_length, {summary['n_skipped']} skipped"
+            if summary["n_skipped"]
+            else ""
+        )
+        + "); shared OT options: "
+        + ", ".join(f"{k}={v}" for k, v in options_list[0].items() if k not in ("reg", "cost_scale"))
+        + ".",
+        "",
+        *table(rows),
+        "",
+        "Entropy: of a completion's normalised weights over log(length), 1 for uniform. Max / mean: a "
+        "completion's largest weight over its mean (1: uniform), median over completions (largest in "
+        "brackets). Below half the mean: share of all tokens. Margin change: |m_OT - m_uniform| / |m_uniform| "
+        "per pair, m the chosen - rejected sum of weighted policy log-probs, uniform weights with the same "
+        "normalisation. Δ: the pair's cost spread; exp(Δ/(ε+τ)) bounds a completion's max / min weight.",
+        "",
+        f"**{verdict}**",
+        "",
+        "![ot_spread](ot_spread.png)",
+        "",
+    ]
     (out / "ot_spread.md").write_text("\n".join(lines))
     print("\n".join(table(rows)))
     print(f"\n{verdict}\nWrote {out}/ot_spread.{{md,json,png}} ({n_scored} pairs, {seconds:.1f} s).")

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -36,7 +37,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -44,7 +45,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from ..analysis import implicit_rewards, inline_example, pair_token_stats  # noqa: E402
 from ..data import load_preference_dataset  # noqa: E402
 from ..loading import load_model_and_tokenizer  # noqa: E402
-from ..otpo_config import ot_kwargs  # noqa: E402
+from ..ot_weights import ot_token_weights  # noqa: E402
+from ..otpo_config import checked_value, ot_kwargs  # noqa: E402
 from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments  # noqa: E402
 from .run_dir import writable_dir  # noqa: E402
 
@@ -99,6 +101,8 @@ DPI = 150
 TOKEN_FONT = FontProperties(size=12)
 LINE_HEIGHT = 0.34  # inches per line of tokens
 WEIGHT_CMAP = "YlOrRd"
+RELATIVE_CMAP = "RdBu_r"  # --color_scale relative: blue below the side's mean weight, red above
+COLOR_SCALES = ("weight", "relative")
 PLAN_CMAP = "Blues"
 AXIS_LABELS = {"y": "chosen tokens", "x": "rejected tokens", "bar": "transport mass"}  # of the plan
 
@@ -123,6 +127,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_max_length_argument(parser)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta for the margins in the title.")
     add_ot_arguments(parser)
+    parser.add_argument(
+        "--compare_ot_reg",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="EPS",
+        help="Also draw the token weights at these ot_reg values, one panel each under the --ot_reg one, on the same "
+        "colour scale (the plan shown is --ot_reg's). E.g. --ot_reg 0.05 --compare_ot_reg 1.0.",
+    )
+    parser.add_argument(
+        "--color_scale",
+        choices=COLOR_SCALES,
+        default="weight",
+        help="weight: the OT weight itself, from 0 (DPO's weight 1 marked). relative: each token's weight over its "
+        "side's mean weight, which is the weight without OT (ot_weighting uniform): 1 is white, the colours show which "
+        "tokens the plan raises or lowers. Default: weight.",
+    )
     args = parser.parse_args(argv)
     inline = [args.prompt, args.chosen, args.rejected]
     if any(x is not None for x in inline) and not all(x is not None for x in inline):
@@ -132,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_tokens < 1:
         parser.error("--max_tokens must be >= 1.")
     check_ot_arguments(parser, args)  # --ot_* and --beta as OTPOConfig checks them
+    try:
+        args.compare_ot_reg = [checked_value("ot_reg", eps, "--compare_ot_reg") for eps in args.compare_ot_reg]
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -206,12 +231,25 @@ def _draw_tokens(canvas, boxes, weights, top: float, cmap, norm) -> None:
                     fontproperties=TOKEN_FONT, color=_text_color(color), parse_math=False)  # fmt: skip
 
 
-def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
-    """The figure for pair `i` of `stats` (an `otpo_trl.analysis.PairStats`), as wide as its content needs."""
+def plot_pair(
+    stats,
+    i: int,
+    title_lines: list[str],
+    max_tokens: int,
+    panels: list[tuple[str, np.ndarray, np.ndarray]] | None = None,
+    color_scale: str = "weight",
+):
+    """The figure for pair `i` of `stats` (an `otpo_trl.analysis.PairStats`), as wide as its content needs.
+
+    `panels`: (heading, chosen weights (n,), rejected weights (m,)) per panel of token weights, all drawn on one
+    colour scale (default: one panel, `stats`' weights, no heading). `color_scale`: "weight" (the weight, from 0) or
+    "relative" (each weight over its side's mean, the weight without OT; diverging around 1)."""
     chosen_tokens, rejected_tokens = stats.chosen_tokens[i], stats.rejected_tokens[i]
     n, m = len(chosen_tokens), len(rejected_tokens)
-    chosen_w = stats.chosen_weights[i, :n].cpu().numpy()
-    rejected_w = stats.rejected_weights[i, :m].cpu().numpy()
+    if panels is None:
+        panels = [(None, stats.chosen_weights[i, :n].cpu().numpy(), stats.rejected_weights[i, :m].cpu().numpy())]
+    if color_scale not in COLOR_SCALES:
+        raise ValueError(f"color_scale must be one of {list(COLOR_SCALES)}, got {color_scale!r}.")
     plan = stats.plan[i, :n, :m].cpu().numpy()
 
     # Sizes in inches, measured before the figure exists so that the figure is made at its final size.
@@ -240,18 +278,21 @@ def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
     pad_below = max(0.0, pad_above - x_room)
 
     title_fonts = [FontProperties(size=14, weight="bold")] + [FontProperties(size=11)] * (len(title_lines) - 1)
+    panel_font = FontProperties(size=12, weight="bold")
     cbar_len = 4.0
     right = max(
         *(MARGIN + x + w for boxes in layouts for _, x, w, _ in boxes),
         *(MARGIN + measure(line, font) for line, font in zip(title_lines, title_fonts)),
+        *(MARGIN + measure(heading, panel_font) for heading, _, _ in panels if heading),
         MARGIN + 1.5 + cbar_len + 0.3,
         MARGIN + y_room + plan_w + 1.2,  # the plan's colour bar and its label
     )
     fig_w = min(FIG_WIDTH, right + MARGIN)
 
     title_h, head_h, cbar_h, gap = 0.28 * len(title_lines) + 0.15, 0.32, 0.95, 0.25
-    fig_h = sum([title_h, head_h, text_heights[0], gap, head_h, text_heights[1], cbar_h, head_h, pad_above, plan_h,
-                 x_room, pad_below])  # fmt: skip
+    sides_h = head_h + text_heights[0] + gap + head_h + text_heights[1]
+    panel_h = sum((head_h if heading else 0) + sides_h for heading, _, _ in panels) + gap * (len(panels) - 1)
+    fig_h = title_h + panel_h + cbar_h + head_h + pad_above + plan_h + x_room + pad_below
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
     # Everything but the plan and the colour bars is drawn on one axes spanning the figure, in inches: its transform
     # stays consistent with the other axes' when `bbox_inches="tight"` crops the figure (`dpi_scale_trans` would not).
@@ -266,29 +307,53 @@ def plot_pair(stats, i: int, title_lines: list[str], max_tokens: int):
         canvas.text(MARGIN, top - 0.1 - 0.28 * k, line, va="top", parse_math=False, fontproperties=font)
     top -= title_h
 
-    vmax = max(float(chosen_w.max(initial=0)), float(rejected_w.max(initial=0)), 1e-12)
-    norm, cmap = Normalize(0, vmax), plt.get_cmap(WEIGHT_CMAP)
-    for k, (side, boxes, weights, tokens) in enumerate(
-        (("Chosen", layouts[0], chosen_w, chosen_tokens), ("Rejected", layouts[1], rejected_w, rejected_tokens))
-    ):
-        if k:
+    if color_scale == "relative":
+        # Each side over its mean weight: the normalisation (both sides sum to min(n, m)) divides out, and 1 is the
+        # weight without OT. White at 1; blue down to the lowest ratio of any panel, red up to the highest.
+        shown = [tuple(w / w.mean() if w.size and w.mean() > 0 else w for w in sides) for _, *sides in panels]
+        ratios = [w for ws in shown for w in ws if w.size]
+        low = min([0.95, *(float(w.min()) for w in ratios)])
+        high = max([1.05, *(float(w.max()) for w in ratios)])
+        norm, cmap = TwoSlopeNorm(1.0, low, high), plt.get_cmap(RELATIVE_CMAP)
+        bar_label, mark = "Weight / mean", "w/o OT: 1"
+    else:
+        shown = [tuple(sides) for _, *sides in panels]
+        vmax = max([1e-12, *(float(w.max(initial=0)) for sides in shown for w in sides)])
+        norm, cmap, bar_label, mark = Normalize(0, vmax), plt.get_cmap(WEIGHT_CMAP), "OT token weight", "DPO: 1"
+    for p, ((heading, *raw), weights_pair) in enumerate(zip(panels, shown)):
+        if p:
             top -= gap
-        summary = f"{len(tokens)} tokens, weights sum to {weights.sum():.2f}"
-        canvas.text(MARGIN, top - head_h / 2, side, va="center", fontsize=13, weight="bold",
-                    color="#1a7f37" if k == 0 else "#b42318")  # fmt: skip
-        canvas.text(MARGIN + 1.05, top - head_h / 2, summary, va="center", fontsize=11, color="0.35")
-        top -= head_h
-        _draw_tokens(canvas, boxes, weights, top, cmap, norm)
-        top -= text_heights[k]
+        if heading:
+            canvas.text(MARGIN, top - head_h / 2, heading, va="center", parse_math=False, fontproperties=panel_font)
+            top -= head_h
+        for k, (side, boxes, weights, tokens) in enumerate(
+            zip(("Chosen", "Rejected"), layouts, weights_pair, (chosen_tokens, rejected_tokens))
+        ):
+            if k:
+                top -= gap
+            w = raw[k]
+            summary = f"{len(tokens)} tokens, weights sum to {w.sum():.2f}"
+            if w.size:
+                summary += f", max / mean {w.max() / w.mean():.2f}" if w.mean() > 0 else ""
+            color = "#1a7f37" if k == 0 else "#b42318"
+            canvas.text(MARGIN, top - head_h / 2, side, va="center", fontsize=13, weight="bold", color=color)
+            canvas.text(MARGIN + 1.05, top - head_h / 2, summary, va="center", fontsize=11, color="0.35")
+            top -= head_h
+            _draw_tokens(canvas, boxes, weights, top, cmap, norm)
+            top -= text_heights[k]
 
-    # Colour scale of the token weights; DPO's weight 1 marked when within it.
-    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, cmap), cax=add_axes(MARGIN + 1.5, top - 0.5, cbar_len, 0.16),
-                        orientation="horizontal")  # fmt: skip
+    # Colour scale of the token weights; the weight without reweighting (DPO's 1, or the side's mean) marked.
+    cax = add_axes(MARGIN + 1.5, top - 0.5, cbar_len, 0.16)
+    cax.set_label("token weight scale")
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, cmap), cax=cax, orientation="horizontal")
     cbar.ax.tick_params(labelsize=10)
-    canvas.text(MARGIN, top - 0.42, "OT token weight", va="center", fontsize=11)
-    if 1 <= vmax:
+    canvas.text(MARGIN, top - 0.42, bar_label, va="center", fontsize=11)
+    if color_scale == "relative":
+        cbar.set_ticks([low, (low + 1) / 2, 1, (1 + high) / 2, high])
+        cbar.ax.set_xticklabels([f"{t:.2f}" for t in cbar.get_ticks()])
+    if norm.vmin <= 1 <= norm.vmax:
         cbar.ax.axvline(1, color="black", linewidth=1.5)
-        cbar.ax.text(1, 1.25, "DPO: 1", transform=cbar.ax.get_xaxis_transform(), ha="center", fontsize=9)
+        cbar.ax.text(1, 1.25, mark, transform=cbar.ax.get_xaxis_transform(), ha="center", fontsize=9)
     top -= cbar_h
 
     truncated = rows < n or cols < m
@@ -367,6 +432,20 @@ def warn_empty_completions(example: dict) -> list[str]:
     return empty
 
 
+def comparison_panels(stats, options: dict, compare_regs: list[float]) -> list[tuple] | None:
+    """The weight panels of pair 0 of `stats`: its own weights (made with `options`), then those at each ε of
+    `compare_regs`, from the same hidden states (`stats` made with `return_hidden`); None without `compare_regs`."""
+    if not compare_regs:
+        return None
+    n, m = int(stats.chosen_mask[0].sum()), int(stats.rejected_mask[0].sum())
+    panels = [(f"ot_reg = {options['reg']}", stats.chosen_weights[0], stats.rejected_weights[0])]
+    for reg in compare_regs:
+        wc, wr = ot_token_weights(stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask,
+                                  **{**options, "reg": reg})  # fmt: skip
+        panels.append((f"ot_reg = {reg}", wc[0], wr[0]))
+    return [(heading, wc[:n].cpu().numpy(), wr[:m].cpu().numpy()) for heading, wc, wr in panels]
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     paths = output_paths(args.out, args.svg)  # before the model loads, not after the OT solve
@@ -375,9 +454,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     policy, reference, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype,
                                                             device=args.device)  # fmt: skip
     options = ot_kwargs(args)
-    stats = pair_token_stats(policy, reference, tokenizer, [example], max_length=args.max_length, **options)
+    stats = pair_token_stats(policy, reference, tokenizer, [example], max_length=args.max_length,
+                             return_hidden=bool(args.compare_ot_reg), **options)  # fmt: skip
     if not stats.chosen_mask.any() or not stats.rejected_mask.any():
         raise ValueError(f"The pair has no completion tokens within --max_length {args.max_length}.")
+    panels = comparison_panels(stats, options, args.compare_ot_reg)
     stats = replace(stats, **{
         f"{side}_tokens": [token_labels(tokenizer, ids[mask].tolist()) for ids, mask in
                            zip(getattr(stats, f"{side}_ids"), getattr(stats, f"{side}_mask"))]
@@ -398,7 +479,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         title.append(f"Implicit-reward margin (β={args.beta}): unweighted (DPO) {margins['unweighted']:+.4f}, "
                      f"OT (OTPO) {margins['ot']:+.4f}")  # fmt: skip
     warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
-    fig = plot_pair(stats, 0, title, args.max_tokens)
+    fig = plot_pair(stats, 0, title, args.max_tokens, panels=panels, color_scale=args.color_scale)
 
     for path in paths:
         fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")

@@ -24,7 +24,8 @@ The code: [`plan_run`] decides from values (the folder, the settings, the data f
 flags) whether a run trains afresh, resumes, has finished, or must stop, and returns a [`RunPlan`];
 [`apply_run_plan`] then clears and records, and [`mark_finished`] closes it. [`finished_run_changes`] (built on
 [`settings_changes`]) and [`describe_changes`] tell whether a recorded run matches given settings, for the studies
-that reuse finished runs.
+that reuse finished runs; [`run_record_of`] finds the record of the run that saved a model, for the evaluation to
+follow its settings.
 Nothing here imports the command line that calls it.
 """
 
@@ -446,6 +447,28 @@ def plan_run(
         ))  # fmt: skip
     logger.info(f"Checkpoint detected in {out}: resuming training from {checkpoint}.")
     return RunPlan("train", str(checkpoint), record=kept)
+
+
+def run_record_of(model_path: str | Path) -> tuple[Path, dict] | None:
+    """The record of the training run that saved the model (or adapter) folder `model_path`, for a tool that evaluates
+    it: `(file, record)` from `<model_path>/run_args.json` or, for a `checkpoint-<step>` folder, its run's
+    `<model_path>/../run_args.json`; None when there is none (a Hub id, a model this package did not train).
+
+    Raises:
+        ValueError: the file is there but is not a run record (not JSON, or no `settings` mapping).
+    """
+    path = Path(model_path).expanduser()
+    candidates = [path / RUN_FILE, *([path.parent / RUN_FILE] if _CHECKPOINT.match(path.name) else [])]
+    for file in candidates:
+        if file.is_file():
+            try:
+                record = json.loads(file.read_text())
+                if not isinstance(record["settings"], dict):
+                    raise TypeError("`settings` is not a mapping")
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{file} is not a run record of the training command ({err!r}).") from err
+            return file, record
+    return None
 
 
 def _write_record(output_dir: str | Path, record: dict) -> None:

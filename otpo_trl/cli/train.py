@@ -40,6 +40,7 @@ from .upstream import (
     end_processes,
     fix_local_model_card,
     keep_tensorboard_logs_with_run,
+    silence_cpu_notices,
     silence_repeated_deprecations,
 )
 
@@ -69,6 +70,7 @@ def setup_logging(training_args: OTPOConfig) -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     silence_repeated_deprecations()
+    silence_cpu_notices()
 
 
 def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
@@ -114,8 +116,10 @@ def _check_enough_pairs(dataset, name: str, training_args: OTPOConfig, tokenizer
     batch = training_args.per_device_train_batch_size * training_args.world_size if drop_last else 1
     why = (
         f"one batch (per_device_train_batch_size {training_args.per_device_train_batch_size} x "
-        f"{training_args.world_size} process(es), with dataloader_drop_last)" if drop_last else "one pair"
-    )  # fmt: skip
+        f"{training_args.world_size} process(es), with dataloader_drop_last)"
+        if drop_last
+        else "one pair"
+    )
     if len(dataset) < batch:
         raise ValueError(
             f"Only {len(dataset)} {name} pair(s) are left after loading and filtering, fewer than {why}: no step "
@@ -327,7 +331,7 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
         dataset_name=None if is_local_data and script_args.trainer == "dpo" else script_args.dataset_name,
         tags=["dpo", script_args.trainer],
     )
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and script_args.trainer == "dpo":  # TRL's card; OTPO writes its own
         card = Path(training_args.output_dir) / "README.md"
         fix_local_model_card(card, model_args.model_name_or_path, training_args.output_dir)
     if training_args.should_save:

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from transformers.integrations import TensorBoardCallback
 
+from ..model_card import base_model_license, is_local, public_name
+from ..otpo_trainer import OTPOTrainer
+
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,33 @@ def silence_repeated_deprecations() -> None:
     prints at every training step because TRL 1.16 and peft 0.18 read the deprecated property. Can go once TRL reads
     `is_activation_checkpointing`."""
     warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+
+
+# torch 2.13 warns at every DataLoader made while `pin_memory` is on (transformers' default) and no accelerator is found:
+# once for training, once per evaluation. Pinning does nothing there, and says so; the setting is the user's.
+PIN_MEMORY_WITHOUT_ACCELERATOR = r"'pin_memory' argument is set as true but no accelerator is found"
+# DeepSpeed 0.19 logs this at its first accelerator lookup on a machine without a GPU (transformers makes one whenever
+# DeepSpeed is installed, DeepSpeed run or not).
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def silence_cpu_notices() -> None:
+    """Ignore two notices of a run without a GPU, those messages only: torch 2.13's UserWarning that `pin_memory` does
+    nothing without an accelerator (printed by every DataLoader), and DeepSpeed 0.19's "Setting accelerator to CPU"
+    (its logger "DeepSpeed", filtered before DeepSpeed is imported). Can go when they are said once, or not at all."""
+    warnings.filterwarnings("ignore", message=PIN_MEMORY_WITHOUT_ACCELERATOR, category=UserWarning)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessage) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropMessage(DEEPSPEED_CPU_NOTICE))
 
 
 def _launched(variable: str) -> bool:
@@ -135,22 +165,34 @@ def keep_tensorboard_logs_with_run(trainer, output_dir: str) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = os.path.join(output_dir, "runs")
-            logger.info(
-                f"TensorBoard logs (loss, rewards, ot/* and the ot/token_weights histogram): {callback.logging_dir}"
+            logged = (
+                "loss, rewards, ot/* and the ot/token_weights histogram"
+                if isinstance(trainer, OTPOTrainer)
+                else "loss, rewards"
             )
+            logger.info(f"TensorBoard logs ({logged}): {callback.logging_dir}")
 
 
 def fix_local_model_card(card: Path, model_name_or_path: str, output_dir: str) -> None:
-    """Name a local base model and the saved model in the model card `card` (on the main process only).
+    """Make TRL's own model card (`trainer: dpo`) publishable like OTPO's: no path of this machine, a real license.
 
-    Targets TRL 1.16: `create_model_card` links the base model and the quick-start model as Hub ids, "None" for a
-    local folder (`[None](https://huggingface.co/None)`, `model="None"`). Nothing is done unless `card` exists and
-    `model_name_or_path` is a folder. Delete when TRL's card names local models.
+    Targets TRL 1.16's `create_model_card`: a local base model appears as "None" (`[None](https://huggingface.co/None)`,
+    `model="None"`) or as the absolute path the run records, and the metadata says `licence: license`. Here a local
+    base is named by its folder's name, the quick start loads `output_dir`, and the metadata line becomes the base's
+    license (from its card), or goes when none is known. Nothing is done unless `card` exists. Delete when TRL's card
+    names local models and their license.
     """
-    if not card.exists() or not os.path.isdir(model_name_or_path):
+    if not card.exists():
         return
-    text = card.read_text().replace("[None](https://huggingface.co/None)", f"`{model_name_or_path}`")
-    card.write_text(text.replace('model="None"', f'model="{output_dir}"'))
+    text = card.read_text()
+    licence = "".join(f"{key}: {value}\n" for key, value in base_model_license(model_name_or_path))
+    text = text.replace("licence: license\n", licence, 1)
+    if is_local(model_name_or_path):
+        name = public_name(model_name_or_path)
+        for shown in ("[None](https://huggingface.co/None)", str(Path(model_name_or_path).expanduser().resolve())):
+            text = text.replace(f"`{shown}`", f"`{name}`").replace(shown, f"`{name}`")
+        text = text.replace('model="None"', f'model="{output_dir}"')
+    card.write_text(text)
 
 
 def end_processes(trainer) -> None:
