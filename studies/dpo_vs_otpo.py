@@ -103,6 +103,8 @@ def evaluate_argv(name, model, args, recipe, eval_dir):
     max_samples = 0 if name == "base" else args.max_samples
     argv = ["--model", str(model), "--data", recipe["dataset_name"], "--split", args.split]
     argv += ["--beta", str(recipe["beta"]), "--max_length", str(recipe["max_length"])]
+    # The pairs and prompts training kept, for the base model too (it has no run whose settings evaluate would follow).
+    argv += [arg for key in ("drop_ties", "drop_identical") if key in recipe for arg in (f"--{key}", str(recipe[key]))]
     for key in OT_FIELDS:  # the held-out OT weights are those OTPO trained with (unset keys: the same defaults)
         if key in recipe:
             argv += [f"--{key}", str(recipe[key])]

@@ -40,3 +40,28 @@ def test_run_arm_reuses_only_a_finished_run_of_the_same_settings(
 def test_table_and_links():
     assert common.table(["", "a"], [["x", 1]]) == ["| | a |", "|---|---|", "| x | 1 |"]
     assert common.image("pic", "/r/figures/p.png", "/r") == "![pic](figures/p.png)"
+
+
+def test_the_compare_study_evaluates_base_and_runs_on_the_same_pairs():
+    """The base model has no run for `evaluate` to follow: the study passes the recipe's tie and identical-pair
+    dropping to every evaluation, so the base model answers the prompts the runs answer."""
+    from argparse import Namespace
+
+    from studies import dpo_vs_otpo
+
+    args = Namespace(max_samples=4, split="test", num_generations=2, max_new_tokens=8)
+    recipe = {
+        "dataset_name": "d",
+        "beta": 0.1,
+        "max_length": 512,
+        "use_peft": True,
+        "model_name_or_path": "m",
+        "drop_ties": True,
+        "drop_identical": False,
+    }
+
+    def drops(name):
+        argv = dpo_vs_otpo.evaluate_argv(name, "m", args, recipe, "out")
+        return [argv[argv.index(f"--{key}") + 1] for key in ("drop_ties", "drop_identical")]
+
+    assert drops("base") == drops("otpo") == drops("dpo") == ["True", "False"]
