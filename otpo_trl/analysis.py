@@ -289,8 +289,11 @@ def score_preferences(
             rejected.append(r.cpu())
             margins[weighting] = (c - r).tolist()
         # Each side's summed log-probs (float64 sums), so that a reference's can be computed once and reused.
-        sums = {f"{who}{side}_logp": getattr(stats, f"{who}{side}_logps").double().sum(1).tolist()
-                for who in ("", "ref_") for side in ("chosen", "rejected")}  # fmt: skip
+        sums = {
+            f"{who}{side}_logp": getattr(stats, f"{who}{side}_logps").double().sum(1).tolist()
+            for who in ("", "ref_")
+            for side in ("chosen", "rejected")
+        }
         for k, i in enumerate(indices):
             pairs.append(
                 {

@@ -75,8 +75,10 @@ def format_markdown(result: dict[str, Any]) -> str:
     ]
     for weighting, label in (("unweighted", "unweighted (DPO)"), ("ot", "OT (OTPO)")):
         m = pref[weighting]
-        lines.append(f"| {label} | {m['accuracy']:.3f} | {m['margin_mean']:.4f} | {m['chosen_reward_mean']:.4f} | "
-                     f"{m['rejected_reward_mean']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {m['accuracy']:.3f} | {m['margin_mean']:.4f} | {m['chosen_reward_mean']:.4f} | "
+            f"{m['rejected_reward_mean']:.4f} |"
+        )
     lines += ["", "Accuracy: share of pairs whose chosen reward is strictly larger (ties count as wrong, as in TRL)."]
     gen = result["generation"]
     if gen is not None:
@@ -130,11 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, allow_abbrev=False)
     add_model_arguments(parser)
     parser.add_argument(
-        "--data", "--held_out_file", dest="data", required=True,
+        "--data",
+        "--held_out_file",
+        dest="data",
+        required=True,
         help="Hub data set id, a local folder of split files, or one .jsonl / .json / .parquet file in any of TRL's "
         "preference formats (standard or conversational, explicit or implicit prompt), whose pairs are all scored "
         "whatever --split. --held_out_file is the same option, named as in scripts/length_study.py.",
-    )  # fmt: skip
+    )
     parser.add_argument("--split", default="test", help="Split of --data (ignored for a single file). Default: test.")
     parser.add_argument(
         "--max_samples",
@@ -231,12 +236,23 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(describe_settings(args))
     writable_dir(args.output_dir, "--output_dir")  # before the evaluation, not after it
     result = evaluate(
-        args.model, args.data, ref=args.ref, split=args.split, max_samples=args.max_samples,
-        batch_size=args.batch_size, beta=args.beta, num_generations=args.num_generations,
-        max_new_tokens=args.max_new_tokens, max_length=args.max_length, drop_ties=args.drop_ties,
-        drop_identical=args.drop_identical, device=args.device, dtype=args.dtype, progress=not args.disable_tqdm,
+        args.model,
+        args.data,
+        ref=args.ref,
+        split=args.split,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        beta=args.beta,
+        num_generations=args.num_generations,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        drop_ties=args.drop_ties,
+        drop_identical=args.drop_identical,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.disable_tqdm,
         **ot_kwargs(args),
-    )  # fmt: skip
+    )
     result["defaults_from_run"] = {"file": str(args.run_file) if args.run_file else None, "settings": args.from_run}
     paths = write_report(result, args.output_dir)
     if result["preference"]["n_pairs"] == 0 and args.max_samples != 0:

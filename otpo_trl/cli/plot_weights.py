@@ -225,10 +225,19 @@ def _draw_tokens(canvas, boxes, weights, top: float, cmap, norm) -> None:
     for (line, x, w, label), weight in zip(boxes, weights):
         y = top - (line + 1) * LINE_HEIGHT
         color = cmap(norm(weight))
-        canvas.add_patch(Rectangle((MARGIN + x, y + 0.04), w, LINE_HEIGHT - 0.06, facecolor=color, edgecolor="white",
-                                   linewidth=0.8))  # fmt: skip
-        canvas.text(MARGIN + x + w / 2, y + LINE_HEIGHT / 2 + 0.01, label, ha="center", va="center",
-                    fontproperties=TOKEN_FONT, color=_text_color(color), parse_math=False)  # fmt: skip
+        canvas.add_patch(
+            Rectangle((MARGIN + x, y + 0.04), w, LINE_HEIGHT - 0.06, facecolor=color, edgecolor="white", linewidth=0.8)
+        )
+        canvas.text(
+            MARGIN + x + w / 2,
+            y + LINE_HEIGHT / 2 + 0.01,
+            label,
+            ha="center",
+            va="center",
+            fontproperties=TOKEN_FONT,
+            color=_text_color(color),
+            parse_math=False,
+        )
 
 
 def plot_pair(
@@ -403,8 +412,9 @@ def output_paths(out: str, svg: bool) -> list[Path]:
     writable_dir(png.parent, f"--out {out}: its folder")
     for path in paths:
         if path.exists() and not os.access(path, os.W_OK):
-            raise ValueError(f"--out {path} exists and cannot be written to; give another file name, or make it "
-                             "writable.")  # fmt: skip
+            raise ValueError(
+                f"--out {path} exists and cannot be written to; give another file name, or make it writable."
+            )
     return paths
 
 
@@ -440,8 +450,13 @@ def comparison_panels(stats, options: dict, compare_regs: list[float]) -> list[t
     n, m = int(stats.chosen_mask[0].sum()), int(stats.rejected_mask[0].sum())
     panels = [(f"ot_reg = {options['reg']}", stats.chosen_weights[0], stats.rejected_weights[0])]
     for reg in compare_regs:
-        wc, wr = ot_token_weights(stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask,
-                                  **{**options, "reg": reg})  # fmt: skip
+        wc, wr = ot_token_weights(
+            stats.chosen_hidden,
+            stats.rejected_hidden,
+            stats.chosen_mask,
+            stats.rejected_mask,
+            **{**options, "reg": reg},
+        )
         panels.append((f"ot_reg = {reg}", wc[0], wr[0]))
     return [(heading, wc[:n].cpu().numpy(), wr[:m].cpu().numpy()) for heading, wc, wr in panels]
 
@@ -451,19 +466,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
     paths = output_paths(args.out, args.svg)  # before the model loads, not after the OT solve
     example = load_example(args)
     warn_empty_completions(example)
-    policy, reference, tokenizer = load_model_and_tokenizer(args.model, ref=args.ref, dtype=args.dtype,
-                                                            device=args.device)  # fmt: skip
+    policy, reference, tokenizer = load_model_and_tokenizer(
+        args.model, ref=args.ref, dtype=args.dtype, device=args.device
+    )
     options = ot_kwargs(args)
-    stats = pair_token_stats(policy, reference, tokenizer, [example], max_length=args.max_length,
-                             return_hidden=bool(args.compare_ot_reg), **options)  # fmt: skip
+    stats = pair_token_stats(
+        policy,
+        reference,
+        tokenizer,
+        [example],
+        max_length=args.max_length,
+        return_hidden=bool(args.compare_ot_reg),
+        **options,
+    )
     if not stats.chosen_mask.any() or not stats.rejected_mask.any():
         raise ValueError(f"The pair has no completion tokens within --max_length {args.max_length}.")
     panels = comparison_panels(stats, options, args.compare_ot_reg)
-    stats = replace(stats, **{
-        f"{side}_tokens": [token_labels(tokenizer, ids[mask].tolist()) for ids, mask in
-                           zip(getattr(stats, f"{side}_ids"), getattr(stats, f"{side}_mask"))]
-        for side in ("chosen", "rejected")
-    })  # fmt: skip
+    labels = {
+        side: [token_labels(tokenizer, ids[mask].tolist()) for ids, mask in zip(ids_, masks)]
+        for side, ids_, masks in (
+            ("chosen", stats.chosen_ids, stats.chosen_mask),
+            ("rejected", stats.rejected_ids, stats.rejected_mask),
+        )
+    }
+    stats = replace(stats, chosen_tokens=labels["chosen"], rejected_tokens=labels["rejected"])
 
     model_name = Path(args.model.rstrip("/")).name
     title = [
@@ -476,8 +502,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         for weighting in ("unweighted", "ot"):
             chosen, rejected = implicit_rewards(stats, args.beta, weighting)
             margins[weighting] = float(chosen[0] - rejected[0])
-        title.append(f"Implicit-reward margin (β={args.beta}): unweighted (DPO) {margins['unweighted']:+.4f}, "
-                     f"OT (OTPO) {margins['ot']:+.4f}")  # fmt: skip
+        title.append(
+            f"Implicit-reward margin (β={args.beta}): unweighted (DPO) {margins['unweighted']:+.4f}, "
+            f"OT (OTPO) {margins['ot']:+.4f}"
+        )
     warn_missing_glyphs([*title, *stats.chosen_tokens[0], *stats.rejected_tokens[0]], FONT_FAMILIES)
     fig = plot_pair(stats, 0, title, args.max_tokens, panels=panels, color_scale=args.color_scale)
 

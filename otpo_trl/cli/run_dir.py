@@ -401,11 +401,14 @@ def plan_run(
             history = [*history, {"checkpoint": str(checkpoint), "changes": changes}]
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if _reached_the_end(state, settings):
-            return RunPlan("finished", message=(
-                f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
-                f"(max_steps {settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing "
-                "to train. Raise max_steps (or num_train_epochs) to train further."
-            ))  # fmt: skip
+            return RunPlan(
+                "finished",
+                message=(
+                    f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
+                    f"(max_steps {settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing "
+                    "to train. Raise max_steps (or num_train_epochs) to train further."
+                ),
+            )
         kept = {**new_record, "resumed_with_changes": history} if history else new_record
         return RunPlan("train", str(checkpoint), clear=clear, record=kept)
 
@@ -428,10 +431,13 @@ def plan_run(
     if changes:
         raise ValueError(f"{out} holds a run with other arguments ({describe_changes(changes)}). {how}")
     if record.get("status") == "finished":
-        return RunPlan("finished", message=(
-            f"{out} holds this run, finished at step {record.get('global_step')}: nothing to train. To train it "
-            "again, add `--overwrite_output_dir` or use a new `--output_dir`."
-        ))  # fmt: skip
+        return RunPlan(
+            "finished",
+            message=(
+                f"{out} holds this run, finished at step {record.get('global_step')}: nothing to train. To train it "
+                "again, add `--overwrite_output_dir` or use a new `--output_dir`."
+            ),
+        )
     checkpoint = last_complete_checkpoint(out)
     kept = {**new_record, "resumed_with_changes": history} if history else new_record
     if checkpoint is None:
@@ -441,10 +447,13 @@ def plan_run(
         return RunPlan("train", record=kept)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     if _reached_the_end(state, settings):
-        return RunPlan("finished", message=(
-            f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
-            f"finish: the trained weights are in {checkpoint}. Nothing to train."
-        ))  # fmt: skip
+        return RunPlan(
+            "finished",
+            message=(
+                f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
+                f"finish: the trained weights are in {checkpoint}. Nothing to train."
+            ),
+        )
     logger.info(f"Checkpoint detected in {out}: resuming training from {checkpoint}.")
     return RunPlan("train", str(checkpoint), record=kept)
 
