@@ -157,6 +157,29 @@ def report_paths(report: str | Path) -> tuple[Path, Path, Path]:
     return report, report.with_suffix(".json"), report.parent / "figures"
 
 
+def write_report(summary: dict, report: str | Path, figures, render, *, indent: int) -> list[Path]:
+    """Write a study's JSON (`summary`), its figures (`figures(summary, fig_dir)`) and its Markdown
+    (`render(summary, report_dir)`) at `report`; returns the figures drawn."""
+    report, json_path, fig_dir = report_paths(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=indent))
+    drawn = figures(summary, fig_dir)
+    report.write_text(render(summary, report.parent))
+    return drawn
+
+
+def render_from_json(report: str | Path, figures, render) -> tuple[dict, list[Path]]:
+    """`--render_only`: redraw the figures the JSON beside `report` has data for and rewrite the Markdown from it,
+    training nothing; returns (the JSON's dict, the figures drawn). No JSON there: ValueError."""
+    report, json_path, fig_dir = report_paths(report)
+    if not json_path.is_file():
+        raise ValueError(f"--render_only: no report JSON at {json_path} (beside --report).")
+    summary = json.loads(json_path.read_text())
+    drawn = figures(summary, fig_dir)
+    report.write_text(render(summary, report.parent))
+    return summary, drawn
+
+
 # ------------------------------------------------------------------ compute
 
 

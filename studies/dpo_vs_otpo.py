@@ -35,12 +35,14 @@ from .common import (
     image,
     log_history,
     pyplot,
+    render_from_json,
     report_paths,
     resolve_recipe,
     run_arm,
     save_figure,
     table,
     training_steps,
+    write_report,
 )
 
 
@@ -245,23 +247,16 @@ def _compare(args):
         },
         "generation_lengths": lengths,
     }
-    report, json_path, fig_dir = report_paths(args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(summary, indent=2))
-    figures(summary, fig_dir)
-    report.write_text(render(summary, report.parent))
+    write_report(summary, args.report, figures, render, indent=2)
+    report, json_path, _ = report_paths(args.report)
     print(f"wrote {report} and {json_path}")
     return summary
 
 
 def render_only(report):
     """`--render_only`: rewrite the report, and the figures whose data its JSON holds, from the JSON beside `report`."""
-    report, json_path, fig_dir = report_paths(report)
-    if not json_path.is_file():
-        raise ValueError(f"--render_only: no report JSON at {json_path} (beside --report).")
-    summary = json.loads(json_path.read_text())
-    drawn = figures(summary, fig_dir)
-    report.write_text(render(summary, report.parent))
+    summary, drawn = render_from_json(report, figures, render)
+    report, json_path, _ = report_paths(report)
     kept = sorted({"loss.png", "reward_accuracy.png", "reward_margin.png", "lengths.png"} - {p.name for p in drawn})
     print(
         f"wrote {report} from {json_path}; redrew {len(drawn)} figures"

@@ -56,11 +56,13 @@ from .common import (
     mean_logged,
     planned_settings,
     pyplot,
+    render_from_json,
     report_paths,
     resolve_recipe,
     run_arm,
     save_figure,
     table,
+    write_report,
 )
 
 
@@ -827,25 +829,10 @@ def render(summary, report_dir):
     return "\n".join(lines)
 
 
-def write_report(summary, report, draw=True):
-    """Write the study's JSON, figures (unless `draw` is False) and Markdown report at `report` from `summary`."""
-    report, json_path, fig_dir = report_paths(report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(summary, indent=1))
-    paths = figures(summary, fig_dir) if draw else []
-    report.write_text(render(summary, report.parent))
-    print(f"wrote {report}, {json_path}" + (f" and {len(paths)} figures" if paths else ""))
-    return summary
-
-
 def render_only(report):
     """`--render_only`: redraw the figures and rewrite the Markdown from the JSON beside `report`; trains nothing."""
-    report, json_path, fig_dir = report_paths(report)
-    if not json_path.is_file():
-        raise ValueError(f"--render_only: no study JSON at {json_path} (beside --report).")
-    summary = json.loads(json_path.read_text())
-    paths = figures(summary, fig_dir)
-    report.write_text(render(summary, report.parent))
+    summary, paths = render_from_json(report, figures, render)
+    report, json_path, _ = report_paths(report)
     print(f"wrote {report} and {len(paths)} figures from {json_path}")
     return summary
 
@@ -958,7 +945,10 @@ def _study(args, command):
         "compute": compute,
         "ot_logged": ot_logged,
     }
-    return write_report(summary, report)
+    paths = write_report(summary, report, figures, render, indent=1)
+    report, json_path, _ = report_paths(report)
+    print(f"wrote {report}, {json_path} and {len(paths)} figures")
+    return summary
 
 
 __all__ = [
