@@ -499,8 +499,8 @@ def reference_scores(args, recipe, policy, reference, tokenizer, pairs, folder):
 
 
 def score(args, recipe, run_dir, pairs, path):
-    """Uniform-weight margins and token counts of every held-out pair, and greedy generation lengths; cached (reused
-    only if made with the same held-out pairs and scoring settings). The reference's log-probs come from
+    """Unweighted margins (DPO's plain sums) and token counts of every held-out pair, and greedy generation lengths;
+    cached (reused only if made with the same held-out pairs and scoring settings). The reference's log-probs come from
     [`reference_scores`]'s cache: only the policy runs here once they are there."""
     setting = scoring_setting(args, recipe, pairs)
     if path.exists() and json.loads(path.read_text())["setting"] == setting:
