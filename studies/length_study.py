@@ -41,7 +41,7 @@ import numpy as np
 from trl.data_utils import maybe_extract_prompt
 
 from otpo_trl.analysis import generate_responses, score_preferences
-from otpo_trl.cli.run_dir import RUN_FILE, describe_changes, settings_changes
+from otpo_trl.cli.run_dir import describe_changes, read_run_record, settings_changes
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.otpo_config import ot_kwargs
@@ -923,11 +923,8 @@ def _study(args, command):
         if logged:
             ot_logged[run] = logged
 
-    recorded = {
-        run: json.loads((out / run / RUN_FILE).read_text())["settings"]
-        for run in runs
-        if (out / run / RUN_FILE).exists()
-    }
+    records = {run: read_run_record(out / run) for run in runs}
+    recorded = {run: record["settings"] for run, record in records.items() if record is not None}
     summary = {
         "command": command,
         "settings": {k: getattr(args, k) for k in (*STUDY, "recipe", "quick", "held_out_file", "baseline")},

@@ -134,6 +134,24 @@ def settings_changes(old: dict, new: dict) -> dict:
     return {k: [old.get(k, unset), new.get(k, unset)] for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
 
 
+def read_run_record(folder: str | Path) -> dict | None:
+    """The run record (`run_args.json`) in `folder`; None when there is none.
+
+    Raises:
+        ValueError: the file is there but is not a run record (not JSON, or no `settings` mapping).
+    """
+    file = Path(folder).expanduser() / RUN_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+        if not isinstance(record["settings"], dict):
+            raise TypeError("`settings` is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a run record of the training command ({err!r}).") from err
+    return record
+
+
 def finished_run_changes(run_dir: str | Path, settings: dict) -> dict:
     """How the run recorded in `run_dir` differs from `settings` ([`run_settings`] of the arguments a study would
     train it with): [`settings_changes`] of the `settings` that `run_args.json` records (none when it records none)
@@ -467,16 +485,10 @@ def run_record_of(model_path: str | Path) -> tuple[Path, dict] | None:
         ValueError: the file is there but is not a run record (not JSON, or no `settings` mapping).
     """
     path = Path(model_path).expanduser()
-    candidates = [path / RUN_FILE, *([path.parent / RUN_FILE] if _CHECKPOINT.match(path.name) else [])]
-    for file in candidates:
-        if file.is_file():
-            try:
-                record = json.loads(file.read_text())
-                if not isinstance(record["settings"], dict):
-                    raise TypeError("`settings` is not a mapping")
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{file} is not a run record of the training command ({err!r}).") from err
-            return file, record
+    for folder in (path, *([path.parent] if _CHECKPOINT.match(path.name) else [])):
+        record = read_run_record(folder)
+        if record is not None:
+            return folder / RUN_FILE, record
     return None
 
 
