@@ -3,6 +3,8 @@
 import argparse
 from dataclasses import fields
 
+from transformers.hf_argparser import string_to_bool
+
 from ..analysis import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, checked_value
 
@@ -17,6 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
+
+# An argparse `type` for a true/false option, as TRL's parser reads one (`--drop_ties`, `--drop_ties false`).
+boolean = string_to_bool
 
 # How a default that follows the evaluated run is stated in --help (`run_defaults=True` below; the tool's help says
 # where the run's values are read from).
@@ -50,16 +55,6 @@ def add_ot_arguments(parser: argparse.ArgumentParser, run_defaults: bool = False
                 choices=f.metadata.get("choices"),
                 help=f"{f.metadata['help']} Default: {default}.",
             )
-
-
-def boolean(value: str) -> bool:
-    """An argparse `type` for a true/false option, as TRL's parser reads one (`--drop_ties`, `--drop_ties false`)."""
-    lowered = value.lower()
-    if lowered in ("true", "yes", "1", "t", "y"):
-        return True
-    if lowered in ("false", "no", "0", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def settings_from_run(args: argparse.Namespace, defaults: dict, settings: dict | None) -> tuple[dict, dict]:
