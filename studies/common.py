@@ -37,25 +37,16 @@ def at_repo_root():
 # ------------------------------------------------------------------ the recipe and the arms
 
 
-def parse_train_flags(flags: list[str]):
-    """`flags` as `scripts/train.py` parses them (the recipe, its defaults and checks): (script, training, model)."""
-    return train_cli.parse_args(flags)
-
-
-def recipe_values(parsed) -> dict:
-    """The parsed arguments of [`parse_train_flags`] as one flat dict (script, model, then training arguments)."""
-    script_args, training_args, model_args = parsed
-    return {**vars(script_args), **vars(model_args), **training_args.to_dict()}
-
-
 def resolve_recipe(flags: list[str]) -> dict:
-    """The recipe as a run trained with `flags` resolves it, as one dict."""
-    return recipe_values(parse_train_flags(flags))
+    """The recipe as a run trained with `flags` resolves it (`scripts/train.py`'s parser: its defaults and checks), as
+    one flat dict: script, model, then training arguments."""
+    script_args, training_args, model_args = train_cli.parse_args(flags)
+    return {**vars(script_args), **vars(model_args), **training_args.to_dict()}
 
 
 def planned_settings(flags: list[str]) -> dict:
     """The settings that `run_args.json` would record for a run trained with `flags` (`run_settings`)."""
-    return run_settings(*parse_train_flags(flags))
+    return run_settings(*train_cli.parse_args(flags))
 
 
 def run_arm(flags: list[str], run_dir: str | Path, *, on_mismatch: str = "give the study a new --out") -> bool:
@@ -68,7 +59,7 @@ def run_arm(flags: list[str], run_dir: str | Path, *, on_mismatch: str = "give t
     Returns True if it trained, False if it reused the finished run.
     """
     run_dir = Path(run_dir)
-    parsed = parse_train_flags(flags)
+    parsed = train_cli.parse_args(flags)
     if Path(parsed[1].output_dir).resolve() != run_dir.resolve():
         raise ValueError(f"the flags train into {parsed[1].output_dir}, not {run_dir}")
     if (run_dir / "all_results.json").exists():
