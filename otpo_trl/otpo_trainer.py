@@ -84,21 +84,32 @@ def console_logs(logs: dict[str, Any], max_iter: int) -> dict[str, Any]:
     return quiet
 
 
+class _ConsoleLogs:
+    """Prints [`console_logs`] of the logs (the training arguments are OTPOConfig's: `ot_max_iter`)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs or {}, args.ot_max_iter), **kwargs)
+
+
+class OTPOProgressCallback(_ConsoleLogs, ProgressCallback):
+    """transformers' `ProgressCallback`, printing [`console_logs`]."""
+
+
+class OTPOPrinterCallback(_ConsoleLogs, PrinterCallback):
+    """transformers' `PrinterCallback` (with `disable_tqdm`), printing [`console_logs`]."""
+
+
+_CONSOLE_CALLBACKS = {ProgressCallback: OTPOProgressCallback, PrinterCallback: OTPOPrinterCallback}
+
+
 def _quiet_console_logs(trainer: "OTPOTrainer") -> None:
-    """Swap transformers' console callback (`ProgressCallback`, or `PrinterCallback` with `disable_tqdm`) for one that
-    prints [`console_logs`]: OTPO's per-step line then has the length of DPOTrainer's plus three `ot/*` values.
-    Targets transformers 5.24's callbacks, which print every logged key."""
-    max_iter = trainer.args.ot_max_iter
+    """Swap transformers' console callback for its OTPO version, which prints [`console_logs`]: OTPO's per-step line
+    then has the length of DPOTrainer's plus three `ot/*` values. Targets transformers 5.24's callbacks, which print
+    every logged key."""
     for callback in list(trainer.callback_handler.callbacks):
-        if type(callback) in (ProgressCallback, PrinterCallback):
-
-            class Quiet(type(callback)):
-                def on_log(self, args, state, control, logs=None, **kwargs):
-                    return super().on_log(args, state, control, logs=console_logs(logs or {}, max_iter), **kwargs)
-
-            Quiet.__name__ = Quiet.__qualname__ = f"OTPO{type(callback).__name__}"
+        if type(callback) in _CONSOLE_CALLBACKS:
             trainer.callback_handler.remove_callback(callback)
-            trainer.callback_handler.add_callback(Quiet())
+            trainer.callback_handler.add_callback(_CONSOLE_CALLBACKS[type(callback)]())
 
 
 class OTWeightHistogramCallback(TrainerCallback):
@@ -480,4 +491,4 @@ class OTPOTrainer(DPOTrainer):
         card.save(f"{self.args.output_dir}/README.md")
 
 
-__all__ = ["OTPOTrainer", "OTWeightHistogramCallback"]
+__all__ = ["OTPOPrinterCallback", "OTPOProgressCallback", "OTPOTrainer", "OTWeightHistogramCallback"]
