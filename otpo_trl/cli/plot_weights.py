@@ -342,8 +342,8 @@ def plot_pair(
                 top -= gap
             w = raw[k]
             summary = f"{len(tokens)} tokens, weights sum to {w.sum():.2f}"
-            if w.size:
-                summary += f", max / mean {w.max() / w.mean():.2f}" if w.mean() > 0 else ""
+            if w.size and w.mean() > 0:
+                summary += f", max / mean {w.max() / w.mean():.2f}"
             color = "#1a7f37" if k == 0 else "#b42318"
             canvas.text(MARGIN, top - head_h / 2, side, va="center", fontsize=13, weight="bold", color=color)
             canvas.text(MARGIN + 1.05, top - head_h / 2, summary, va="center", fontsize=11, color="0.35")
