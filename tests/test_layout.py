@@ -17,7 +17,9 @@ PACKAGE = "otpo_trl"
 TRAINING = (
     "otpo_trl.ot",
     "otpo_trl.ot.costs",
+    "otpo_trl.ot.geometry",
     "otpo_trl.ot.sinkhorn",
+    "otpo_trl.ot.solve",
     "otpo_trl.ot.weights",
     "otpo_trl.ot.pot_reference",
     "otpo_trl.ot.stats",
