@@ -111,7 +111,10 @@ def test_dense_path_allocates_one_matrix_and_online_none(stabilised, monkeypatch
 
 def test_groups_stay_within_the_budget_and_the_largest_pair_goes_online():
     n, m = [300, 10, 0, 120, 280, 50], [290, 12, 40, 100, 30, 60]
-    need = lambda pairs: solve.DENSE_OVERHEAD * len(pairs) * max(n[p] for p in pairs) * max(m[p] for p in pairs) * 4
+
+    def need(pairs):
+        return solve.DENSE_OVERHEAD * len(pairs) * max(n[p] for p in pairs) * max(m[p] for p in pairs) * 4
+
     budget = int(need([0])) - 1  # the largest pair alone does not fit
     groups, online = solve.plan_groups(n, m, 4, budget)
     assert online == [0] and sorted(p for g in groups for p in g) == [1, 3, 4, 5]  # pair 2 is empty: not solved
