@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from otpo_trl.cli import train as train_cli
-from otpo_trl.cli.run_dir import describe_changes, finished_run_changes, run_settings
+from otpo_trl.runs import describe_changes, finished_run_changes, run_settings
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..analysis import DEFAULT_MAX_LENGTH, evaluate
 from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
+from ..runs import RUN_FILE, run_record_of, writable_dir
 from .options import (
     add_max_length_argument,
     add_model_arguments,
@@ -43,7 +44,6 @@ from .options import (
     check_ot_arguments,
     settings_from_run,
 )
-from .run_dir import RUN_FILE, run_record_of, writable_dir
 
 
 logger = logging.getLogger(__name__)

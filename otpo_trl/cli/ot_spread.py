@@ -44,8 +44,8 @@ from ..data import load_preference_dataset
 from ..loading import load_model_and_tokenizer
 from ..ot_weights import ot_token_weights
 from ..otpo_config import OT_FIELDS, OTPOConfig
+from ..runs import writable_dir
 from .options import add_max_length_argument, add_model_arguments
-from .run_dir import writable_dir
 
 
 LISTED = ("ot_reg", "ot_cost_scale")  # options that take several values: one setting per combination
