@@ -136,12 +136,19 @@ def test_a_run_records_its_arguments_inputs_versions_and_outputs(finished_run, t
     assert runs.run_record_of(finished_run / "checkpoint-1")[0] == finished_run / "checkpoint-1" / runs.RUN_FILE
 
 
-def test_the_record_is_written_atomically(tmp_path):
+def test_the_record_is_written_atomically(tmp_path, monkeypatch):
+    """A write cut short (here: the rename that ends it fails, as under a kill or a full disk) leaves the old record
+    whole, and no temporary file."""
     file = tmp_path / "run_args.json"
     runs.write_json(file, {"settings": {"beta": 0.1}})
-    with pytest.raises(TypeError):
-        runs.write_json(file, {"settings": {"beta": object()}})  # fails half-way through the JSON
-    assert json.loads(file.read_text()) == {"settings": {"beta": 0.1}}  # the old file, whole
+
+    def cut_short(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        runs.write_json(file, {"settings": {"beta": 0.2}})
+    assert json.loads(file.read_text()) == {"settings": {"beta": 0.1}}  # the old record, whole
     assert [p.name for p in tmp_path.iterdir()] == ["run_args.json"]  # no temporary file left
 
 
@@ -546,6 +553,31 @@ def test_overwrite_moves_what_no_record_lists(tmp_path):
     [aside] = tmp_path.glob("out.replaced-*")
     assert (aside / "model.safetensors").read_bytes() == b"weights" and (aside / "config.json").exists()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run_args.json"]
+
+
+def test_overwrite_moves_a_run_whose_record_lists_no_outputs(tmp_path):
+    """A run of an older version (its record lists no outputs): moved aside whole, record and all."""
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / runs.RUN_FILE).write_text(json.dumps({"status": "finished", "settings": {"max_steps": 2}}))
+    runs.start_run(runs.plan_run(out, {"max_steps": 3}, overwrite_output_dir=True), out)
+    [aside] = tmp_path.glob("out.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-1", "model.safetensors", runs.RUN_FILE]
+    assert json.loads((aside / runs.RUN_FILE).read_text())["settings"] == {"max_steps": 2}
+    assert record(out)["settings"] == {"max_steps": 3}
+
+
+def test_a_checkpoint_is_listed_as_the_runs_before_it_is_written(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    recorder = runs.start_run(runs.plan_run(tmp_path, {"max_steps": 2}), tmp_path)
+    recorder.will_write("checkpoint-1")
+    assert record(tmp_path)["outputs"] == ["checkpoint-1"] and not (tmp_path / "checkpoint-1").exists()
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "trainer_state.json").write_text("{}")
+    recorder.write(status="trained")
+    assert record(tmp_path)["outputs"] == ["checkpoint-1", "trainer_state.json"]  # notes.txt is not the run's
+    assert record(tmp_path)["status"] == "trained"
 
 
 def test_a_plan_is_made_from_plain_values(tmp_path):

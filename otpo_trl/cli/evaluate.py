@@ -20,7 +20,7 @@ work is done by `otpo_trl.analysis.evaluate`.
 
 The settings follow the run evaluated ([`RUN_DEFAULTS`]): when `--model` is a training run's folder (`output_dir`)
 or one of its `checkpoint-<step>` folders, `--max_length`, `--drop_ties`, `--drop_identical`, `--beta` and the `--ot_*`
-options default to that run's, read from its `run_args.json` (`otpo_trl.cli.run_dir`); a flag given wins. The log and
+options default to that run's, read from its `run_args.json` (`otpo_trl.runs`); a flag given wins. The log and
 `eval.json` (`defaults_from_run`) say which values came from the run.
 """
 

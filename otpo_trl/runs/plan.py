@@ -139,7 +139,7 @@ def _aside_folder(out: Path) -> Path:
 
 def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
     """What `--overwrite_output_dir` does to `out`: `(delete, move)`. Deleted: the entries the previous run's record
-    lists as its outputs, then the record. Moved aside ([`clear_previous_run`]): any other entry that a run writes, not
+    lists as its outputs, then the record (moved with the rest if it lists none). Moved aside ([`clear_previous_run`]): any other entry that a run writes, not
     listed (a record of an older version lists none, a folder without a record has none), which this run cannot tell
     from the user's.
 
@@ -148,8 +148,10 @@ def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
     """
     listed = set((record or {}).get("outputs", []))
     entries = [p for p in _run_entries(out) if p.name != RUN_FILE]
-    delete = [p for p in entries if p.name in listed] + ([out / RUN_FILE] if record is not None else [])
+    delete = [p for p in entries if p.name in listed]
     move = [p for p in entries if p.name not in listed]
+    if record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
+        (delete if "outputs" in record else move).append(out / RUN_FILE)
     if move:
         parent = out.resolve().parent
         if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(out).st_dev:
@@ -195,14 +197,15 @@ class RunRecorder:
 
     def write(self, **changes) -> None:
         """Update the record with `changes` and the entries written since, and write it."""
-        outputs = set(self.record.get("outputs", [])) | (_top_names(self.output_dir) - self._not_ours)
-        self.record |= changes | {"outputs": sorted(outputs)}
+        self.record |= changes
+        listed = set(self.record.get("outputs", [])) | (_top_names(self.output_dir) - self._not_ours)
+        self.record["outputs"] = sorted(listed)
         write_json(self.output_dir / RUN_FILE, self.record)
 
     def will_write(self, name: str) -> None:
         """List the entry `name` among the outputs before it is written (a checkpoint cut short is still the run's)."""
         if name not in self.record.get("outputs", []):
-            self.write(outputs=sorted({*self.record.get("outputs", []), name}))
+            self.write(outputs=[*self.record.get("outputs", []), name])
 
     def saved_checkpoint(self, checkpoint: str | Path, global_step: int) -> None:
         """The checkpoint is saved: it carries the run record (at its step), written after HF Trainer's files."""
