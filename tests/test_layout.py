@@ -24,7 +24,7 @@ TRAINING = (
     "otpo_trl.cli.run_dir",
 )
 # Evaluation and studies: what training must not import, directly or through another module.
-EVALUATION = ("otpo_trl.analysis", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
+EVALUATION = ("otpo_trl.inspection", "otpo_trl.evaluation", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
 # Top-level folders of the checkout that are not the package (the package imports nothing from them).
 OUTSIDE = ("scripts", "studies", "tests", "bench")
 

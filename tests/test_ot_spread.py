@@ -7,9 +7,9 @@ import pytest
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from otpo_trl.analysis import pair_token_stats
 from otpo_trl.cli import ot_spread
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.inspection import pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.tokenization import tokenize_pair
 

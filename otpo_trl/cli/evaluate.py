@@ -16,7 +16,7 @@ Writes to `--output_dir`:
 The reference is `--ref`, else an adapter's base (the adapter disabled); a full model without `--ref` is its own
 reference, and every margin is then 0. A pair counts as correct when its chosen reward is strictly larger (ties are
 wrong, as in TRL's `rewards/accuracies`); with no pair scored, the accuracy and margins are `null` in `eval.json`. The
-work is done by `otpo_trl.analysis.evaluate`.
+work is done by `otpo_trl.evaluation.evaluate`.
 
 The settings follow the run evaluated ([`RUN_DEFAULTS`]): when `--model` is a training run's folder (`output_dir`)
 or one of its `checkpoint-<step>` folders, `--max_length`, `--drop_ties`, `--drop_identical`, `--beta` and the `--ot_*`
@@ -33,7 +33,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..analysis import DEFAULT_MAX_LENGTH, evaluate
+from ..evaluation import evaluate
+from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
 from .options import (
     add_max_length_argument,

@@ -6,7 +6,7 @@ python scripts/ot_spread.py --model models/SmolLM2-135M-Instruct --data ../share
 ```
 
 The policy's last hidden states (the ones OTPO's weights come from in training) are computed once per batch of pairs
-([`otpo_trl.analysis.pair_token_stats`] with `return_hidden`); the OT weights are then computed from them for every
+([`otpo_trl.inspection.pair_token_stats`] with `return_hidden`); the OT weights are then computed from them for every
 setting (each `--ot_reg` with each `--ot_cost_scale`; the other `ot_*` options are shared). Per setting, over the
 completions (both sides of every pair) or the pairs:
 
@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from ..analysis import pair_token_stats, scoring_order
 from ..data import load_preference_dataset
+from ..evaluation import scoring_order
+from ..inspection import pair_token_stats
 from ..loading import load_model_and_tokenizer
 from ..ot_weights import ot_token_weights
 from ..otpo_config import OT_FIELDS, OTPOConfig
@@ -202,16 +203,15 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
     pair_weights, tokens = {}, None
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        # One forward: log-probs and hidden states; uniform weighting solves no OT problem here.
+        # One forward: log-probs and hidden states, no weights; each setting's weights come from these states.
         stats = pair_token_stats(
             policy,
             None,
             tokenizer,
             [examples[i] for i in indices],
             max_length=max_length,
+            token_weights=False,
             return_hidden=True,
-            weighting="uniform",
-            normalization=options_list[0]["normalization"],
         )
         hc, hr, mc, mr = stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask
         for options in options_list:

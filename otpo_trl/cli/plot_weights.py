@@ -9,7 +9,7 @@ python scripts/plot_weights.py --model out/otpo-lora --data ../shared/data/ultra
 
 The top panels show the chosen and the rejected completion token by token, each token shaded by its OT weight (the
 weight OTPO gives its log-prob; DPO gives every token 1); the bottom panel shows the transport plan between them. The
-weights come from the policy's last hidden states, as in training (see `otpo_trl.analysis.pair_token_stats`). With a
+weights come from the policy's last hidden states, as in training (see `otpo_trl.inspection.pair_token_stats`). With a
 reference (an adapter's base, or `--ref`), the title also gives the pair's implicit-reward margin under both weightings.
 
 Text is drawn with DejaVu Sans, falling back, character by character, to Noto Sans CJK (Chinese, Japanese, Korean;
@@ -42,8 +42,8 @@ from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from ..analysis import implicit_rewards, inline_example, pair_token_stats  # noqa: E402
 from ..data import load_preference_dataset  # noqa: E402
+from ..inspection import REWARD_WEIGHTINGS, implicit_rewards, inline_example, pair_token_stats  # noqa: E402
 from ..loading import load_model_and_tokenizer  # noqa: E402
 from ..ot_weights import ot_token_weights  # noqa: E402
 from ..otpo_config import checked_value, ot_kwargs  # noqa: E402
@@ -248,7 +248,7 @@ def plot_pair(
     panels: list[tuple[str, np.ndarray, np.ndarray]] | None = None,
     color_scale: str = "weight",
 ):
-    """The figure for pair `i` of `stats` (an `otpo_trl.analysis.PairStats`), as wide as its content needs.
+    """The figure for pair `i` of `stats` (an `otpo_trl.inspection.PairStats`), as wide as its content needs.
 
     `panels`: (heading, chosen weights (n,), rejected weights (m,)) per panel of token weights, all drawn on one
     colour scale (default: one panel, `stats`' weights, no heading). `color_scale`: "weight" (the weight, from 0) or
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ]
     if stats.has_reference:
         margins = {}
-        for weighting in ("unweighted", "ot"):
+        for weighting in REWARD_WEIGHTINGS:
             chosen, rejected = implicit_rewards(stats, args.beta, weighting)
             margins[weighting] = float(chosen[0] - rejected[0])
         title.append(
