@@ -24,7 +24,14 @@ TRAINING = (
     "otpo_trl.cli.run_dir",
 )
 # Evaluation and studies: what training must not import, directly or through another module.
-EVALUATION = ("otpo_trl.inspection", "otpo_trl.evaluation", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
+EVALUATION = (
+    "otpo_trl.inspection",
+    "otpo_trl.evaluation",
+    "otpo_trl.plotting.fonts",
+    "otpo_trl.plotting.pair_figure",
+    "otpo_trl.cli.evaluate",
+    "otpo_trl.cli.plot_weights",
+)
 # Top-level folders of the checkout that are not the package (the package imports nothing from them).
 OUTSIDE = ("scripts", "studies", "tests", "bench")
 
@@ -151,6 +158,13 @@ def test_no_import_cycle():
 def test_training_imports_no_evaluation_code(module):
     assert module in GRAPH
     assert sorted(reachable(GRAPH, module) & set(EVALUATION)) == []
+
+
+def test_the_pictures_import_nothing_of_the_package_but_themselves():
+    """`otpo_trl.plotting` draws what it is given: it loads no model, reads no argument and solves nothing."""
+    drawing = [name for name in GRAPH if name.startswith("otpo_trl.plotting")]
+    assert "otpo_trl.plotting.pair_figure" in drawing
+    assert {name: sorted(GRAPH[name] - set(drawing)) for name in drawing} == {name: [] for name in drawing}
 
 
 def test_the_package_imports_nothing_from_the_checkout_outside_it():
