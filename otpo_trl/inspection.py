@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .forward import fused_forward
-from .ot_weights import ot_token_weights
+from .ot import ot_token_weights
 from .otpo_config import OTPOConfig
 from .tokenization import tokenize_pair
 

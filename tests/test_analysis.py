@@ -24,7 +24,7 @@ from otpo_trl.data import load_preference_dataset
 from otpo_trl.evaluation import score_preferences
 from otpo_trl.inspection import implicit_rewards, inline_example, pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
-from otpo_trl.ot_weights import ot_token_weights
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.otpo_config import ot_kwargs
 from otpo_trl.tokenization import tokenize_pair
 

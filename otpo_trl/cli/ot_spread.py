@@ -43,7 +43,7 @@ from ..data import load_preference_dataset
 from ..evaluation import scoring_order
 from ..inspection import pair_token_stats
 from ..loading import load_model_and_tokenizer
-from ..ot_weights import ot_token_weights
+from ..ot import ot_token_weights
 from ..otpo_config import OT_FIELDS, OTPOConfig
 from .options import add_max_length_argument, add_model_arguments
 from .run_dir import writable_dir

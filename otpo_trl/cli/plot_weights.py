@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..data import load_preference_dataset  # noqa: E402
 from ..inspection import REWARD_WEIGHTINGS, implicit_rewards, inline_example, pair_token_stats  # noqa: E402
 from ..loading import load_model_and_tokenizer  # noqa: E402
-from ..ot_weights import ot_token_weights  # noqa: E402
+from ..ot import ot_token_weights  # noqa: E402
 from ..otpo_config import checked_value, ot_kwargs  # noqa: E402
 from ..plotting.fonts import warn_missing_glyphs  # noqa: E402
 from ..plotting.pair_figure import COLOR_SCALES, DPI, plot_pair, token_labels  # noqa: E402
