@@ -7,11 +7,13 @@ content needs (at most `FIG_WIDTH` inches). Text uses [`otpo_trl.plotting.fonts`
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
 
+from ..ot.stats import token_weight_stats
 from .fonts import use_fonts
 
 
@@ -93,6 +95,15 @@ def _draw_tokens(canvas, boxes, weights, top: float, cmap, norm, font: FontPrope
         )
 
 
+def _spread(weights: np.ndarray) -> tuple[np.ndarray | None, float | None]:
+    """One completion's (n,) weights over their mean, and the largest over the mean ([`token_weight_stats`], as the
+    trainer's metrics and `otpo-trl spread` measure them); (None, None) without a token or when they sum to 0."""
+    stats = token_weight_stats(torch.as_tensor(weights)[None], torch.ones(1, weights.size, dtype=torch.bool))
+    if not stats.max_mean.isfinite().item():
+        return None, None
+    return stats.ratio[0].numpy(), stats.max_mean.item()
+
+
 def plot_pair(
     stats,
     i: int,
@@ -171,10 +182,13 @@ def plot_pair(
         canvas.text(MARGIN, top - 0.1 - 0.28 * k, line, va="top", parse_math=False, fontproperties=font)
     top -= title_h
 
+    spreads = [[_spread(w) for w in sides] for _, *sides in panels]
     if color_scale == "relative":
         # Each side over its mean weight: the normalisation (both sides sum to min(n, m)) divides out, and 1 is the
         # weight without OT. White at 1; blue down to the lowest ratio of any panel, red up to the highest.
-        shown = [tuple(w / w.mean() if w.size and w.mean() > 0 else w for w in sides) for _, *sides in panels]
+        shown = [
+            tuple(w if r is None else r for w, (r, _) in zip(sides, s)) for (_, *sides), s in zip(panels, spreads)
+        ]
         ratios = [w for ws in shown for w in ws if w.size]
         low = min([0.95, *(float(w.min()) for w in ratios)])
         high = max([1.05, *(float(w.max()) for w in ratios)])
@@ -197,8 +211,9 @@ def plot_pair(
                 top -= gap
             w = raw[k]
             summary = f"{len(tokens)} tokens, weights sum to {w.sum():.2f}"
-            if w.size and w.mean() > 0:
-                summary += f", max / mean {w.max() / w.mean():.2f}"
+            max_mean = spreads[p][k][1]
+            if max_mean is not None:
+                summary += f", max / mean {max_mean:.2f}"
             color = "#1a7f37" if k == 0 else "#b42318"
             canvas.text(MARGIN, top - head_h / 2, side, va="center", fontsize=13, weight="bold", color=color)
             canvas.text(MARGIN + 1.05, top - head_h / 2, summary, va="center", fontsize=11, color="0.35")
