@@ -27,6 +27,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate.utils import broadcast_object_list
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantization_config
 
@@ -118,8 +119,6 @@ def lock_output_dir(training_args: OTPOConfig) -> RunLock | None:
         except (ValueError, OSError) as err:
             refusal = str(err)
     if training_args.world_size > 1:
-        from accelerate.utils import broadcast_object_list
-
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
         raise ValueError(refusal)
