@@ -164,3 +164,25 @@ def test_the_timed_official_loop_is_the_official_procedure():
             oc, orr, _ = official_weights(hc, hr, mc, mr, reg)
             tc, tr = official_torch(hc.float(), hr.float(), mc, mr, reg, 0.2)
             assert worst_error((tc, tr), (oc, orr), (mc, mr)) < 1e-5, (seed, reg)  # measured <= 9.7e-7
+
+
+def test_long_completions_part_cpu_tiny(tmp_path):
+    """`--parts long-1b` (not a default part) at tiny sizes on the CPU: DPO and OTPO steps at both lengths and the OT
+    step alone, dense and online at both ε, with the online weights' iterations; the summary's two tables."""
+    out = tmp_path / "out"
+    proc = run([str(RUN_SH), str(out), "--device", "cpu", "--tiny", "--parts", "long-1b"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    part = json.loads((out / "suite.json").read_text())["parts"]["long-1b"]
+    assert part["status"] == "ok", (part.get("error"), part.get("traceback"))
+    tokens = part["config"]["tokens"]
+    assert tokens == [512, 1024]  # 8k and 16k over the tiny divisor
+    steps, alone = part["results"]["steps"], part["results"]["ot_alone"]
+    assert set(steps) == {f"{kind}_{n}" for kind in ("dpo", "otpo") for n in tokens}
+    assert all(r["seconds"] > 0 and r["peak_bytes"] is None for r in steps.values())  # peaks: CUDA only
+    assert all(steps[f"otpo_{n}"]["ot_seconds"] > 0 for n in tokens) and steps["dpo_512"]["ot_seconds"] is None
+    assert set(alone) == {f"{s}_{n}_reg{r}" for s in ("batched", "online") for n in tokens for r in (1.0, 0.1)}
+    for n in tokens:
+        for reg in (1.0, 0.1):  # the same iterates, whichever solver
+            assert abs(alone[f"online_{n}_reg{reg}"]["n_iter"] - alone[f"batched_{n}_reg{reg}"]["n_iter"]) <= 10
+    summary = (out / "summary.md").read_text()
+    assert "## long-1b: ok" in summary and "| otpo_1024 |" in summary and "| online_1024_reg0.1 |" in summary

@@ -22,6 +22,7 @@ TRAINING = (
     "otpo_trl.ot.solve",
     "otpo_trl.ot.weights",
     "otpo_trl.ot.pot_reference",
+    "otpo_trl.ot.settings",
     "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",

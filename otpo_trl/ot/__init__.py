@@ -9,7 +9,8 @@ states by entropic unbalanced optimal transport.
 - `solve`: a batch solved within a memory budget: dense groups, and the online solver for a pair that alone exceeds
   it.
 - `weights`: `ot_token_weights` (cost, scale, solve, marginals, normalise), the "w/o OT" `uniform_token_weights`,
-  SamPO's `sampo_token_weights`, and `checked_setting`, the one check of their settings.
+  SamPO's `sampo_token_weights`.
+- `settings`: their settings' names and `checked_setting`, the one check of them (the config uses it too).
 - `pot_reference`: POT once per pair, the reference (`solver="pot"`).
 - `stats`: `token_weight_stats`, how far from uniform a completion's weights are.
 
@@ -18,6 +19,7 @@ This package imports neither the trainer nor the config: they build on it.
 
 from .costs import COST_SCALES, COSTS, cost_scaling, pair_cost, zero_state_costs
 from .geometry import DenseKernel, PointCloud, TiledKernel
+from .settings import NORMALIZATIONS, SETTINGS, SOLVERS, WEIGHTINGS, checked_setting, positive_number
 from .sinkhorn import (
     SinkhornResult,
     sinkhorn_knopp_unbalanced,
@@ -25,18 +27,7 @@ from .sinkhorn import (
     sinkhorn_unbalanced,
 )
 from .stats import TokenWeightStats, token_weight_stats
-from .weights import (
-    NORMALIZATIONS,
-    SETTINGS,
-    SOLVERS,
-    WEIGHTINGS,
-    OTInfo,
-    checked_setting,
-    ot_token_weights,
-    positive_number,
-    sampo_token_weights,
-    uniform_token_weights,
-)
+from .weights import OTInfo, ot_token_weights, sampo_token_weights, uniform_token_weights
 
 
 __all__ = [

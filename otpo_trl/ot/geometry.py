@@ -130,17 +130,25 @@ class PointCloud:
         lengths), into ``out`` if given, else into the workspace's "tile" (valid until the next call)."""
         x, y = self.x[:, rows], self.y[:, cols]
         shape = (self.shape[0], x.shape[1], y.shape[1])
-        scale = torch.add(self.sq[0][:, rows, None], self.sq[1][:, None, cols], out=self.work("scale", shape))
+        sx, sy = self.sq[0][:, rows], self.sq[1][:, cols]
+        scale = torch.add(sx[:, :, None], sy[:, None, :], out=self.work("scale", shape))
         d2 = torch.baddbmm(scale, x, y.mT, alpha=-2, out=self.work("tile", shape) if out is None else out)
-        # Every negative d2 is in `bad` too, recomputed below: no clamp needed where the tile is all valid.
-        bad = torch.le(d2, scale.mul_(_REFINE), out=self.work("bad", shape, torch.bool))
-        if not self.full(rows, cols):
-            d2.clamp_min_(0)  # the entries outside the lengths, which are not recomputed
-            bad &= self.valid[0][:, rows, None]
-            bad &= self.valid[1][:, None, cols]
-        if bad.any():  # near-duplicates (e.g. a shared prefix): identical tokens must cost exactly 0
-            b, i, j = bad.nonzero().unbind(1)
+        # Entries where the formula cancelled more than ~1 digit, d2 <= 0.1 (|x|^2 + |y|^2), negative ones included,
+        # are recomputed directly. Only a row whose smallest d2 is below 0.1 (|x|^2 + max |y|^2) can hold one.
+        full = self.full(rows, cols)
+        maybe = d2.amin(2) <= _REFINE * (sx + sy.amax(1, keepdim=True))
+        if not full:
+            maybe &= self.valid[0][:, rows]
+        if maybe.any():
+            b, i = maybe.nonzero().unbind(1)
+            bad = d2[b, i] <= _REFINE * scale[b, i]
+            if not full:
+                bad &= self.valid[1][b, cols]
+            k, j = bad.nonzero().unbind(1)
+            b, i = b[k], i[k]
             d2[b, i, j] = (x[b, i] - y[b, j]).square().sum(-1)
+        if not full:
+            d2.clamp_min_(0)  # the entries outside the lengths, which are not recomputed
         if self.cost == "sqeuclidean":
             return d2.add_(COST_EPS)
         if self.cost == "euclidean":

@@ -1,32 +1,14 @@
 """OTPO's token weights: :func:`ot_token_weights` (cost, scale, solve, marginals, normalise), the "w/o OT" weights
-(:func:`uniform_token_weights`) and SamPO's down-sampling (:func:`sampo_token_weights`); :func:`checked_setting`, the
-one check of their settings (``OTPOConfig`` uses it)."""
+(:func:`uniform_token_weights`) and SamPO's down-sampling (:func:`sampo_token_weights`)."""
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .costs import COST_SCALES, COSTS
 from .pot_reference import pot_pair_plan
+from .settings import checked_setting
 from .solve import solve_batch
-
-
-NORMALIZATIONS = ("min", "mean", "max", "length", "none")
-SOLVERS = ("batched", "online", "pot")
-WEIGHTINGS = ("ot", "uniform", "sampo")
-# The settings of `ot_token_weights` that `checked_setting` checks: the numbers, then the choices.
-POSITIVE_SETTINGS = ("reg", "reg_m", "tol")
-CHOICES = {
-    "cost": COSTS,
-    "cost_scale": COST_SCALES,
-    "normalization": NORMALIZATIONS,
-    "weighting": WEIGHTINGS,
-    "solver": SOLVERS,
-}
-SETTINGS = (*POSITIVE_SETTINGS, "max_iter", *CHOICES, "memory_budget")
 
 
 @dataclass
@@ -38,44 +20,6 @@ class OTInfo:
     n_iter: int
     fallback: torch.Tensor
     cost_spread: torch.Tensor | None = None
-
-
-def positive_number(value, label: str) -> float:
-    """``value`` as a float if it is a finite real number > 0 (Python's or NumPy's, not a bool); a ``ValueError``
-    naming ``label`` otherwise."""
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{label} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _is_real(value) -> bool:
-    """An int or a float, Python's or NumPy's (NumPy registers its scalars with `numbers`); not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def checked_setting(name: str, value, label: str | None = None):
-    """``value`` of the keyword argument ``name`` of :func:`ot_token_weights` (one of :data:`SETTINGS`), as the
-    solver takes it: a plain Python number for the numbers; a ``ValueError`` naming ``label`` (default: ``name`` in
-    backticks) when it is not valid. ``OTPOConfig`` checks its ``ot_<name>`` fields with it."""
-    label = label or f"`{name}`"
-    if name in POSITIVE_SETTINGS:
-        return positive_number(value, label)
-    if name == "max_iter":
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{label} must be an int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{label} must be >= 1, got {value!r}.")
-        return int(value)
-    if name == "memory_budget":
-        if value == "auto":
-            return value
-        try:  # a number of GiB; from a command line, its text
-            return positive_number(float(value) if isinstance(value, str) else value, label)
-        except ValueError:
-            raise ValueError(f"{label} must be 'auto' or a number of GiB > 0, got {value!r}.") from None
-    if value not in CHOICES[name]:
-        raise ValueError(f"{label} must be one of {list(CHOICES[name])}, got {value!r}.")
-    return value
 
 
 def _normalize(wc, wr, n, m, normalization):
@@ -361,17 +305,13 @@ def ot_token_weights(
     r"""OTPO token weights: marginals of an entropic unbalanced OT plan between each chosen and rejected completion.
 
     For a pair with valid chosen hidden states :math:`x_1, \dots, x_n` and rejected ones :math:`y_1, \dots, y_m`,
-    the cost is :math:`M_{ij} = (c(x_i, y_j) + 10^{-6}) / D` with the divisor
+    the cost is :math:`M_{ij} = (c(x_i, y_j) + 10^{-6} - o) / D`, scaled per pair as ``cost_scale`` says
+    (:func:`otpo_trl.ot.costs.cost_scaling`); under "official", the official code's, :math:`o = 0` and
 
     .. math::
-        D = \max\Big(1,\; \max\big(\max_{ij} c(x_i, y_j),\; \max_i c(x_i, 0),\; \max_j c(0, y_j)\big) + 10^{-6}\Big)
+        D = \max\Big(1,\; \max\big(\max_{ij} c(x_i, y_j),\; \max_i c(x_i, 0),\; \max_j c(0, y_j)\big) + 10^{-6}\Big).
 
-    ("official", the official code's: it zeroes the states at masked positions, the prompt at least, and divides
-    the cost over the whole padded sequences by its maximum when that exceeds 1; the zero states bring in
-    :math:`c(x, 0)` = :math:`\|x\|_2`, :math:`\|x\|_2^2`, or 1 for the cosine cost, a zero vector's cosine being 0),
-    :math:`D = \max(1, \max_{ij} c(x_i, y_j) + 10^{-6})` ("pair": the valid entries only) or :math:`D = 1` ("none");
-    or, for "minmax", :math:`M_{ij} = (c_{ij} - \min_{kl} c_{kl}) / (\max_{kl} c_{kl} - \min_{kl} c_{kl})` over the
-    pair's valid entries (0 everywhere if they are all equal); see :mod:`otpo_trl.ot.costs`. Then
+    Then
 
     .. math::
         P^\star = \operatorname*{arg\,min}_{P \in \mathbb{R}_+^{n \times m}} \langle P, M \rangle
@@ -424,13 +364,11 @@ def ot_token_weights(
         :math:`c(x, y)` = :math:`\|x - y\|_2` (official code), :math:`\|x - y\|_2^2` (paper) or
         :math:`1 - \cos(x, y)`.
     cost_scale : {"official", "pair", "none", "minmax"}, optional
-        How each pair's costs are scaled (the divisor :math:`D` above, or "minmax"). "official" reproduces the
-        official code, under which the paper's :math:`\varepsilon` were tuned; it depends on the states' norms, so a
-        large component shared by all states shrinks the costs. "pair" ignores the norms; "none" keeps the raw costs,
-        which then set the scale of :math:`\varepsilon` (large costs are handled by the stabilised solver, and the
-        weights are normalised without underflow; with ``normalization="none"`` the raw marginals may underflow to
-        0). "minmax" rescales each pair's costs to [0, 1], so that :math:`\varepsilon` means the same for every model
-        (see the bound above).
+        "official" reproduces the official code, under which the paper's :math:`\varepsilon` were tuned; it depends on
+        the states' norms, so a large component shared by all states shrinks the costs. "pair" divides by the largest
+        cost of the valid entries; "none" keeps the raw costs, which then set the scale of :math:`\varepsilon` (with
+        ``normalization="none"`` the raw marginals may underflow to 0). "minmax" rescales each pair's costs to [0, 1],
+        so that :math:`\varepsilon` means the same for every model (see the bound above).
     normalization : {"min", "mean", "max", "length", "none"}, optional
         Target sum of each side's weights: :math:`\min(n, m)`, :math:`(n + m) / 2`, :math:`\max(n, m)`, each side's
         own length (:math:`n`, :math:`m`), or none (raw plan marginals).
@@ -440,10 +378,14 @@ def ot_token_weights(
         :func:`sampo_token_weights`, 1 on min(n, m) tokens of each side drawn at random (SamPO's down-sampling),
         before the same normalisation. With "uniform" and "sampo" no OT problem is solved and the states are not
         read.
-    solver : {"batched", "pot"}, optional
-        "batched": all pairs at once on the hidden states' device; multiplicative updates, or stabilised ones with
-        absorption [3]_ (the same iterates) when :math:`\max M / \varepsilon` could underflow :math:`K`. "pot": POT
-        once per pair in float64 on the CPU (:mod:`otpo_trl.ot.pot_reference`).
+    solver : {"batched", "online", "pot"}, optional
+        "batched": the pairs together on the hidden states' device, in groups within ``memory_budget``, each pair's
+        kernel one stored :math:`n \times m` matrix; multiplicative updates, or stabilised ones with absorption [3]_
+        (the same iterates) when :math:`\max M / \varepsilon` could underflow :math:`K`. A pair that alone exceeds
+        the budget is solved "online". "online": the same iterates in the log domain without any :math:`n \times m`
+        matrix, the costs recomputed from the states at every pass (:math:`2 n m H` flops a pass, two passes an
+        iteration; :mod:`otpo_trl.ot.geometry`). "pot": POT once per pair in float64 on the CPU
+        (:mod:`otpo_trl.ot.pot_reference`).
     max_iter : int, optional
         Maximum number of Sinkhorn iterations.
     tol : float, optional
@@ -452,6 +394,9 @@ def ot_token_weights(
     generator : torch.Generator, optional
         With ``weighting="sampo"``, the source of the random draw (``None``: torch's global generator); see
         :func:`sampo_token_weights`. Not used by the other weightings.
+    memory_budget : float or "auto", optional
+        GiB of extra memory the OT step may use (:mod:`otpo_trl.ot.solve`): "auto" is a quarter of the GPU's free
+        memory, or 2 GiB on a CPU. The weights do not depend on it.
     return_info : bool, optional
         Also return an :class:`OTInfo`.
     return_plan : bool, optional
