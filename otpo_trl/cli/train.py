@@ -34,6 +34,7 @@ from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from ..tokenization import tokenize_pair
 from .arguments import ScriptArguments, parse_args
+from .preflight import check_before_writing
 from .run_dir import RunPlan, apply_run_plan, mark_finished, plan_run, run_settings
 from .upstream import (
     DEPRECATED_TRAINING_ARGS,
@@ -209,6 +210,7 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
         `(plan, train_dataset, eval_dataset, tokenizer)`; only the plan when it is "finished" (the rest None). The run
         record is written (and, with `--overwrite_output_dir`, the previous run deleted) only once all checks passed.
     """
+    check_before_writing(script_args, training_args, model_args)  # every check that can fail on the arguments
     check_inputs(script_args, training_args, model_args)
     plan = plan_output_dir(script_args, training_args, model_args)  # a run that must not go on stops here
     if plan.action == "finished":
