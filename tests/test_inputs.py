@@ -481,3 +481,17 @@ def test_the_quickstart_from_an_empty_folder_fails_at_once(tmp_path):
     assert code == 1, output[-3000:]
     assert "`otpo-trl prepare-model` writes it" in output and "Traceback" not in output
     assert "Retrying" not in output and list(tmp_path.iterdir()) == []
+
+
+def test_the_model_skeleton_is_plain_under_zero3(train, tiny_model_dir, tmp_path, monkeypatch):
+    """Under a ZeRO-3 launch `from_config` would build the skeleton inside `deepspeed.zero.Init` (which partitions it
+    across the processes): the preflight checks build it outside."""
+    from transformers import modeling_utils
+
+    from otpo_trl.cli import preflight
+
+    monkeypatch.setattr(modeling_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    args = train.parse_args(tiny_argv(tiny_model_dir, tmp_path, tmp_path / "out", *LORA, "q_proj"))
+    skeleton = preflight.model_skeleton(args[2], args[1])
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert not any(hasattr(p, "ds_id") for p in skeleton.parameters())  # no DeepSpeed partitioning

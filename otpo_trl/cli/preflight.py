@@ -10,6 +10,7 @@ checks of `attn_implementation` (on the same skeleton), of the optimizer, of the
 trackers of `report_to`.
 """
 
+import contextlib
 import copy
 import difflib
 import importlib.metadata
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, modeling_utils
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
@@ -194,6 +195,18 @@ def check_local_inputs(script_args: ScriptArguments, model_args: ModelConfig) ->
         )
 
 
+def _outside_zero3():
+    """A context in which `from_config` builds a plain model under a ZeRO-3 launch.
+
+    Targets transformers 5.x (5.25): once the TrainingArguments name a ZeRO-3 DeepSpeed config, `from_config` builds the
+    model inside `deepspeed.zero.Init`, which partitions every parameter across the processes; `set_zero3_state` marks
+    such a context as already open, so the meta-device skeleton stays a plain module on each process. Delete when
+    `from_config` takes a flag to skip `zero.Init`.
+    """
+    set_zero3_state = getattr(modeling_utils, "set_zero3_state", None)
+    return set_zero3_state() if set_zero3_state is not None else contextlib.nullcontext()
+
+
 def model_skeleton(model_args: ModelConfig, training_args: OTPOConfig) -> torch.nn.Module:
     """The model built from its config on the meta device (no weights read or allocated), with the requested
     `attn_implementation`: transformers checks at this point that the backend is installed and supported."""
@@ -206,7 +219,7 @@ def model_skeleton(model_args: ModelConfig, training_args: OTPOConfig) -> torch.
     )
     attn_implementation = model_args.attn_implementation
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _outside_zero3():
             return AutoModelForCausalLM.from_config(
                 config, attn_implementation=attn_implementation, trust_remote_code=training_args.trust_remote_code
             )
