@@ -341,7 +341,11 @@ def system(text):
     return {"role": "system", "content": text}
 
 
-REPEATING = {"prompt": [user(PROMPT)], "chosen": [user(PROMPT), assistant(GOOD)], "rejected": [user(PROMPT), assistant(BAD)]}
+REPEATING = {
+    "prompt": [user(PROMPT)],
+    "chosen": [user(PROMPT), assistant(GOOD)],
+    "rejected": [user(PROMPT), assistant(BAD)],
+}
 
 
 def test_completions_that_repeat_the_prompt_train_it_as_prompt(caplog):
@@ -385,7 +389,10 @@ def test_the_implicit_prompt_is_extracted_as_trl_does_but_ignores_arrows_none_ke
             "'rejected' the user turn 'What is 3 + 3?'): their implicit prompts differ",
         ),
         (
-            {"chosen": [system("S"), user(PROMPT), assistant(GOOD)], "rejected": [system("S"), user("?"), assistant(BAD)]},
+            {
+                "chosen": [system("S"), user(PROMPT), assistant(GOOD)],
+                "rejected": [system("S"), user("?"), assistant(BAD)],
+            },
             "row 1: 'chosen' and 'rejected' differ after 1 shared turn(s)",
         ),
         (

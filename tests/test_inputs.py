@@ -387,12 +387,25 @@ LORA = ["--use_peft", "true", "--lora_target_modules"]
         (["--attn_implementation", "flash_attention_2"], None, "`attn_implementation` 'flash_attention_2' cannot be"),
         (["--load_in_4bit", "true"], "bitsandbytes", "`load_in_4bit` is true, but Using `bitsandbytes` 4-bit"),
         (["--optim", "adamw_bnb_8bit"], "bitsandbytes", "`optim` 'adamw_bnb_8bit' cannot be used here: You need to"),
-        (["--report_to", "wandb"], "trackers", "`pip install wandb` for wandb. Or train without it: `--report_to none`"),
+        (
+            ["--report_to", "wandb"],
+            "trackers",
+            "`pip install wandb` for wandb. Or train without it: `--report_to none`",
+        ),
         (["--report_to", "tensorbord"], None, "'tensorbord' (did you mean 'tensorboard'?)"),
         (["--do_eval", "true", "--dataset_test_split", "train"], None, "`dataset_test_split` is the training split"),
     ],
-    ids=["lora_typo", "lora_one_typo", "lora_regex", "flash_attention", "4bit", "optim", "wandb", "tracker_typo",
-         "eval_on_train"],  # fmt: skip
+    ids=[
+        "lora_typo",
+        "lora_one_typo",
+        "lora_regex",
+        "flash_attention",
+        "4bit",
+        "optim",
+        "wandb",
+        "tracker_typo",
+        "eval_on_train",
+    ],
 )
 def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_run, tiny_model_dir, sample_data_dir,
                                                                tmp_path, no_model, monkeypatch, extra, missing,
@@ -401,7 +414,9 @@ def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_r
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     no_package(monkeypatch, missing)
-    message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *extra))
+    message = cli_error(
+        train, tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *extra)
+    )
     assert expected in message
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing deleted, written or touched
 
@@ -441,7 +456,11 @@ def no_hub(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the Hub was asked")
 
-    for owner, name in ((AutoConfig, "from_pretrained"), (AutoTokenizer, "from_pretrained"), (datasets, "load_dataset")):
+    for owner, name in (
+        (AutoConfig, "from_pretrained"),
+        (AutoTokenizer, "from_pretrained"),
+        (datasets, "load_dataset"),
+    ):
         monkeypatch.setattr(owner, name, refuse)
     monkeypatch.setattr(data_module, "load_dataset", refuse)
 
@@ -461,7 +480,9 @@ def test_the_quickstart_without_its_data_says_where_it_comes_from(train, tiny_mo
     monkeypatch.chdir(tmp_path)
     message = cli_error(train, ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--report_to", "none"])
     assert "`dataset_name` '../shared/data/ultrafeedback': no such file or folder" in message
-    assert "beside a clone of the repository" in message and "--dataset_name trl-lib/ultrafeedback_binarized" in message
+    assert (
+        "beside a clone of the repository" in message and "--dataset_name trl-lib/ultrafeedback_binarized" in message
+    )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -124,7 +124,9 @@ def test_a_key_set_twice_in_a_recipe_names_both_lines(train, tmp_path):
     lines = QUICKSTART.read_text().splitlines()
     path.write_text("\n".join([*lines, "beta: 0.5"]) + "\n")
     first = 1 + next(i for i, line in enumerate(lines) if line.startswith("beta:"))
-    with pytest.raises(ValueError, match=rf"sets `beta` twice, at lines {first} and {len(lines) + 1}; YAML would keep"):
+    with pytest.raises(
+        ValueError, match=rf"sets `beta` twice, at lines {first} and {len(lines) + 1}; YAML would keep"
+    ):
         train.parse_args(["--config", str(path)])
 
 

@@ -266,7 +266,9 @@ def check_parsed(script_args: ScriptArguments, training_args: OTPOConfig, model_
     # transformers trains `max_steps` steps when it is > 0, else `num_train_epochs` epochs: zero of either trains
     # nothing, and the run would save the untouched model as finished.
     if training_args.max_steps == 0:
-        raise ValueError("`max_steps` is 0: no step would run. Set a number of steps, or -1 to train `num_train_epochs`.")
+        raise ValueError(
+            "`max_steps` is 0: no step would run. Set a number of steps, or -1 to train `num_train_epochs`."
+        )
     if training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
         raise ValueError(
             f"`num_train_epochs` is {training_args.num_train_epochs} (and `max_steps` unset): no step would run. Set a "
