@@ -190,7 +190,7 @@ def load_model_and_tokenizer(
             raise ValueError(f"The adapter {path} names no base model (`base_model_name_or_path`); pass `ref`.")
         # Where the recorded base is found neither locally nor on the Hub, say where it comes from and what to do.
         hint = (
-            f"\nThe adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a relative "
+            f" The adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a relative "
             "path is relative to where it was trained). Pass `ref` (`--ref`) with the base's folder or Hub id to load "
             "it from elsewhere."
         )

@@ -434,13 +434,23 @@ def test_a_lora_typo_through_the_script_leaves_the_previous_run(finished_run, ti
 
 
 def test_the_install_command_names_the_extra_that_brings_a_package(monkeypatch):
+    from email.message import Message
+
     from otpo_trl.cli import preflight
 
-    requires = ["trl>=1.16", 'matplotlib>=3.7; extra == "viz"', 'tensorboard>=2.15; extra == "viz"']
-    monkeypatch.setattr(preflight.importlib.metadata, "requires", lambda name: requires)
+    def metadata(requires):
+        message = Message()
+        for extra in ("test", "viz"):
+            message["Provides-Extra"] = extra
+        for line in requires:
+            message["Requires-Dist"] = line
+        return lambda name: message
+
+    viz = ["trl>=1.16", 'pytest>=8; extra == "test"', 'tensorboard>=2.15; extra == "viz"']
+    monkeypatch.setattr(preflight.importlib.metadata, "metadata", metadata(viz))
     assert preflight.install_command("tensorboard") == 'pip install "otpo-trl[viz]"'
     assert preflight.install_command("wandb") == "pip install wandb"
-    monkeypatch.setattr(preflight.importlib.metadata, "requires", lambda name: ["trl>=1.16", "tensorboard>=2.15"])
+    monkeypatch.setattr(preflight.importlib.metadata, "metadata", metadata(["trl>=1.16", "tensorboard>=2.15"]))
     assert preflight.install_command("tensorboard") == "pip install tensorboard"  # a dependency: no extra to name
 
 

@@ -17,6 +17,8 @@ import importlib.metadata
 from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, modeling_utils
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
@@ -99,17 +101,16 @@ def install_command(package: str) -> str:
     """`pip install "otpo-trl[<extra>]"` when an extra of the installed otpo-trl brings `package`, else `pip install
     <package>`."""
     try:
-        requirements = importlib.metadata.requires("otpo-trl") or []
-    except importlib.metadata.PackageNotFoundError:
-        requirements = []
-    for requirement in requirements:
-        name, _, marker = requirement.partition(";")
-        extra = marker.split("extra ==")[-1].strip().strip("'\"") if "extra ==" in marker else None
-        name = name.strip().split("[")[0]
-        for sign in "<>=!~ ":
-            name = name.split(sign)[0]
-        if extra is not None and name.lower() == package.lower():
-            return f'pip install "otpo-trl[{extra}]"'
+        metadata = importlib.metadata.metadata("otpo-trl")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing it
+        return f"pip install {package}"
+    for line in metadata.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None or canonicalize_name(requirement.name) != canonicalize_name(package):
+            continue
+        for extra in metadata.get_all("Provides-Extra") or []:
+            if requirement.marker.evaluate({"extra": extra}):
+                return f'pip install "otpo-trl[{extra}]"'
     return f"pip install {package}"
 
 
