@@ -530,3 +530,26 @@ def test_the_model_skeleton_is_plain_under_zero3(train, tiny_model_dir, tmp_path
     skeleton = preflight.model_skeleton(args[2], args[1])
     assert {p.device.type for p in skeleton.parameters()} == {"meta"}
     assert not any(hasattr(p, "ds_id") for p in skeleton.parameters())  # no DeepSpeed partitioning
+
+
+def conversation(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.mark.parametrize("case", ["backup_file", "prompts_differ"])
+def test_ambiguous_data_stops_the_script_naming_files_or_row(tiny_model_dir, tmp_path, case):
+    """Through scripts/train.py: a backup beside the split was read as a shard; chosen and rejected with different
+    user turns ended in an IndexError traceback naming no row."""
+    data = tmp_path / "data"
+    rows = [{"chosen": conversation(f"Q{i}?", "Yes."), "rejected": conversation(f"Q{i}?", "No.")} for i in range(8)]
+    if case == "backup_file":
+        write_jsonl(data / "train-backup.jsonl", rows)
+        expected = f"error: {data}: ['train-backup.jsonl'] look like files of split 'train'"
+    else:
+        rows[5]["rejected"] = conversation("Another question?", "No.")
+        expected = "[train]: row 5: 'chosen' and 'rejected' differ from their first turn"
+    write_jsonl(data / "train.jsonl", rows)
+    code, output = script(*tiny_argv(tiny_model_dir, data, tmp_path / "out"))
+    assert code == 1, output[-3000:]
+    assert expected in output and "Traceback" not in output
+    assert not (tmp_path / "out" / "run_args.json").exists()
