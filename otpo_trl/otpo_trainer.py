@@ -28,7 +28,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
 from .forward import backbone, fused_forward, last_hidden_state, predicting_states
-from .ot_weights import ot_token_weights
+from .ot import ot_token_weights
 from .otpo_config import OTPOConfig, ot_kwargs
 
 
