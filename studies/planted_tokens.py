@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otpo_trl import ot_token_weights
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.analysis import OT_DEFAULTS, pair_token_stats
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
@@ -86,9 +86,9 @@ def bootstrap_mean(values, index: np.ndarray, level: float = 0.95) -> dict[str, 
 
 
 def weightings(regs, scales) -> dict[str, dict]:
-    """{label: keyword arguments of `ot_token_weights`}: w/o OT, then OT at each ε of each cost scale (OTPOConfig's
-    other defaults)."""
-    out = {"w/o OT": {**OT_DEFAULTS, "weighting": "uniform"}}
+    """{label: keyword arguments of `ot_token_weights`}: w/o OT, SamPO, then OT at each ε of each cost scale
+    (OTPOConfig's other defaults)."""
+    out = {"w/o OT": {**OT_DEFAULTS, "weighting": "uniform"}, "SamPO": {**OT_DEFAULTS, "weighting": "sampo"}}
     for scale in scales:
         for reg in regs:
             name = f"OT ε {reg:g}" + ("" if scale == "official" else f", {scale}")
@@ -195,7 +195,7 @@ def render(summary: dict, report_dir) -> str:
         "- `insert`: the chosen answer with one of " + "; ".join(f'"{s}"' for s in summary["irrelevant"]) + " after "
         "the sentence end nearest its middle.",
         f"- Weightings, from the same states: w/o OT (`uniform`), SamPO (`sampo`, mean over {summary['sampo_draws']} "
-        f"draws) where present, OT (official cost scale; {shared}).",
+        f"draws), OT (official cost scale; {shared}).",
         "- *Share ratio*: a group's share of its side's weight over its share of the side's tokens (1: as w/o OT, > 1 "
         "singled out, < 1 discounted). *AUROC*: P(weight of a group token > weight of another token of its side), "
         f"ties 1/2. Means over pairs [95% bootstrap interval over pairs, {summary['bootstrap']} resamples]. *span*: "

@@ -8,10 +8,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from otpo_trl import ot_token_weights
+from otpo_trl.analysis import pair_token_stats
+from otpo_trl.data import load_preference_dataset
+from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.tokenization import tokenize_pair
 from studies import planted_tokens, planted_variants
-from studies.planted_variants import make_variant, shifted_digits, span_positions, swap_fact, trim_answer
+from studies.planted_variants import (
+    build_variants,
+    make_variant,
+    shifted_digits,
+    span_positions,
+    swap_fact,
+    trim_answer,
+)
 
 
 PROMPT = [{"role": "user", "content": "Tell me about the capital."}]
@@ -179,7 +189,20 @@ def test_study_end_to_end_and_render_only(tiny_model_dir, sample_data_dir, tmp_p
                 assert positions[-1] < pair["n_tokens"][side]
                 # w/o OT: every token weighs the same, so share ratio 1 and AUROC 0.5, computed, not set
                 assert pair["measures"]["w/o OT"][side]["span"] == [1.0, 0.5]
+                # SamPO keeps every token of the shorter side (and samples the longer one): there too
+                if pair["n_tokens"][side] == min(pair["n_tokens"].values()):
+                    assert pair["measures"]["SamPO"][side]["span"] == [1.0, 0.5]
                 assert pair["measures"]["OT ε 1e+06"][side]["span"][0] == pytest.approx(1.0, abs=1e-3)
+    # Each pair's numbers are its own: computed again here, one pair per forward, from the package's inspection code.
+    policy, _, tokenizer = load_model_and_tokenizer(tiny_model_dir, device="cpu")
+    dataset = load_preference_dataset(str(sample_data_dir), "test")
+    variants = build_variants(dataset, tokenizer, "filler", 3, max_length=512, answer_tokens=40)
+    assert [v.row for v in variants] == [p["row"] for p in saved["kinds"]["filler"]["pairs"]]
+    for v, pair in zip(variants, saved["kinds"]["filler"]["pairs"]):
+        stats = pair_token_stats(policy, None, tokenizer, [v.example], max_length=512, reg=0.02)
+        mask = planted_tokens.group_masks(v.positions["rejected"], v.n_tokens["rejected"])["span"]
+        direct = planted_tokens.group_measures(stats.rejected_weights[0, : v.n_tokens["rejected"]], mask)
+        assert pair["measures"]["OT ε 0.02"]["rejected"]["span"] == pytest.approx(direct, abs=1e-4)
     text = report.read_text()
     assert "## Reading" in text and "| rejected | OT ε 0.02 |" in text
     report.write_text("stale")
