@@ -210,6 +210,19 @@ def test_study_end_to_end_and_render_only(tiny_model_dir, sample_data_dir, tmp_p
     assert report.read_text() == text
 
 
+def test_scoring_refuses_tokens_other_than_the_ones_the_positions_come_from(tiny_model_dir, tokenizer):
+    # Truncated by max_length, the scored tokens are not the ones the span's positions were found in.
+    policy, _, _ = load_model_and_tokenizer(tiny_model_dir, device="cpu")
+    variant = make_variant("filler", 0, PROMPT, CHOSEN, REJECTED)
+    variant.positions = {"rejected": span_positions(variant.example, "rejected", variant.spans["rejected"], tokenizer)}
+    variant.n_tokens = {s: len(tokenize_pair(variant.example, tokenizer)[f"{s}_ids"]) for s in ("chosen", "rejected")}
+    settings = planted_tokens.weightings([1.0], ["official"])
+    kwargs = dict(batch_size=1, draws=1, seed=0)
+    assert planted_tokens.score(policy, tokenizer, [variant], settings, max_length=512, **kwargs)
+    with pytest.raises(RuntimeError, match="data row 0: the scored chosen tokens are not the trainer's"):
+        planted_tokens.score(policy, tokenizer, [variant], settings, max_length=40, **kwargs)
+
+
 def test_options_are_checked_before_loading(tmp_path, capsys):
     for flags, message in ((["--num_pairs", "0"], "--num_pairs must be >= 1"), (["--ot_reg", "-1"], "`reg` must be")):
         with pytest.raises(SystemExit):
