@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otpo_trl.ot import ot_token_weights
 from otpo_trl.analysis import OT_DEFAULTS, pair_token_stats
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.tokenization import tokenize_pair
 
 from .common import at_repo_root, device_name, image, pyplot, render_from_json, save_figure, table, write_report
@@ -44,6 +44,7 @@ REPORT = "reports/planted_tokens/planted_tokens.md"
 GROUPS = ("before", "span", "after")
 SHOWN = ("span", "after")  # the groups of the Markdown tables and the figure (all three are in the JSON)
 MEASURES = ("share_ratio", "auroc")
+ROUNDING = 1e-9  # below this, a share ratio's distance from 1 (an AUROC's from 0.5) is rounding, not a finding
 FIGURE = "planted_tokens.png"
 
 
@@ -154,16 +155,26 @@ def summarize(variants, measures, settings, *, n_resamples, seed) -> dict:
 
 def verdict(cell: dict) -> str:
     """ "singled out" when the share ratio's interval lies above 1 and the AUROC's above 0.5; "discounted" when both
-    lie below; else "neither"."""
+    lie below; else "neither". By more than rounding: an average of 1s over draws may come out as 1 + 2e-16."""
     r, a = cell["share_ratio"], cell["auroc"]
-    if r["low"] > 1 and a["low"] > 0.5:
+    if r["low"] > 1 + ROUNDING and a["low"] > 0.5 + ROUNDING:
         return "singled out"
-    return "discounted" if r["high"] < 1 and a["high"] < 0.5 else "neither"
+    return "discounted" if r["high"] < 1 - ROUNDING and a["high"] < 0.5 - ROUNDING else "neither"
 
 
-def where(kind: dict, sides, group: str, names, what: str) -> list[str]:
-    """The settings at which `group` is `what` (a [`verdict`]) on every one of `sides`."""
-    return [n for n in names if all(verdict(kind["results"][n][s][group]) == what for s in sides)]
+def finding(kind: dict, sides, group: str, ot: dict) -> str:
+    """The share ratios and AUROCs of `group` on `sides` at each OT setting (`ot`: {name: ε}), and where the group is
+    singled out or discounted on every one of those sides."""
+    said = []
+    for side in sides:
+        cells = [kind["results"][n][side][group] for n in ot]
+        ratios, aurocs = (", ".join(f"{c[m]['mean']:.2f}" for c in cells) for m in MEASURES)
+        said.append(f"share ratio {ratios}, AUROC {aurocs}" + (f" ({side})" if len(sides) > 1 else ""))
+    found = []
+    for what in ("singled out", "discounted"):
+        at = [f"{eps:g}" for n, eps in ot.items() if all(verdict(kind["results"][n][s][group]) == what for s in sides)]
+        found += [f"{what} at ε {', '.join(at)}"] if at else []
+    return "; ".join(said) + ": " + ("; ".join(found) or "neither singled out nor discounted at any ε") + "."
 
 
 def fmt(s: dict) -> str:
@@ -205,10 +216,11 @@ def render(summary: dict, report_dir) -> str:
         sides = list(k["results"][names[0]])
         spans = [len(p["positions"][s]) for p in k["pairs"] for s in sides]
         n_side = [p["n_tokens"][s] for p in k["pairs"] for s in sides]
+        after = [p["n_tokens"][s] - 1 - p["positions"][s][-1] for p in k["pairs"] for s in sides]
         lines += [
             "",
-            f"## `{kind}`: {k['n_pairs']} pairs, span on the {' and '.join(sides)} side (median "
-            f"{np.median(spans):.0f} of {np.median(n_side):.0f} tokens)",
+            f"## `{kind}`: {k['n_pairs']} pairs, span on the {' and '.join(sides)} side (medians: span "
+            f"{np.median(spans):.0f}, after {np.median(after):.0f}, side {np.median(n_side):.0f} tokens)",
             "",
         ]
         header = ["side", "weighting", *(f"{g} {m}" for g in SHOWN for m in ("share ratio", "AUROC"))]
@@ -226,26 +238,46 @@ def render(summary: dict, report_dir) -> str:
             for m in MEASURES
         )
         lines += ["", f"{', '.join(others)}: every mean within {gap:.3f} of the official scale's (in the JSON)."]
-    lines += ["", "## Reading", "", "*Singled out*: both intervals above (1, 0.5); *discounted*: both below.", ""]
-    for kind, k in kinds.items():
-        for side in k["results"][names[0]]:
-            for g in SHOWN:
-                said = [
-                    f"{what} at {', '.join(at)}"
-                    for what in ("singled out", "discounted")
-                    if (at := where(k, [side], g, names, what))
-                ]
-                lines.append(f"- `{kind}`, {side} {g}: {'; '.join(said) or 'neither, at every weighting'}.")
-    decisive = where(kinds["swap"], ["chosen", "rejected"], "span", names, "singled out")
-    filler = [
-        n
-        for n in where(kinds["filler"], ["rejected"], "span", names, "discounted")
-        if n in where(kinds["insert"], ["chosen"], "span", names, "discounted")
-    ]
+    ot = {n: settings[n]["reg"] for n in names if settings[n]["weighting"] == "ot"}
+    swap, eps = kinds["swap"], ", ".join(f"{e:g}" for e in ot.values())
+    decisive = finding(swap, ["chosen", "rejected"], "span", ot)
+    appended, inserted = (
+        finding(kinds["filler"], ["rejected"], "span", ot),
+        finding(kinds["insert"], ["chosen"], "span", ot),
+    )
+    baseline = max(
+        abs(k["results"][n][side][g][m]["mean"] - (1 if m == "share_ratio" else 0.5))
+        for k in kinds.values()
+        for n in names
+        if n not in ot
+        for side in k["results"][n]
+        for g in SHOWN
+        for m in MEASURES
+    )
+    singles = "singled out at" in decisive
+    discounts = "discounted at" in appended and "discounted at" in inserted
+    answer = {
+        (True, True): "both",
+        (True, False): "singles out the decisive tokens only",
+        (False, True): "discounts the filler, and does not single out the decisive tokens",
+        (False, False): "neither",
+    }
     lines += [
         "",
-        f"**Does OT single out the decisive tokens (`swap`)? {'At ' + ', '.join(decisive) if decisive else 'No'}. "
-        f"Does it discount the filler (`filler` and `insert`)? {'At ' + ', '.join(filler) if filler else 'No'}.**",
+        "## Reading",
+        "",
+        f"At ε {eps} (official cost scale), means over pairs; *singled out*: both intervals above (1, 0.5); "
+        f"*discounted*: both below. Without OT the weights single nothing out: every mean of w/o OT and SamPO "
+        f"is within {baseline:.3f} of 1 (share ratio) or 0.5 (AUROC).",
+        "",
+        f"- The decisive tokens (`swap` span): {decisive}",
+        "- The tokens after them, whose states have seen the change (`swap` after): "
+        + finding(swap, ["chosen", "rejected"], "after", ot),
+        f"- The appended filler (`filler` span): {appended}",
+        f"- The inserted sentence (`insert` span): {inserted}",
+        "",
+        f"**Does OT single out the decisive tokens, discount the filler, both, or neither? Here: "
+        f"{answer[singles, discounts]}.**",
         "",
         "A token's weight comes from the state that predicts it, which has seen only the tokens before it (as in "
         "training): in `swap` the first changed token's state is the same on both sides, and every later state "
@@ -261,7 +293,7 @@ def figures(summary: dict, fig_dir: Path) -> list[Path]:
     """Share ratio (top) and AUROC (bottom) per weighting, a column per kind; span solid, after dashed."""
     plt, kinds = pyplot(), summary["kinds"]
     names = [n for n, o in summary["settings"].items() if o["weighting"] != "ot" or o["cost_scale"] == "official"]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(4.4 * len(kinds), 6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, len(kinds), figsize=(4.4 * len(kinds), 6), sharex=True, sharey="row", squeeze=False)
     x = np.arange(len(names))
     for col, (kind, k) in enumerate(kinds.items()):
         for side in k["results"][names[0]]:
@@ -281,7 +313,7 @@ def figures(summary: dict, fig_dir: Path) -> list[Path]:
                         color="tab:blue" if side == "chosen" else "tab:red",
                         label=f"{side} {group}",
                     )
-        axes[0][col].set(title=f"{kind} ({k['n_pairs']} pairs)", yscale="log")
+        axes[0][col].set_title(f"{kind} ({k['n_pairs']} pairs)")
         axes[0][col].axhline(1, color="k", lw=0.8)
         axes[1][col].axhline(0.5, color="k", lw=0.8)
         axes[1][col].set_xticks(x, names, rotation=45, fontsize=8)

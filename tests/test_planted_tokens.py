@@ -127,6 +127,22 @@ def test_share_ratio_and_auroc_on_known_numbers():
     ]
 
 
+def test_verdict_needs_both_intervals_and_more_than_rounding():
+    def cell(ratio, auroc):  # intervals of width 0.02 around the means
+        return {
+            m: {"mean": v, "low": v - 0.01, "high": v + 0.01} for m, v in (("share_ratio", ratio), ("auroc", auroc))
+        }
+
+    assert planted_tokens.verdict(cell(1.2, 0.7)) == "singled out"
+    assert planted_tokens.verdict(cell(0.8, 0.3)) == "discounted"
+    assert planted_tokens.verdict(cell(1.2, 0.5)) == planted_tokens.verdict(cell(0.8, 0.7)) == "neither"
+    # 200 SamPO draws of a side it keeps whole average to 1 + 2e-16, not to a finding
+    rounding = {
+        m: dict.fromkeys(("mean", "low", "high"), v + 2e-16) for m, v in (("share_ratio", 1.0), ("auroc", 0.5))
+    }
+    assert planted_tokens.verdict(rounding) == "neither"
+
+
 def test_bootstrap_mean_of_known_values():
     index = torch.randint(0, 4, (500, 4), generator=torch.Generator().manual_seed(0)).numpy()
     out = planted_tokens.bootstrap_mean([1.0, 2.0, float("nan"), 3.0], index)
@@ -187,6 +203,12 @@ def test_study_end_to_end_and_render_only(tiny_model_dir, sample_data_dir, tmp_p
             for side, positions in pair["positions"].items():
                 assert positions == list(range(positions[0], positions[-1] + 1))
                 assert positions[-1] < pair["n_tokens"][side]
+                # the groups partition the side: their ratios, weighted by their token counts, average to 1
+                counts = {"before": positions[0], "span": len(positions)}
+                counts["after"] = pair["n_tokens"][side] - sum(counts.values())
+                for measures in pair["measures"].values():
+                    total = sum(n * measures[side][g][0] for g, n in counts.items() if n)
+                    assert total == pytest.approx(pair["n_tokens"][side], rel=1e-9)
                 # w/o OT: every token weighs the same, so share ratio 1 and AUROC 0.5, computed, not set
                 assert pair["measures"]["w/o OT"][side]["span"] == [1.0, 0.5]
                 # SamPO keeps every token of the shorter side (and samples the longer one): there too
