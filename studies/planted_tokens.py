@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otpo_trl.analysis import OT_DEFAULTS, pair_token_stats
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.evaluation import OT_DEFAULTS
+from otpo_trl.inspection import pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.ot import ot_token_weights
 from otpo_trl.tokenization import tokenize_pair
@@ -106,8 +107,9 @@ def score(policy, tokenizer, variants, settings, *, max_length, batch_size, draw
     out, started = [None] * len(variants), time.perf_counter()
     for start in range(0, len(order), batch_size):
         batch = [variants[i] for i in order[start : start + batch_size]]
+        examples = [v.example for v in batch]  # the states only: every weighting is computed from them below
         stats = pair_token_stats(
-            policy, None, tokenizer, [v.example for v in batch], max_length=max_length, return_hidden=True
+            policy, None, tokenizer, examples, max_length=max_length, token_weights=False, return_hidden=True
         )
         for k, v in enumerate(batch):  # the tokens the positions were taken from: nothing truncated or shifted
             for side in ("chosen", "rejected"):

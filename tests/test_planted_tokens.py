@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from otpo_trl.analysis import pair_token_stats
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.inspection import pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.ot import ot_token_weights
 from otpo_trl.tokenization import tokenize_pair
