@@ -225,6 +225,16 @@ def test_fewer_pairs_than_one_batch_with_drop_last(train, tiny_model_dir, tmp_pa
         run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))  # batch 2, dataloader_drop_last
 
 
+def test_fewer_eval_pairs_than_one_eval_batch_with_drop_last(train, tiny_model_dir, tmp_path, no_model):
+    """transformers drops the last short batch of the evaluation dataloader too: no eval_loss, without a word."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", pairs(8))
+    write_jsonl(tmp_path / "data" / "test.jsonl", pairs(3))
+    argv = tiny_argv(tiny_model_dir, tmp_path / "data", tmp_path / "out", "--do_eval", "true")
+    with pytest.raises(train.InputError, match=r"Only 3 eval pair\(s\) .*per_device_eval_batch_size 4 x 1 process"):
+        run(train, [*argv, "--per_device_eval_batch_size", "4"])  # dataloader_drop_last
+
+
 def test_every_prompt_longer_than_max_length(train, tiny_model_dir, tmp_path, no_model):
     data = write_jsonl(tmp_path / "train.jsonl", pairs(4, prompt="Please explain the answer step by step. " * 20))
     with pytest.raises(train.InputError, match=r"4 of the 4 train pairs have a prompt of at least max_length \(64\)"):
