@@ -243,7 +243,7 @@ def test_every_prompt_longer_than_max_length(train, tiny_model_dir, tmp_path, no
 
 def test_single_file_with_do_eval_needs_a_held_out_split(train, tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", pairs(10))
-    argv = tiny_argv(tiny_model_dir, data, tmp_path / "out", "--do_eval", "true")
+    argv = tiny_argv(tiny_model_dir, data, tmp_path / "out", "--do_eval", "true", "--per_device_eval_batch_size", "3")
     forbid_models(monkeypatch, train)
     with pytest.raises(train.InputError, match="single file, so a single split.*`eval_split_size`"):
         run(train, argv)
