@@ -366,9 +366,9 @@ def main(argv=None):
     Path(args.work).mkdir(parents=True, exist_ok=True)
     result = json.loads(args.json.read_text()) if args.json.exists() else {}
     for part in args.part:
-        start = time.time()
+        start, facts = time.time(), machine()
         out = {"compare": part_compare, "sizes": part_sizes, "step": part_step}[part](args)
-        out["machine"] = {**machine(), "load_average_1_5_15min_at_end": os.getloadavg()}
+        out["machine"] = {**facts, "load_average_1_5_15min_at_end": os.getloadavg()}
         out["wall_seconds"] = time.time() - start
         result[part] = out
         args.json.parent.mkdir(parents=True, exist_ok=True)
