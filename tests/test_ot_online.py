@@ -1,7 +1,6 @@
 """Long completions: the dense path's one n x m matrix, the memory budget that groups the pairs, and the online solver
 that holds no n x m at all. Long sizes and their timings are in bench/ot_memory.py; here, small ones."""
 
-import itertools
 import logging
 
 import pytest
