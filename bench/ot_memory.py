@@ -58,8 +58,16 @@ GRID = {
 CHECKED = {(4 * K, 256, 1.0), (4 * K, 256, 0.1), (8 * K, 256, 1.0)}
 STEP_TOKENS = (8 * K, 16 * K)
 PROMPT_TOKENS = 64
-TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)  # fmt: skip
+TINY = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=False,
+)
 
 
 # ---------------------------------------------------------------------------------------------- in the child
@@ -222,8 +230,9 @@ def run_child(spec, root=None):
     """Run one measurement in a fresh process (one thread), with `root` first on the import path if given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root or REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -245,8 +254,14 @@ def machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or "cpu"
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": 1, "load_average_1_5_15min_at_start": os.getloadavg()}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": 1,
+        "load_average_1_5_15min_at_start": os.getloadavg(),
+    }
 
 
 def part_compare(args):
@@ -277,8 +292,13 @@ def part_sizes(args):
         for n in sizes:
             if args.max_n and n > args.max_n:
                 continue
-            spec = {"kind": "weights", "method": "online" if method == "online" else "dense", "n": n,
-                    "hidden": hidden, "reg": reg}  # fmt: skip
+            spec = {
+                "kind": "weights",
+                "method": "online" if method == "online" else "dense",
+                "n": n,
+                "hidden": hidden,
+                "reg": reg,
+            }
             if method == "official":
                 spec["method"] = "official"
             if (n, hidden, reg) in CHECKED and method in ("dense", "online", "previous"):
@@ -299,10 +319,63 @@ def part_step(args):
     rows = []
     for tokens in args.tokens or STEP_TOKENS:
         for trainer in ("dpo", "otpo"):
-            rows.append({"trainer": trainer, "tokens": tokens, **run_child({"kind": "step", "trainer": trainer,
-                                                                            "tokens": tokens})})  # fmt: skip
+            rows.append(
+                {
+                    "trainer": trainer,
+                    "tokens": tokens,
+                    **run_child({"kind": "step", "trainer": trainer, "tokens": tokens}),
+                }
+            )
             print(f"step {rows[-1]}", flush=True)
     return {"model": TINY, "prompt_tokens": PROMPT_TOKENS, "batch_pairs": 1, "dtype": "float32", "rows": rows}
+
+
+def tables(result):
+    """Markdown tables of the parts in `result` (as bench/RESULTS.md shows them)."""
+    lines = []
+    c = result.get("compare")
+    if c:
+        lines += [
+            f"8,192 x 8,192, hidden 256, eps 1, {len(c['runs']['this'])} interleaved runs each (median):",
+            "",
+            "| | seconds | extra peak MiB | / one fp32 n x m |",
+            "|---|---|---|---|",
+        ]
+        for name in ("baseline", "this"):
+            mib = c[f"{name}_median_extra_peak_mib"]
+            label = "previous revision" if name == "baseline" else "this revision"
+            lines.append(f"| {label} | {c[f'{name}_median_s']:.2f} | {mib:,.0f} | {mib / 256:.2f} |")
+        diff = f"weights' max relative difference {c['max_rel_diff_weights']:.1e}"
+        lines += ["", f"speed-up {c['speedup_of_medians']:.2f}x; {diff}", ""]
+    rows = result.get("sizes", {}).get("rows", [])
+    if rows:
+        ns = sorted({r["n"] for r in rows})
+        lines += ["| method, hidden, eps | " + " | ".join(f"{n // K}k" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        found = {(r["method"], r["hidden"], r["reg"], r["n"]): r for r in rows}
+        for method, hidden, reg in GRID:
+            cells = []
+            for n in ns:
+                r = found.get((method, hidden, reg, n))
+                if r is None or "error" in r:
+                    cells.append("" if r is None else "error")
+                else:
+                    cells.append(f"{r['seconds']:.3g} s, {r['extra_peak_bytes'] / 2**20:,.0f} MiB")
+            lines.append(f"| {method}, {hidden}, {reg} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for key, value in result["sizes"].get("max_rel_diff_weights", {}).items():
+            lines.append(f"- {key}: {value:.1e}")
+        lines.append("")
+    steps = result.get("step", {}).get("rows", [])
+    if steps:
+        lines += [
+            "| completion tokens | trainer | step seconds | extra peak MiB | OT seconds |",
+            "|---|---|---|---|---|",
+        ]
+        for r in steps:
+            ot = "" if r.get("ot_seconds") is None else f"{r['ot_seconds']:.2f}"
+            extra = r["extra_peak_bytes"] / 2**20
+            lines.append(f"| {r['tokens']:,} | {r['trainer']} | {r['seconds']:.2f} | {extra:,.0f} | {ot} |")
+    return "\n".join(lines)
 
 
 def plot(result, path):
@@ -314,20 +387,34 @@ def plot(result, path):
     rows = result.get("sizes", {}).get("rows", [])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"dense": ("C0", "o"), "online": ("C1", "s"), "previous": ("C3", "^"), "official": ("C2", "x")}
-    names = {"dense": "dense (this revision)", "online": "online", "previous": "previous revision",
-             "official": "official per-pair POT loop"}  # fmt: skip
+    names = {
+        "dense": "dense (this revision)",
+        "online": "online",
+        "previous": "previous revision",
+        "official": "official per-pair POT loop",
+    }
     for (method, hidden, reg), _ in GRID.items():
-        pts = sorted((r["n"], r) for r in rows if (r["method"], r["hidden"], r["reg"]) == (method, hidden, reg)
-                     and "error" not in r)  # fmt: skip
+        pts = sorted(
+            (r["n"], r)
+            for r in rows
+            if (r["method"], r["hidden"], r["reg"]) == (method, hidden, reg) and "error" not in r
+        )
         if not pts or reg != 1.0:
             continue
         color, marker = styles[method]
         dash = "-" if hidden == 256 else ":"
         label = f"{names[method]}, H {hidden}"
-        axes[0].plot([n for n, _ in pts], [r["extra_peak_bytes"] / 2**20 for _, r in pts], dash, color=color,
-                     marker=marker, label=label)  # fmt: skip
-        axes[1].plot([n for n, _ in pts], [r["seconds"] for _, r in pts], dash, color=color, marker=marker,
-                     label=label)  # fmt: skip
+        axes[0].plot(
+            [n for n, _ in pts],
+            [r["extra_peak_bytes"] / 2**20 for _, r in pts],
+            dash,
+            color=color,
+            marker=marker,
+            label=label,
+        )
+        axes[1].plot(
+            [n for n, _ in pts], [r["seconds"] for _, r in pts], dash, color=color, marker=marker, label=label
+        )
     ns = sorted({r["n"] for r in rows})
     if ns:
         axes[0].plot(ns, [n * n * 4 / 2**20 for n in ns], color="grey", lw=1, label="one fp32 n x m")
@@ -376,6 +463,7 @@ def main(argv=None):
         print(f"wrote {args.json} ({part})")
     if args.plot:
         plot(result, FIGURE)
+    print(tables(result))
     return 0
 
 

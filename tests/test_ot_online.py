@@ -145,8 +145,11 @@ def test_the_weights_do_not_depend_on_the_budget(caplog):
 def test_auto_budget(monkeypatch):
     assert solve.memory_budget_bytes("auto", torch.device("cpu")) == 2 * 2**30
     assert solve.memory_budget_bytes(0.5, torch.device("cpu")) == 2**29
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
-    assert solve.memory_budget_bytes("auto", torch.device("cuda")) == 2 * 2**30  # a quarter of the free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 29 * 2**30)
+    # a quarter of the free memory: 7 GiB free on the device, 1 GiB held by torch's cache and unused
+    assert solve.memory_budget_bytes("auto", torch.device("cuda")) == 2 * 2**30
 
 
 @pytest.mark.parametrize("value", [0, -1.0, float("inf"), "lots", True, None])

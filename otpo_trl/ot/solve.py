@@ -19,10 +19,11 @@ from .sinkhorn import sinkhorn_stabilized_unbalanced, sinkhorn_unbalanced
 logger = logging.getLogger(__name__)
 
 DENSE_OVERHEAD = 1.25  # the dense path's extra memory, in n x m matrices per pair (bench/ot_memory.py measures it)
-# "auto": a quarter of the GPU's free memory when the weights are computed (the forward's activations are already
-# held then; the backward, the logits and the optimizer step need the rest), or 2 GiB on a CPU, where the free memory
-# is shared with everything else on the machine and not portably known. 2 GiB holds the dense matrices of a batch of
-# eight 4k x 4k pairs, or one 16k x 16k pair; a 32k x 32k pair (5 GiB) goes to the online solver.
+# "auto": a quarter of the GPU's free memory when the weights are computed (free on the device or cached by torch; the
+# forward's activations are already held then; the backward, the logits and the optimizer step need the rest), or
+# 2 GiB on a CPU, where the free memory is shared with everything else on the machine and not portably known. 2 GiB
+# holds the dense matrices of a batch of eight 4k x 4k pairs, or one 16k x 16k pair; a 32k x 32k pair (5 GiB) goes to
+# the online solver.
 AUTO_CUDA_FRACTION = 0.25
 AUTO_CPU_GIB = 2.0
 
@@ -31,8 +32,9 @@ def memory_budget_bytes(memory_budget, device: torch.device) -> int:
     """Bytes that the OT step may use: ``memory_budget`` GiB, or for "auto" the default above on ``device``."""
     if memory_budget != "auto":
         return int(float(memory_budget) * 2**30)
-    if device.type == "cuda":
-        return int(AUTO_CUDA_FRACTION * torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the device, and what torch's caching allocator holds but does not use
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(AUTO_CUDA_FRACTION * (torch.cuda.mem_get_info(device)[0] + cached))
     return int(AUTO_CPU_GIB * 2**30)
 
 
