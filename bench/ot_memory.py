@@ -285,9 +285,11 @@ def part_compare(args):
 
 
 def part_sizes(args):
-    rows = []
+    """The grid; with --methods, only those methods, the JSON's other rows kept."""
+    previous = json.loads(args.json.read_text()).get("sizes", {}) if args.json.exists() and args.methods else {}
+    rows = [r for r in previous.get("rows", []) if r["method"] not in args.methods]
     for (method, hidden, reg), sizes in GRID.items():
-        if method == "previous" and not args.baseline:
+        if (method == "previous" and not args.baseline) or (args.methods and method not in args.methods):
             continue
         for n in sizes:
             if args.max_n and n > args.max_n:
@@ -312,7 +314,7 @@ def part_sizes(args):
         for other in ("online", "previous"):
             if saved["dense"].exists() and saved[other].exists():
                 checks[f"{other}_vs_dense_n{n}_h{hidden}_reg{reg}"] = rel_diff(saved[other], saved["dense"])
-    return {"rows": rows, "max_rel_diff_weights": checks}
+    return {"rows": rows, "max_rel_diff_weights": {**previous.get("max_rel_diff_weights", {}), **checks}}
 
 
 def part_step(args):
@@ -438,6 +440,7 @@ def main(argv=None):
     p.add_argument("--baseline", type=Path, help="a checkout of the previous revision (for compare and sizes)")
     p.add_argument("--repeats", type=int, default=5, help="compare: runs of each, interleaved")
     p.add_argument("--max-n", type=int, default=None, help="sizes: skip larger n")
+    p.add_argument("--methods", nargs="*", default=[], help="sizes: only these (dense online previous official)")
     p.add_argument("--tokens", type=int, nargs="*", help=f"step: completion lengths (default {STEP_TOKENS})")
     p.add_argument("--work", default="/tmp/ot-memory", help="folder for the compared weights")
     p.add_argument("--json", type=Path, default=JSON)
