@@ -14,7 +14,7 @@ from trl import DPOConfig
 
 from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
 from otpo_trl.otpo_config import LOSS_TYPES
-from otpo_trl.otpo_trainer import console_logs
+from otpo_trl.callbacks import console_logs
 
 from .testing_utils import config, conversational_pairs, losses, train_pair
 
