@@ -18,6 +18,7 @@ TRAINING = (
     "otpo_trl.ot_weights",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",
+    "otpo_trl.callbacks",
     "otpo_trl.forward",
     "otpo_trl.tokenization",
     "otpo_trl.cli.train",
