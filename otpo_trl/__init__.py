@@ -1,6 +1,7 @@
 """OTPO for TRL: optimal-transport token weighting as a swap-in for `DPOTrainer`.
 
-- `ot_weights`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT.
+- `ot`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT (costs, solvers,
+  weights, statistics).
 - `otpo_config`: `OTPOConfig` (`DPOConfig` + the `ot_*` fields, checked) and `ot_kwargs`, its mapping to the solver.
 - `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards).
 - `forward`: the fused forward and the last-layer hidden states; `tokenization`: pairs and prompts tokenised as
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # The public names, each with the module that defines it; a module is imported when one of its names is first used.
-_LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot_weights"}
+_LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time, `__getattr__` below
-    from .ot_weights import ot_token_weights
+    from .ot import ot_token_weights
     from .otpo_config import OTPOConfig
     from .otpo_trainer import OTPOTrainer
 

@@ -32,7 +32,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from .data import load_preference_dataset
 from .forward import fused_forward, unwrap_peft
 from .loading import load_model_and_tokenizer
-from .ot_weights import ot_token_weights
+from .ot import ot_token_weights
 from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
 from .tokenization import template_kwargs, tokenize_pair, tokenize_prompt
 

@@ -23,7 +23,7 @@ from trl.trainer.utils import get_config_model_id
 
 from . import forward
 from .callbacks import install_otpo_callbacks
-from .ot_weights import ot_token_weights
+from .ot import ot_token_weights, token_weight_stats
 from .otpo_config import OTPOConfig, ot_kwargs
 
 
@@ -259,29 +259,18 @@ class OTPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ the `ot/*` metrics
 
     def _log_ot_metrics(self, weights: torch.Tensor, mask: torch.Tensor, info) -> None:
-        mode = "train" if self.model.training else "eval"
-        lengths = mask.sum(dim=1)
-        has_tokens = lengths > 0
-        p = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
-        # Entropy normalised by log(length): 1 for uniform weights, lower as the weights concentrate.
-        norm_entropy = torch.where(lengths > 1, entropy / lengths.clamp_min(2).log(), torch.ones_like(entropy))
-        stats = torch.stack(
-            [
-                info.plan_mass.float().mean(),
-                weights.max(),
-                norm_entropy[has_tokens].mean() if has_tokens.any() else weights.new_tensor(1.0),
-                info.fallback.float().sum(),
-            ]
-        ).float()
-        stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).view(-1, 4)
-        metrics = self._metrics[mode]
-        metrics["ot/plan_mass"].append(stats[:, 0].mean().item())
-        metrics["ot/weight_max"].append(stats[:, 1].max().item())
-        metrics["ot/weight_entropy"].append(stats[:, 2].mean().item())
-        metrics["ot/fallbacks"].append(stats[:, 3].sum().item())
+        stats = token_weight_stats(weights, mask)  # per completion; NaN for one without tokens
+        entropy, weight_max = stats.entropy.nanmean().nan_to_num(1), stats.max.nan_to_num(0).max()
+        local = torch.stack([info.plan_mass.double().mean(), weight_max, entropy, info.fallback.double().sum()])
+        rows = self.accelerator.gather_for_metrics(local.float()[None]).view(-1, 4)  # one row per process
+        values = [rows[:, 0].mean(), rows[:, 1].max(), rows[:, 2].mean(), rows[:, 3].sum()]
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, value in zip(
+            ("plan_mass", "weight_max", "weight_entropy", "fallbacks"), torch.stack(values).tolist()
+        ):
+            metrics[f"ot/{key}"].append(value)
         metrics["ot/solver_iters"].append(float(info.n_iter))
-        if stats[:, 3].sum() > 0 and not self._ot_warned_fallback:
+        if metrics["ot/fallbacks"][-1] > 0 and not self._ot_warned_fallback:
             self._ot_warned_fallback = True
             logger.warning(
                 "Non-finite hidden states or OT costs in a preference pair: that pair falls back to uniform token "

@@ -22,7 +22,7 @@ from otpo_trl.cli import plot_weights as plot_weights_cli
 from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.loading import load_model_and_tokenizer
-from otpo_trl.ot_weights import ot_token_weights
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.otpo_config import ot_kwargs
 from otpo_trl.tokenization import tokenize_pair
 

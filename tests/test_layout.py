@@ -15,7 +15,12 @@ from .conftest import REPO_ROOT
 PACKAGE = "otpo_trl"
 # Training: what `scripts/train.py` and `from otpo_trl import OTPOTrainer` run.
 TRAINING = (
-    "otpo_trl.ot_weights",
+    "otpo_trl.ot",
+    "otpo_trl.ot.costs",
+    "otpo_trl.ot.sinkhorn",
+    "otpo_trl.ot.weights",
+    "otpo_trl.ot.pot_reference",
+    "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",
     "otpo_trl.callbacks",
@@ -152,6 +157,24 @@ def test_no_import_cycle():
 def test_training_imports_no_evaluation_code(module):
     assert module in GRAPH
     assert sorted(reachable(GRAPH, module) & set(EVALUATION)) == []
+
+
+def ot_package_imports_outside_it(graph) -> set[tuple[str, str]]:
+    """(module of `otpo_trl.ot`, module of `otpo_trl` outside it) for each import that leaves the OT package."""
+    inside = lambda name: name == "otpo_trl.ot" or name.startswith("otpo_trl.ot.")  # noqa: E731
+    return {
+        (name, target) for name, targets in graph.items() if inside(name) for target in targets if not inside(target)
+    }
+
+
+def test_the_ot_package_imports_neither_the_trainer_nor_the_config():
+    """The OT math is pure: it imports nothing else of the package (so neither the trainer nor the config, which
+    build on it), directly or through another module."""
+    ot_modules = [name for name in GRAPH if name.startswith("otpo_trl.ot.")]
+    assert {"otpo_trl.ot.weights", "otpo_trl.ot.sinkhorn", "otpo_trl.ot.costs"} <= set(ot_modules)
+    assert ot_package_imports_outside_it(GRAPH) == set()
+    for name in ot_modules:
+        assert {"otpo_trl.otpo_trainer", "otpo_trl.otpo_config"} & reachable(GRAPH, name) == set(), name
 
 
 def test_the_package_imports_nothing_from_the_checkout_outside_it():

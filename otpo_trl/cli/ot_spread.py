@@ -42,7 +42,7 @@ from trl.data_utils import maybe_extract_prompt
 from ..analysis import pair_token_stats, scoring_order
 from ..data import load_preference_dataset
 from ..loading import load_model_and_tokenizer
-from ..ot_weights import ot_token_weights
+from ..ot import ot_token_weights
 from ..otpo_config import OT_FIELDS, OTPOConfig
 from .options import add_max_length_argument, add_model_arguments
 from .run_dir import writable_dir

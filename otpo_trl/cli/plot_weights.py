@@ -45,7 +45,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from ..analysis import implicit_rewards, inline_example, pair_token_stats  # noqa: E402
 from ..data import load_preference_dataset  # noqa: E402
 from ..loading import load_model_and_tokenizer  # noqa: E402
-from ..ot_weights import ot_token_weights  # noqa: E402
+from ..ot import ot_token_weights  # noqa: E402
 from ..otpo_config import checked_value, ot_kwargs  # noqa: E402
 from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments  # noqa: E402
 from .run_dir import writable_dir  # noqa: E402
