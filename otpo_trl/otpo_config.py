@@ -86,7 +86,9 @@ class OTPOConfig(DPOConfig):
             (each side's own length) or `"none"` (raw plan marginals; collapses in the paper's ablation).
         ot_weighting (`str`, *optional*, defaults to `"ot"`):
             `"ot"`: the transport plan's marginals. `"uniform"`: 1 per token before the same normalisation, the
-            paper's "w/o OT" ablation (no OT problem is solved).
+            paper's "w/o OT" ablation. `"sampo"`: SamPO's down-sampling, 1 on min(|y_w|, |y_l|) tokens of each side
+            drawn at random, afresh every step, before the same normalisation (see `sampo_token_weights`). Neither
+            solves an OT problem.
         ot_solver (`str`, *optional*, defaults to `"batched"`):
             `"batched"` solves all pairs of a batch at once on the hidden states' device; `"pot"` calls
             `ot.unbalanced.sinkhorn_unbalanced` once per pair on the CPU (the reference; slow).
@@ -138,7 +140,8 @@ class OTPOConfig(DPOConfig):
         default="ot",
         metadata={
             "help": "'ot': the transport plan's marginals weight the tokens; 'uniform': 1 per token before the same "
-            "normalisation (the paper's 'w/o OT' ablation).",
+            "normalisation (the paper's 'w/o OT' ablation); 'sampo': 1 on min(|y_w|, |y_l|) tokens of each side drawn "
+            "at random every step (SamPO), before the same normalisation.",
             "choices": list(OT_WEIGHTINGS),
         },
     )

@@ -14,6 +14,7 @@ from otpo_trl.ot import (
     NORMALIZATIONS,
     checked_setting,
     ot_token_weights,
+    sampo_token_weights,
     token_weight_stats,
     uniform_token_weights,
 )
@@ -508,7 +509,7 @@ def test_token_weight_stats_of_ot_weights():
         ("max_iter", [0, 1.5, True], [np.int64(5), 10]),
         ("cost", ["manhattan"], ["cosine"]),
         ("cost_scale", ["max"], ["minmax"]),
-        ("weighting", ["none"], ["uniform"]),
+        ("weighting", ["none"], ["uniform", "sampo"]),
     ],
 )
 def test_the_config_and_the_function_share_one_check(name, bad, good):
@@ -526,3 +527,75 @@ def test_the_config_and_the_function_share_one_check(name, bad, good):
     for value in good:
         ot_token_weights(hc, hr, mc, mr, **{name: value})
         assert checked_setting(name, value) == checked_value(f"ot_{name}", value) == value
+
+
+# ------------------------------------------------------------------ SamPO's down-sampling ("sampo")
+
+
+def sampo(mc, mr, seed, **kwargs):
+    return sampo_token_weights(mc, mr, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_sampo_keeps_min_length_tokens_of_each_side(normalization):
+    """min(n, m) tokens of each side weigh the same (1 before normalisation), the rest 0; the shorter side keeps all
+    of its tokens; the sums hit the same targets as the other weightings."""
+    _, _, mc, mr = random_batch(30, B=8, Tc=40, Tr=25)
+    wc, wr = sampo(mc, mr, 0, normalization=normalization)
+    for k in range(8):
+        n, m = int(mc[k].sum()), int(mr[k].sum())
+        low = min(n, m)
+        for w, mask, length in ((wc[k], mc[k], n), (wr[k], mr[k], m)):
+            chosen = w != 0
+            assert int(chosen.sum()) == low and not (chosen & ~mask).any()  # masked positions never drawn
+            if length == low:
+                assert torch.equal(chosen, mask)
+            if normalization in ("none", "length"):
+                target = low if normalization == "none" else length
+            else:
+                target = targets(n, m, normalization)[0]
+            assert float(w.sum()) == pytest.approx(target, rel=1e-6)
+            torch.testing.assert_close(w[chosen], torch.full((low,), target / low), rtol=1e-6, atol=0)
+    if normalization == "min":  # already min(n, m): exactly 1 and 0
+        assert set(wc.unique().tolist()) | set(wr.unique().tolist()) == {0.0, 1.0}
+
+
+def test_sampo_draws_follow_the_generator():
+    _, _, mc, mr = random_batch(31, B=4, Tc=50, Tr=20)
+    a, b, c = sampo(mc, mr, 1), sampo(mc, mr, 1), sampo(mc, mr, 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the same seed, the same tokens
+    assert not torch.equal(a[0], c[0])  # another seed, other tokens (the chosen side is the longer here)
+    torch.manual_seed(5)  # None: torch's global generator
+    d = sampo_token_weights(mc, mr)
+    torch.manual_seed(5)
+    assert torch.equal(sampo_token_weights(mc, mr)[0], d[0])
+    # through ot_token_weights, which reads no state for it: NaN states change nothing
+    hc, hr = torch.full((4, 50, 3), float("nan")), torch.zeros(4, 20, 3)
+    e = ot_token_weights(hc, hr, mc, mr, weighting="sampo", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(e[0], a[0]) and torch.equal(e[1], a[1])
+    with pytest.raises(ValueError, match="`generator`"):
+        sampo_token_weights(mc, mr, generator=1)
+
+
+def test_sampo_draws_uniformly_without_replacement():
+    """Each of the longer side's n tokens is drawn with probability min(n, m) / n: 2,000 draws of one pair."""
+    mc = torch.zeros(2000, 12, dtype=torch.bool)
+    mc[:, 2:12] = True  # n = 10
+    mr = torch.zeros(2000, 5, dtype=torch.bool)
+    mr[:, :4] = True  # m = 4
+    wc, wr = sampo(mc, mr, 3)
+    assert (wc[:, :2] == 0).all() and ((wc != 0).sum(1) == 4).all() and (wr[:, :4] == 1).all()
+    frequency = (wc[:, 2:] != 0).double().mean(0)
+    assert (frequency - 0.4).abs().max() < 0.05, frequency  # 4.5 standard deviations
+
+
+def test_sampo_with_an_empty_side_and_the_diagnostics():
+    _, _, mc, mr = random_batch(32, B=3)
+    mr[1] = False
+    wc, wr, info = sampo(mc, mr, 0, return_info=True)
+    assert (wc[1] == 0).all() and (wr[1] == 0).all() and info.plan_mass.tolist() == [1.0, 0.0, 1.0]
+    assert info.n_iter == 0 and not info.fallback.any() and (info.cost_spread == 0).all()
+    for k in (0, 2):  # the plan couples the drawn tokens; its marginals are the weights
+        torch.testing.assert_close(info.plan[k].sum(1), wc[k]), torch.testing.assert_close(info.plan[k].sum(0), wr[k])
+    wc, wr = sampo(mc[:0], mr[:0], 0)
+    assert wc.shape == (0, mc.shape[1]) and wr.shape == (0, mr.shape[1])

@@ -4,7 +4,7 @@ states by entropic unbalanced optimal transport.
 - `costs`: the cost matrix between two completions' states and its per-pair scalings.
 - `sinkhorn`: the batched unbalanced Sinkhorn solvers (multiplicative and stabilised) and their named result.
 - `weights`: `ot_token_weights` (cost, scale, solve, marginals, normalise), the "w/o OT" `uniform_token_weights`,
-  and `checked_setting`, the one check of their settings.
+  SamPO's `sampo_token_weights`, and `checked_setting`, the one check of their settings.
 - `pot_reference`: POT once per pair, the reference (`solver="pot"`).
 - `stats`: `token_weight_stats`, how far from uniform a completion's weights are.
 
@@ -28,6 +28,7 @@ from .weights import (
     checked_setting,
     ot_token_weights,
     positive_number,
+    sampo_token_weights,
     uniform_token_weights,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "cost_spread",
     "ot_token_weights",
     "positive_number",
+    "sampo_token_weights",
     "scale_costs",
     "sinkhorn_knopp_unbalanced",
     "sinkhorn_stabilized_unbalanced",

@@ -1,5 +1,6 @@
-"""OTPO's token weights: :func:`ot_token_weights` (cost, scale, solve, marginals, normalise) and the "w/o OT" weights
-(:func:`uniform_token_weights`); :func:`checked_setting`, the one check of their settings (``OTPOConfig`` uses it)."""
+"""OTPO's token weights: :func:`ot_token_weights` (cost, scale, solve, marginals, normalise), the "w/o OT" weights
+(:func:`uniform_token_weights`) and SamPO's down-sampling (:func:`sampo_token_weights`); :func:`checked_setting`, the
+one check of their settings (``OTPOConfig`` uses it)."""
 
 import math
 import numbers
@@ -15,7 +16,7 @@ from .sinkhorn import sinkhorn_unbalanced
 
 NORMALIZATIONS = ("min", "mean", "max", "length", "none")
 SOLVERS = ("batched", "pot")
-WEIGHTINGS = ("ot", "uniform")
+WEIGHTINGS = ("ot", "uniform", "sampo")
 # The settings of `ot_token_weights` that `checked_setting` checks: the numbers, then the choices.
 POSITIVE_SETTINGS = ("reg", "reg_m", "tol")
 CHOICES = {
@@ -199,6 +200,19 @@ def _pot_weights(hc, hr, mc, mr, *, reg, reg_m, cost, cost_scale, normalization,
     return wc.to(device), wr.to(device), info
 
 
+def _checked_masks(chosen_mask, rejected_mask):
+    if chosen_mask.dim() != 2 or rejected_mask.dim() != 2 or len(chosen_mask) != len(rejected_mask):
+        shapes = f"{tuple(chosen_mask.shape)}, {tuple(rejected_mask.shape)}"
+        raise ValueError(f"`chosen_mask` (B, Tc) and `rejected_mask` (B, Tr) got {shapes}.")
+    return chosen_mask.detach() != 0, rejected_mask.detach().to(chosen_mask.device) != 0
+
+
+def _checked_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator or None, got {generator!r}.")
+    return generator
+
+
 def uniform_token_weights(
     chosen_mask: torch.Tensor,
     rejected_mask: torch.Tensor,
@@ -239,26 +253,116 @@ def uniform_token_weights(
     (tensor([[1., 1., 0.]]), tensor([[0.5000, 0.5000, 0.5000, 0.5000]]))
     """
     checked_setting("normalization", normalization)
-    if chosen_mask.dim() != 2 or rejected_mask.dim() != 2 or len(chosen_mask) != len(rejected_mask):
-        shapes = f"{tuple(chosen_mask.shape)}, {tuple(rejected_mask.shape)}"
-        raise ValueError(f"`chosen_mask` (B, Tc) and `rejected_mask` (B, Tr) got {shapes}.")
-    mc, mr = chosen_mask.detach() != 0, rejected_mask.detach().to(chosen_mask.device) != 0
-    wc, wr, info = _uniform_weights(mc, mr, normalization=normalization, need_plan=return_info and return_plan)
+    mc, mr = _checked_masks(chosen_mask, rejected_mask)
+    wc, wr, info = _selected_weights(
+        mc, mr, mc, mr, normalization=normalization, need_plan=return_info and return_plan
+    )
     return (wc.float(), wr.float(), _returned_info(info, mc, mr)) if return_info else (wc.float(), wr.float())
 
 
-def _uniform_weights(mc, mr, *, normalization, need_plan):
-    """:func:`uniform_token_weights` on bool masks; returns as :func:`_batched_weights`."""
+def sampo_token_weights(
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    *,
+    normalization: str = "min",
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+    return_plan: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, OTInfo]:
+    r"""SamPO's down-sampling [1]_ as token weights: 1 on :math:`\min(n, m)` tokens of each side, 0 elsewhere.
+
+    Each side keeps :math:`\min(n, m)` of its valid tokens, drawn uniformly without replacement (the shorter side
+    keeps all of its tokens), then the weights are normalised as :func:`ot_token_weights` does; with
+    ``normalization="min"`` they already sum to :math:`\min(n, m)` and stay 1 and 0. Weighting a completion's
+    per-token log-ratios :math:`\log \pi_\theta / \pi_\mathrm{ref}` by them sums those log-ratios over the sampled
+    tokens: DPO's implicit reward down-sampled to the same number of tokens on both sides, which removes its
+    dependence on the length difference.
+
+    Which tokens are drawn follows ``generator`` (torch's global generator when ``None``); a trainer draws afresh every
+    step, once per batch, and applies the same weights to the policy's and the reference's log-probs. The paper
+    defines the down-sampled reward with the same sampled tokens in :math:`\pi_\theta` and :math:`\pi_\mathrm{ref}`;
+    the official code (``get_batch_logps(..., len_norm=True)`` in ``dpo_trainer.py`` of LuJunru/SamPO) draws the
+    longer side's tokens with ``torch.multinomial(mask, min(n, m), replacement=False)``, uniformly without
+    replacement as here, but inside each forward, so that its policy and its reference (or its precomputed reference
+    log-probs) sum over two independent draws. Here one draw serves both, as the paper writes it.
+
+    Parameters
+    ----------
+    chosen_mask : torch.Tensor, shape (B, Tc)
+        True (or 1) at the chosen completion's tokens.
+    rejected_mask : torch.Tensor, shape (B, Tr)
+        Same for the rejected completions.
+    normalization : {"min", "mean", "max", "length", "none"}, optional
+        As in :func:`ot_token_weights`: the target sums use the full lengths n and m.
+    generator : torch.Generator, optional
+        The source of the draw: the same generator state gives the same tokens. On any device: the draw is made on
+        the generator's device and moved to the masks'.
+    return_info, return_plan
+        As in :func:`ot_token_weights`.
+
+    Returns
+    -------
+    chosen_weights : torch.Tensor, shape (B, Tc), float32
+    rejected_weights : torch.Tensor, shape (B, Tr), float32
+        0 at masked and unsampled positions and for pairs with an empty side.
+    info : OTInfo, only if ``return_info``
+        ``plan`` the constant coupling :math:`1 / \min(n, m)` between the sampled tokens (whose marginals are these
+        weights under "min"), so ``plan_mass`` 1; ``n_iter`` 0, no fallback, ``cost_spread`` 0.
+
+    References
+    ----------
+    .. [1] Lu et al., "Eliminating Biased Length Reliance of Direct Preference Optimization via Down-Sampled KL
+       Divergence", EMNLP 2024, arXiv:2406.10957.
+
+    Examples
+    --------
+    >>> import torch
+    >>> chosen_mask = torch.tensor([[True, True, False]])
+    >>> rejected_mask = torch.tensor([[True, True, True, True]])
+    >>> wc, wr = sampo_token_weights(chosen_mask, rejected_mask, generator=torch.Generator().manual_seed(0))
+    >>> wc, int(wr.sum()), sorted(set(wr.flatten().tolist()))
+    (tensor([[1., 1., 0.]]), 2, [0.0, 1.0])
+    """
+    checked_setting("normalization", normalization)
+    mc, mr = _checked_masks(chosen_mask, rejected_mask)
+    generator = _checked_generator(generator)
+    need_plan = return_info and return_plan
+    wc, wr, info = _sampo_weights(mc, mr, normalization=normalization, generator=generator, need_plan=need_plan)
+    return (wc.float(), wr.float(), _returned_info(info, mc, mr)) if return_info else (wc.float(), wr.float())
+
+
+def _sampled(mask, count, generator):
+    """(B, T) bool: ``count`` (B,) positions of each row of ``mask`` drawn uniformly without replacement."""
+    keys = torch.rand(mask.shape, generator=generator, device=mask.device if generator is None else generator.device)
+    keys = torch.where(mask, keys.to(mask.device), 2.0)  # masked positions sort last
+    rank = torch.empty_like(mask, dtype=torch.long).scatter_(
+        1, keys.argsort(1), torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    )
+    return rank < count[:, None]  # ties between keys are ranked in order: exactly `count` positions
+
+
+def _sampo_weights(mc, mr, *, normalization, generator, need_plan):
+    """:func:`sampo_token_weights` on bool masks; returns as :func:`_batched_weights`."""
+    low = torch.minimum(mc.sum(1), mr.sum(1))
+    sc, sr = _sampled(mc, low, generator), _sampled(mr, low, generator)  # both drawn, whichever is shorter
+    return _selected_weights(mc, mr, sc, sr, normalization=normalization, need_plan=need_plan)
+
+
+def _selected_weights(mc, mr, sc, sr, *, normalization, need_plan):
+    """1 on the selected tokens ``sc`` (B, Tc), ``sr`` (B, Tr) of the valid ones ``mc``, ``mr``, normalised to the
+    valid lengths' targets; as a plan, the constant coupling of the selected tokens with mass min(selected).
+    Returns as :func:`_batched_weights`."""
     n, m = mc.sum(1), mr.sum(1)
+    kc, kr = sc.sum(1), sr.sum(1)
     nonempty = (n > 0) & (m > 0)
-    wc, wr = (mask & nonempty[:, None] for mask in (mc, mr))
+    wc, wr = (mask & nonempty[:, None] for mask in (sc, sr))
     wc, wr = _normalize(wc.double(), wr.double(), n, m, normalization)
-    low = torch.minimum(n, m).double()
+    low = torch.minimum(kc, kr).double()
     mass = torch.where(nonempty, low, 0)
     plan = None
     if need_plan:
-        value = torch.where(nonempty, low / (n * m).clamp_min(1), 0)[:, None, None]
-        plan = (mc[:, :, None] & mr[:, None, :]) * value
+        value = torch.where(nonempty, low / (kc * kr).clamp_min(1), 0)[:, None, None]
+        plan = (sc[:, :, None] & sr[:, None, :]) * value
     info = OTInfo(
         plan=plan, plan_mass=mass, n_iter=0, fallback=torch.zeros_like(nonempty), cost_spread=torch.zeros_like(mass)
     )
@@ -280,6 +384,7 @@ def ot_token_weights(
     solver: str = "batched",
     max_iter: int = 1000,
     tol: float = 1e-6,
+    generator: torch.Generator | None = None,
     return_info: bool = False,
     return_plan: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, OTInfo]:
@@ -359,10 +464,12 @@ def ot_token_weights(
     normalization : {"min", "mean", "max", "length", "none"}, optional
         Target sum of each side's weights: :math:`\min(n, m)`, :math:`(n + m) / 2`, :math:`\max(n, m)`, each side's
         own length (:math:`n`, :math:`m`), or none (raw plan marginals).
-    weighting : {"ot", "uniform"}, optional
+    weighting : {"ot", "uniform", "sampo"}, optional
         "ot": the plan's marginals. "uniform": :func:`uniform_token_weights`, 1 per token before the same
-        normalisation, the paper's "w/o OT" ablation (with "length" or "none" it is DPO); no OT problem is solved,
-        the states are not read.
+        normalisation, the paper's "w/o OT" ablation (with "length" or "none" it is DPO). "sampo":
+        :func:`sampo_token_weights`, 1 on min(n, m) tokens of each side drawn at random (SamPO's down-sampling),
+        before the same normalisation. With "uniform" and "sampo" no OT problem is solved and the states are not
+        read.
     solver : {"batched", "pot"}, optional
         "batched": all pairs at once on the hidden states' device; multiplicative updates, or stabilised ones with
         absorption [3]_ (the same iterates) when :math:`\max M / \varepsilon` could underflow :math:`K`. "pot": POT
@@ -372,6 +479,9 @@ def ot_token_weights(
     tol : float, optional
         POT's ``stopThr``: a pair stops once the mean of the relative changes of :math:`u` and :math:`v`,
         :math:`\max|u - u'| / \max(\max|u|, \max|u'|, 1)`, is below it.
+    generator : torch.Generator, optional
+        With ``weighting="sampo"``, the source of the random draw (``None``: torch's global generator); see
+        :func:`sampo_token_weights`. Not used by the other weightings.
     return_info : bool, optional
         Also return an :class:`OTInfo`.
     return_plan : bool, optional
@@ -388,8 +498,8 @@ def ot_token_weights(
         ``plan`` (B, Tc, Tr) float32, the plan at the input positions (0 elsewhere); ``plan_mass`` (B,)
         :math:`\sum_{ij} P^\star_{ij} / \min(n, m)` (0 for empty or fallback pairs); ``n_iter`` (int) iterations run;
         ``fallback`` (B,) bool, the pairs given uniform weights; ``cost_spread`` (B,) float32, the :math:`\Delta` of
-        the bound above (0 for empty or fallback pairs). With ``weighting="uniform"``: see
-        :func:`uniform_token_weights`.
+        the bound above (0 for empty or fallback pairs). With ``weighting="uniform"`` or ``"sampo"``: see
+        :func:`uniform_token_weights`, :func:`sampo_token_weights`.
 
     References
     ----------
@@ -428,6 +538,7 @@ def ot_token_weights(
         ("solver", solver),
     ):
         checked_setting(name, val)
+    generator = _checked_generator(generator)
     for side, h, mask in (("chosen", chosen_hidden, chosen_mask), ("rejected", rejected_hidden, rejected_mask)):
         if h.dim() != 3 or tuple(mask.shape) != tuple(h.shape[:2]):
             raise ValueError(
@@ -443,7 +554,9 @@ def ot_token_weights(
     mc, mr = chosen_mask.detach().to(device) != 0, rejected_mask.detach().to(device) != 0
     need_plan = return_info and return_plan
     if weighting == "uniform":
-        wc, wr, info = _uniform_weights(mc, mr, normalization=normalization, need_plan=need_plan)
+        wc, wr, info = _selected_weights(mc, mr, mc, mr, normalization=normalization, need_plan=need_plan)
+    elif weighting == "sampo":
+        wc, wr, info = _sampo_weights(mc, mr, normalization=normalization, generator=generator, need_plan=need_plan)
     else:
         solve = _batched_weights if solver == "batched" else _pot_weights
         kwargs = {"reg": reg, "reg_m": reg_m, "cost": cost, "cost_scale": cost_scale, "normalization": normalization}
