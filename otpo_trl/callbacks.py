@@ -8,6 +8,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 def console_logs(logs: dict[str, Any], max_iter: int) -> dict[str, Any]:
@@ -24,10 +28,20 @@ def console_logs(logs: dict[str, Any], max_iter: int) -> dict[str, Any]:
 
 
 class _ConsoleLogs:
-    """Prints [`console_logs`] of the logs (the training arguments are OTPOConfig's: `ot_max_iter`)."""
+    """Prints [`console_logs`] of the logs (the training arguments are OTPOConfig's: `ot_max_iter`), and explains
+    `ot/fallbacks` the first time it is not 0."""
+
+    warned_fallback = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        return super().on_log(args, state, control, logs=console_logs(logs or {}, args.ot_max_iter), **kwargs)
+        logs = logs or {}
+        if not self.warned_fallback and any(k.endswith("ot/fallbacks") and v > 0 for k, v in logs.items()):
+            self.warned_fallback = True
+            logger.warning(
+                "Non-finite hidden states or OT costs in a preference pair: that pair fell back to uniform token "
+                "weights. The count is logged as `ot/fallbacks`. (Shown once.)"
+            )
+        return super().on_log(args, state, control, logs=console_logs(logs, args.ot_max_iter), **kwargs)
 
 
 class OTPOProgressCallback(_ConsoleLogs, ProgressCallback):

@@ -1,7 +1,7 @@
 """`OTPOTrainer`: TRL 1.16's `DPOTrainer` with token weights on the policy's and the reference's per-token log-probs.
 
-The seam is forward hooks on the models' fused forwards, one `_BatchHookState` per batch (the class docstring says what
-it relies on); the manual is docs/otpo_trainer.md, the wiring docs/how_it_works.md.
+The seam is one forward hook per model, acting on the fused forwards of the batch in progress (`_BatchHookState`); the
+class docstring lists what it relies on. The manual: docs/otpo_trainer.md; the wiring: docs/how_it_works.md.
 """
 
 import contextlib
@@ -9,7 +9,6 @@ import math
 import textwrap
 import warnings
 import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
 from transformers.utils import logging
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from . import forward
@@ -32,22 +31,14 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class _BatchHookState:
-    """What the hooks of one batch's fused forwards share: made by `OTPOTrainer._hooked_batch`, filled by the hooks.
-    (A batch, not a step: a step may hold several, and evaluation, precompute and inspection batches are no step.)"""
+    """What the hooks share during one batch's fused forwards (a batch, not a step: a step may hold several batches,
+    and evaluation and `concatenated_forward` batches belong to none). Made by `OTPOTrainer._hooked_batch`."""
 
-    trainer: "OTPOTrainer"
     inputs: dict[str, Any]  # the collated batch; precomputed per-token reference values are replaced by weighted sums
     shift_mask: torch.Tensor  # (2B, T-1) bool: the completion tokens of [chosen; rejected], aligned with log_probs
-    reference_only: bool = False  # precomputing reference log-probs: every fused call is the reference
     hidden: torch.Tensor | None = None  # (2B, P+T, H) detached last-layer states of the backbone's latest call
     weights: torch.Tensor | None = None  # (2B, T-1) checked token weights (0 outside the completions), by the policy
     policy_log_probs: torch.Tensor | None = None  # (2B, P+T-1) the policy's unweighted per-token log-probs
-    ref_log_probs: torch.Tensor | None = None  # (2B, P+T-1) unweighted, kept by a `reference_only` call
-
-
-# The batch in progress (None outside `compute_loss`, `compute_ref_log_probs` and `concatenated_forward`): a context
-# variable, not a trainer field, so that hooks of several trainers on a shared model act only for the batch's trainer.
-_ACTIVE_BATCH: ContextVar[_BatchHookState | None] = ContextVar("otpo_active_batch", default=None)
 
 
 def _call_weakly(method):
@@ -61,21 +52,21 @@ class OTPOTrainer(DPOTrainer):
     Trainer for Optimal-Transport token-weighted preference optimisation (OTPO).
 
     A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, data formats and `loss_type`s. The only change:
-    before TRL sums the policy's and the reference's per-token log-probs, it multiplies both by the batch's token
-    weights, from [`compute_token_weights`] (OTPO's: the marginals of an unbalanced OT plan between the chosen and the
-    rejected completion's detached last-layer states, [`ot_token_weights`]). For another weighting, override that
-    method; set `allow_negative_token_weights = True` on the subclass if it means to return negative weights.
+    before TRL sums the policy's and the reference's per-token log-probs, both are multiplied by the batch's token
+    weights from [`compute_token_weights`] (OTPO's: the marginals of an unbalanced OT plan between the chosen and the
+    rejected completion's last-layer states, [`ot_token_weights`]). For another weighting, override that method (and
+    set `allow_negative_token_weights = True` if it means to return negative weights).
 
     What this relies on in TRL 1.16 (`trl>=1.16,<1.17`, checked by `tests/test_trainer.py`) and PEFT:
         - `DPOTrainer._compute_loss` calls the policy, then (unless precomputed) the reference, each once per batch as
           `model(..., labels=..., fused_lm_head=True)`, and sums `outputs.log_probs[:, -(T-1):]` (with `ld_alpha`,
           shared and tail parts). With PEFT and no `ref_model`, the reference is the policy under TRL's `use_adapter`:
           adapters disabled (PEFT's public `PeftModel.has_active_enabled_adapter`, PEFT >= 0.18) or the adapter
-          named "ref" active. A reference call without a policy call before it is an error here.
+          named "ref" active.
         - WPO reads `outputs.log_sum_sq_probs` (`FusedCausalLMOutput`); `_metrics[mode]` collects the logged metrics.
-        - With `precompute_ref_log_probs`: `DPOTrainer.__init__` calls `_precompute_ref_logps` →
-          `compute_ref_log_probs` (before our `__init__` resumes), `_compute_loss` reads `inputs["ref_chosen_logps"]`
-          / `["ref_rejected_logps"]` after the policy call, and `self._precompute_model_hash` keys their cache.
+        - With `precompute_ref_log_probs`: `_precompute_ref_logps` stores what `compute_ref_log_probs` returns, in a
+          cache keyed by `self._precompute_model_hash`, and `_compute_loss` reads it from `inputs["ref_chosen_logps"]`
+          / `["ref_rejected_logps"]` after the policy call.
     """
 
     _tag_names = ["trl", "dpo", "otpo"]
@@ -104,75 +95,60 @@ class OTPOTrainer(DPOTrainer):
                 logger.info("No bf16-capable GPU: the default OTPOConfig trains in fp32 (bf16=False).")
             args = OTPOConfig(f"{name.split('/')[-1]}-OTPO", bf16=bf16)
         elif not isinstance(args, OTPOConfig):
-            got = "a `DPOConfig`: replace `DPOConfig(...)` with `OTPOConfig(...)` (same fields plus the `ot_*` ones)"
             raise TypeError(
-                f"`args` must be an `OTPOConfig`, got {got if isinstance(args, DPOConfig) else type(args)}"
+                f"`args` must be an `OTPOConfig` (a `DPOConfig` with the `ot_*` fields), got {type(args).__name__}: "
+                "build it as `OTPOConfig(...)`, with the same arguments."
             )
         if args.precompute_ref_log_probs and args.max_length is None:
             raise ValueError(
                 "`precompute_ref_log_probs=True` needs `max_length`: OTPO stores per-token reference log-probs "
                 "(the OT weights are only known at train time), padded to `max_length`."
             )
-        self._ot_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._ot_reference: torch.nn.Module | None = None  # the unwrapped reference model, if any, hooked
-        self._ot_warned_fallback = self._ot_hash_tagged = False
-        self._ot_eval_prefix: str | None = None  # `metric_key_prefix` of the evaluation in progress, for `log`
+        self._ot_hash_tagged = False
+        self._ot_batch: _BatchHookState | None = None  # the batch in progress, for the hooks (`_hooked_batch`)
         self._ot_sampled: tuple[tuple, int] = ((), -1)  # the phase of the latest sampling generator, and its number
         super().__init__(model, ref_model, args, *pargs, **kwargs)
-        self._install_ot_hooks()
         self._weight_histogram = install_otpo_callbacks(self.callback_handler)  # None without TensorBoard
+        self._install_ot_hooks()
 
     # ------------------------------------------------------------------ the seam with TRL's fused forwards
 
     def _install_ot_hooks(self) -> None:
-        """Hook the policy, its backbone and the reference (once; TRL's `__init__` may need them before ours runs)."""
-        if self._ot_hooks:
-            return
+        """Hook the policy, its backbone and the reference. The hooks hold the trainer weakly and go with it: a model
+        outliving its trainer (a sweep, a policy handed on) neither keeps the trainer alive nor runs its hooks."""
         policy = self.accelerator.unwrap_model(self.model)
-        if self.ref_model is not None:
-            self._ot_reference = self.accelerator.unwrap_model(self.ref_model)
-        # The hooks hold the trainer weakly and go with it: a model outliving its trainer (a sweep, a policy handed to
-        # the next trainer) neither keeps the trainer's optimizer state alive nor runs its hooks.
-        for module in filter(None, (policy, self._ot_reference)):
-            self._ot_hooks.append(module.register_forward_hook(_call_weakly(self._ot_weigh), with_kwargs=True))
-        self._ot_hooks.append(forward.backbone(policy).register_forward_hook(_call_weakly(self._ot_capture_hidden)))
-        weakref.finalize(self, lambda handles: [handle.remove() for handle in handles], list(self._ot_hooks))
+        self._ot_reference = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+        hooks = [forward.backbone(policy).register_forward_hook(_call_weakly(self._ot_capture_hidden))]
+        for module in (m for m in (policy, self._ot_reference) if m is not None):
+            hooks.append(module.register_forward_hook(_call_weakly(self._ot_weigh), with_kwargs=True))
+        weakref.finalize(self, lambda handles: [handle.remove() for handle in handles], hooks)
 
     @contextlib.contextmanager
-    def _hooked_batch(self, inputs: dict[str, Any], reference_only: bool = False):
-        """Make `inputs` the batch of the fused forwards run inside; yields its `_BatchHookState`."""
-        token = _ACTIVE_BATCH.set(
-            _BatchHookState(self, inputs, inputs["completion_mask"][:, 1:].bool(), reference_only)
-        )
+    def _hooked_batch(self, inputs: dict[str, Any]):
+        """Make `inputs` the batch whose fused forwards this trainer's hooks act on, inside (outside, and for the
+        hooks of another trainer on a shared model, there is none); yields its `_BatchHookState`."""
+        self._ot_batch = _BatchHookState(inputs, inputs["completion_mask"][:, 1:].bool())
         try:
-            yield _ACTIVE_BATCH.get()
+            yield self._ot_batch
         finally:
-            _ACTIVE_BATCH.reset(token)
-
-    def _my_batch(self) -> _BatchHookState | None:
-        batch = _ACTIVE_BATCH.get()
-        return batch if batch is not None and batch.trainer is self else None
+            self._ot_batch = None
 
     def _ot_capture_hidden(self, module, args, output):
-        if batch := self._my_batch():
-            batch.hidden = forward.last_hidden_state(output)
+        if self._ot_batch is not None:
+            self._ot_batch.hidden = forward.last_hidden_state(output)
 
     def _ot_weigh(self, module, args, kwargs, outputs):
         """After a fused forward of this trainer's batch: compute the weights (policy) and weight the log-probs."""
-        if not kwargs.get("fused_lm_head") or not (batch := self._my_batch()):
-            return None
-        if batch.reference_only:
-            batch.ref_log_probs = outputs.log_probs
+        if (batch := self._ot_batch) is None or not kwargs.get("fused_lm_head"):
             return None
         # The reference: the reference model, or the PEFT policy under TRL's `use_adapter` (adapters disabled or "ref")
         peft_ref = is_peft_model(module) and (not module.has_active_enabled_adapter or module.active_adapter == "ref")
         if not (module is self._ot_reference or peft_ref):
             hidden = forward.predicting_states(batch.hidden, batch.shift_mask.size(1))
             weights = self.compute_token_weights(*hidden.chunk(2), *batch.shift_mask.chunk(2))
-            batch.weights = self._checked(weights, batch.shift_mask)
-            batch.policy_log_probs = outputs.log_probs
+            batch.weights, batch.policy_log_probs = self._checked(weights, batch.shift_mask), outputs.log_probs
             if self.precompute_ref_logps:
-                self._weight_precomputed_ref(batch)
+                self._weight_precomputed_ref(batch.inputs, batch.weights, batch.shift_mask)
             if self._weight_histogram is not None and self.model.training:
                 self._weight_histogram.keep(batch.weights, batch.shift_mask)
         elif batch.weights is None:
@@ -188,27 +164,27 @@ class OTPOTrainer(DPOTrainer):
         if problem := forward.token_weight_problems(weights, mask, self.allow_negative_token_weights):
             method = type(self).compute_token_weights.__qualname__
             mode = "training" if self.model.training else "evaluation"
-            hint = "negative" in problem and not self.allow_negative_token_weights
             opt_in = "; if you mean negative weights, set `allow_negative_token_weights = True` on the trainer class"
+            opt_in = opt_in if "negative" in problem and not self.allow_negative_token_weights else ""
             raise ValueError(
                 f"{method} returned token weights with {problem} (global_step {self.state.global_step}, {mode}). "
-                f"They must be one (2B, T-1) tensor, finite and >= 0 at the completion tokens{opt_in if hint else ''}."
+                f"They must be one (2B, T-1) tensor, finite and >= 0 at the completion tokens{opt_in}."
             )
         return weights.masked_fill(~mask, 0)  # values outside the completions are not read
 
-    def _sampling_generator(self, device: torch.device) -> torch.Generator:
-        """A fresh generator for a weighting that samples (SamPO), seeded from `seed`, the process and: in training,
-        `global_step` and the generators made before in that step (a resumed run draws what the uninterrupted one
-        drew); in evaluation, the generators made before in that evaluation (`evaluate()` twice, the same numbers)."""
+    def _sampling_generator(self) -> torch.Generator:
+        """A fresh CPU generator for a weighting that samples (SamPO), seeded from `seed`, the process and: in
+        training, `global_step` and the generators made before in that step (a resumed run draws what the
+        uninterrupted one drew); in evaluation, those made before in that evaluation (each evaluation draws alike)."""
         phase = (0, self.state.global_step) if self.model.training else (1,)
         self._ot_sampled = (phase, self._ot_sampled[1] + 1 if self._ot_sampled[0] == phase else 0)
         words = [self.args.seed, self.accelerator.process_index, *phase, self._ot_sampled[1]]
-        return torch.Generator(device).manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The policy's forward of a collated [chosen; rejected] batch through the hooks of training, to inspect what
-        a training step sees. Training does not call it: TRL 1.16's `_compute_loss` calls the policy itself (routing
-        that call here would mean copying the method, or calling the wrapped policy twice), so the hooks do the work.
+        a training step sees. Under TRL 1.16 training does not call it: `_compute_loss` calls the policy itself, so
+        the hooks do the work (routing that call here would mean copying the method or calling the policy twice).
 
         Args:
             model: the policy (possibly wrapped by accelerate / PEFT).
@@ -246,69 +222,56 @@ class OTPOTrainer(DPOTrainer):
             log-probs: finite and >= 0 at the completion tokens (checked; `allow_negative_token_weights` lifts the
             latter), not read elsewhere. OTPO's: the OT plan's marginals (`ot_*` settings), `ot/*` metrics logged.
         """
-        sides = (chosen_hidden, rejected_hidden, chosen_mask, rejected_mask)
-        with warnings.catch_warnings():  # a fallback is logged once below and counted in `ot/fallbacks`
+        options = dict(ot_kwargs(self.args), return_info=True, return_plan=False)
+        options["generator"] = self._sampling_generator() if self.args.ot_weighting == "sampo" else None
+        with warnings.catch_warnings():  # a fallback is counted in `ot/fallbacks` (the console explains it once)
             warnings.filterwarnings("ignore", message="OT weights: ", category=UserWarning)
             chosen_w, rejected_w, info = ot_token_weights(
-                *sides, **ot_kwargs(self.args), return_info=True, return_plan=False
+                chosen_hidden, rejected_hidden, chosen_mask, rejected_mask, **options
             )
-        weights = torch.cat([chosen_w, rejected_w], dim=0)
-        self._log_ot_metrics(weights, torch.cat([chosen_mask, rejected_mask], dim=0), info)
+        weights = torch.cat([chosen_w, rejected_w])
+        self._log_ot_metrics(weights, torch.cat([chosen_mask, rejected_mask]), info)
         return weights
-
-    # ------------------------------------------------------------------ the `ot/*` metrics
 
     def _log_ot_metrics(self, weights: torch.Tensor, mask: torch.Tensor, info) -> None:
         stats = token_weight_stats(weights, mask)  # per completion; NaN for one without tokens
         entropy, weight_max = stats.entropy.nanmean().nan_to_num(1), stats.max.nan_to_num(0).max()
         local = torch.stack([info.plan_mass.double().mean(), weight_max, entropy, info.fallback.double().sum()])
         rows = self.accelerator.gather_for_metrics(local.float()[None]).view(-1, 4)  # one row per process
-        values = [rows[:, 0].mean(), rows[:, 1].max(), rows[:, 2].mean(), rows[:, 3].sum()]
+        values = torch.stack([rows[:, 0].mean(), rows[:, 1].max(), rows[:, 2].mean(), rows[:, 3].sum()]).tolist()
         metrics = self._metrics["train" if self.model.training else "eval"]
-        for key, value in zip(
-            ("plan_mass", "weight_max", "weight_entropy", "fallbacks"), torch.stack(values).tolist()
-        ):
+        for key, value in zip(("plan_mass", "weight_max", "weight_entropy", "fallbacks"), values):
             metrics[f"ot/{key}"].append(value)
         metrics["ot/solver_iters"].append(float(info.n_iter))
-        if metrics["ot/fallbacks"][-1] > 0 and not self._ot_warned_fallback:
-            self._ot_warned_fallback = True
-            logger.warning(
-                "Non-finite hidden states or OT costs in a preference pair: that pair falls back to uniform token "
-                "weights. The count is logged as `ot/fallbacks`. (Shown once.)"
-            )
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
-        self._ot_eval_prefix = metric_key_prefix  # `evaluate` logs this loop's metrics next, in `log`
-        self._ot_sampled = ((), -1)  # each evaluation draws the same samples
-        return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """TRL's `log`, with the `ot/*` metrics of an evaluation under its `metric_key_prefix`: `eval_a_ot/*` for the
-        set "a" of `evaluate({"a": ..., "b": ...})`, as transformers names that set's loss (TRL 1.16 logs its own
-        metrics of every set as `eval_*`)."""
-        prefix, self._ot_eval_prefix = self._ot_eval_prefix, None
-        if not self.model.training and prefix not in (None, "eval"):
-            metrics = self._metrics["eval"]
-            for key in [key for key in metrics if key.startswith("ot/")]:
-                values = metrics.pop(key)
-                logs[f"{prefix}_{key}"] = sum(values) / len(values)
-        super().log(logs, start_time)
+        """transformers' loop; the `ot/*` metrics of a set `a` of `evaluate({"a": ..., "b": ...})` are returned as
+        `eval_a_ot/*`, as transformers names that set's loss (TRL 1.16 logs its own metrics of every set as `eval_*`)."""
+        self._ot_sampled = ((), -1)  # every evaluation draws the same samples
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if metric_key_prefix != "eval":  # with "eval", TRL's `log` adds them as `eval_ot/*`
+            for key in [key for key in self._metrics["eval"] if key.startswith("ot/")]:
+                values = self._metrics["eval"].pop(key)
+                output.metrics[f"{metric_key_prefix}_{key}"] = sum(values) / len(values)
+        return output
 
     # ------------------------------------------------------------------ precomputed (per-token) reference log-probs
-    # Only with `precompute_ref_log_probs=True`: TRL's `__init__` (and `evaluate` given a new data set) stores the
-    # reference's log-probs in the data set. OTPO stores them per token, since the weights that sum them are known only
-    # at train time: `_weight_precomputed_ref` sums them with the batch's weights after the policy forward.
+    # Only with `precompute_ref_log_probs=True`, where TRL stores the reference's log-probs in the data set (in its
+    # `__init__`, and in `evaluate` given a new data set). OTPO stores them per token, since the weights that sum them
+    # are known only at train time, and sums them with the batch's weights after the policy forward.
 
     def compute_ref_log_probs(self, model, inputs):
-        """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected (TRL 1.16: the
-        sums), zero-padded to one width, `max_length` rounded up to `pad_to_multiple_of`, so that TRL's
-        `_precompute_ref_logps` can concatenate the batches."""
-        self._install_ot_hooks()  # TRL's __init__ precomputes before ours resumes
-        with self._hooked_batch(inputs, reference_only=True) as batch:
+        """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected, where TRL 1.16
+        returns their sums; zero-padded to `max_length` rounded up to `pad_to_multiple_of`, one width for all."""
+        kept = []
+        handle = model.register_forward_hook(lambda module, args, outputs: kept.append(outputs.log_probs))
+        try:
             super().compute_ref_log_probs(model, inputs)  # TRL's adapter, no-grad and autocast handling
-        seq_len, multiple = batch.shift_mask.size(1), self.args.pad_to_multiple_of or 1
+        finally:
+            handle.remove()
+        seq_len, multiple = inputs["completion_mask"].size(1) - 1, self.args.pad_to_multiple_of or 1
         width = math.ceil(self.args.max_length / multiple) * multiple  # the longest padded batch - 1, at most
-        return torch.nn.functional.pad(batch.ref_log_probs[:, -seq_len:].float(), (0, width - seq_len)).chunk(2)
+        return torch.nn.functional.pad(kept[-1][:, -seq_len:].float(), (0, width - seq_len)).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums, and
@@ -319,22 +282,19 @@ class OTPOTrainer(DPOTrainer):
             self._ot_hash_tagged = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def _weight_precomputed_ref(self, batch: _BatchHookState) -> None:
-        """Replace the batch's per-token reference log-probs (B, width) by their weighted sums (B,), which TRL 1.16's
-        `_compute_loss` reads after the policy forward."""
-        inputs, mask = batch.inputs, batch.shift_mask
-        ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=0)
+    def _weight_precomputed_ref(self, inputs: dict[str, Any], weights: torch.Tensor, mask: torch.Tensor) -> None:
+        """Replace the batch's per-token reference log-probs (B, width) by their sums with `weights` (B,), which TRL
+        1.16's `_compute_loss` reads after the policy forward."""
+        ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         if ref.dim() != 2 or ref.size(1) < mask.size(1):
             raise ValueError(
                 f"Precomputed reference log-probs have shape {tuple(ref.shape)}; OTPO needs per-token values of width "
                 f">= {mask.size(1)}. Were they computed by DPOTrainer? Recompute them with OTPOTrainer."
             )
-        ref = ref[:, : mask.size(1)].to(batch.weights.device) * batch.weights
+        ref = ref[:, : mask.size(1)].to(weights.device) * weights
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = forward.sum_log_probs(
             ref, mask, self.ld_alpha
         ).chunk(2)
-
-    # ------------------------------------------------------------------ the model card
 
     def create_model_card(
         self,
