@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
-from transformers.utils import logging
 from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
@@ -24,9 +23,6 @@ from . import forward
 from .callbacks import install_otpo_callbacks
 from .ot import ot_token_weights, token_weight_stats
 from .otpo_config import OTPOConfig, ot_kwargs
-
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -39,12 +35,6 @@ class _BatchHookState:
     hidden: torch.Tensor | None = None  # (2B, P+T, H) detached last-layer states of the backbone's latest call
     weights: torch.Tensor | None = None  # (2B, T-1) checked token weights (0 outside the completions), by the policy
     policy_log_probs: torch.Tensor | None = None  # (2B, P+T-1) the policy's unweighted per-token log-probs
-
-
-def _call_weakly(method):
-    """A hook calling `method` (a bound method) through a weak reference; a no-op once its object is gone."""
-    ref = weakref.WeakMethod(method)
-    return lambda *args, **kwargs: None if ref() is None else ref()(*args, **kwargs)
 
 
 class OTPOTrainer(DPOTrainer):
@@ -88,11 +78,9 @@ class OTPOTrainer(DPOTrainer):
     allow_negative_token_weights = False  # a negative weight reverses that token's preference: refused unless True
 
     def __init__(self, model, ref_model=None, args: OTPOConfig | None = None, *pargs, **kwargs):
-        if args is None:  # named as DPOTrainer names its default; DPOConfig's bf16 fails without a bf16-capable GPU
+        if args is None:  # named as DPOTrainer names its; fp32 unless a GPU does bf16 (DPOConfig's bf16 fails there)
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            if not bf16:
-                logger.info("No bf16-capable GPU: the default OTPOConfig trains in fp32 (bf16=False).")
             args = OTPOConfig(f"{name.split('/')[-1]}-OTPO", bf16=bf16)
         elif not isinstance(args, OTPOConfig):
             raise TypeError(
@@ -118,9 +106,10 @@ class OTPOTrainer(DPOTrainer):
         outliving its trainer (a sweep, a policy handed on) neither keeps the trainer alive nor runs its hooks."""
         policy = self.accelerator.unwrap_model(self.model)
         self._ot_reference = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
-        hooks = [forward.backbone(policy).register_forward_hook(_call_weakly(self._ot_capture_hidden))]
+        capture, weigh = weakref.WeakMethod(self._ot_capture_hidden), weakref.WeakMethod(self._ot_weigh)
+        hooks = [forward.backbone(policy).register_forward_hook(lambda *a: capture() and capture()(*a))]
         for module in (m for m in (policy, self._ot_reference) if m is not None):
-            hooks.append(module.register_forward_hook(_call_weakly(self._ot_weigh), with_kwargs=True))
+            hooks.append(module.register_forward_hook(lambda *a, **k: weigh() and weigh()(*a, **k), with_kwargs=True))
         weakref.finalize(self, lambda handles: [handle.remove() for handle in handles], hooks)
 
     @contextlib.contextmanager
@@ -162,13 +151,12 @@ class OTPOTrainer(DPOTrainer):
     def _checked(self, weights, mask: torch.Tensor) -> torch.Tensor:
         """`compute_token_weights`' weights where they enter the loss (one host sync), returned 0 outside `mask`."""
         if problem := forward.token_weight_problems(weights, mask, self.allow_negative_token_weights):
-            method = type(self).compute_token_weights.__qualname__
             mode = "training" if self.model.training else "evaluation"
-            opt_in = "; if you mean negative weights, set `allow_negative_token_weights = True` on the trainer class"
-            opt_in = opt_in if "negative" in problem and not self.allow_negative_token_weights else ""
+            fix = "; if you mean negative weights, set `allow_negative_token_weights = True` on the trainer class"
             raise ValueError(
-                f"{method} returned token weights with {problem} (global_step {self.state.global_step}, {mode}). "
-                f"They must be one (2B, T-1) tensor, finite and >= 0 at the completion tokens{opt_in}."
+                f"{type(self).compute_token_weights.__qualname__} returned token weights with {problem} (global_step "
+                f"{self.state.global_step}, {mode}). They must be one (2B, T-1) tensor, finite and >= 0 at the "
+                f"completion tokens{fix if 'negative' in problem else ''}."  # listed only when not allowed
             )
         return weights.masked_fill(~mask, 0)  # values outside the completions are not read
 
@@ -291,10 +279,8 @@ class OTPOTrainer(DPOTrainer):
                 f"Precomputed reference log-probs have shape {tuple(ref.shape)}; OTPO needs per-token values of width "
                 f">= {mask.size(1)}. Were they computed by DPOTrainer? Recompute them with OTPOTrainer."
             )
-        ref = ref[:, : mask.size(1)].to(weights.device) * weights
-        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = forward.sum_log_probs(
-            ref, mask, self.ld_alpha
-        ).chunk(2)
+        sums = forward.sum_log_probs(ref[:, : mask.size(1)].to(weights.device) * weights, mask, self.ld_alpha)
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
 
     def create_model_card(
         self,
