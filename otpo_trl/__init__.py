@@ -7,7 +7,8 @@
 - `forward`: the fused forward and the last-layer hidden states; `tokenization`: pairs and prompts tokenised as
   `DPOTrainer` does. Both sit below the trainer and the evaluation code.
 - `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
-  tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
+  tokenizer setup, models for analysis; `inspection`: one pair's per-token log-probs, OT weights and implicit rewards;
+  `evaluation`: scoring and generation with a trained model; `plotting`: the pictures (matplotlib).
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
 
 `import otpo_trl` itself imports neither torch nor TRL: `OTPOConfig`, `OTPOTrainer` and `ot_token_weights` are loaded

@@ -30,7 +30,14 @@ TRAINING = (
     "otpo_trl.cli.run_dir",
 )
 # Evaluation and studies: what training must not import, directly or through another module.
-EVALUATION = ("otpo_trl.analysis", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
+EVALUATION = (
+    "otpo_trl.inspection",
+    "otpo_trl.evaluation",
+    "otpo_trl.plotting.fonts",
+    "otpo_trl.plotting.pair_figure",
+    "otpo_trl.cli.evaluate",
+    "otpo_trl.cli.plot_weights",
+)
 # Top-level folders of the checkout that are not the package (the package imports nothing from them).
 OUTSIDE = ("scripts", "studies", "tests", "bench")
 
@@ -157,6 +164,16 @@ def test_no_import_cycle():
 def test_training_imports_no_evaluation_code(module):
     assert module in GRAPH
     assert sorted(reachable(GRAPH, module) & set(EVALUATION)) == []
+
+
+def test_the_pictures_import_nothing_of_the_package_but_the_weight_statistics():
+    """`otpo_trl.plotting` draws what it is given: it loads no model and reads no argument; of the package it uses
+    only `otpo_trl.ot.stats` (`token_weight_stats`, the statistic the trainer and the spread tool use too)."""
+    drawing = [name for name in GRAPH if name.startswith("otpo_trl.plotting")]
+    assert "otpo_trl.plotting.pair_figure" in drawing
+    allowed = {*drawing, "otpo_trl.ot.stats"}
+    assert {name: sorted(GRAPH[name] - allowed) for name in drawing} == {name: [] for name in drawing}
+    assert "otpo_trl.ot.stats" in GRAPH["otpo_trl.plotting.pair_figure"]
 
 
 def ot_package_imports_outside_it(graph) -> set[tuple[str, str]]:
