@@ -44,6 +44,18 @@ def capture_last_hidden(module: torch.nn.Module):
         handle.remove()
 
 
+@contextlib.contextmanager
+def capture_log_probs(model: torch.nn.Module):
+    """Yield a dict whose `"log_probs"` holds the per-token log-probs (N, P+T-1) of `model`'s latest fused forward
+    inside (`outputs.log_probs` of TRL 1.16's fused head)."""
+    box = {}
+    handle = model.register_forward_hook(lambda module, args, outputs: box.update(log_probs=outputs.log_probs))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
 def predicting_states(hidden: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The hidden states (N, seq_len, H) aligned with the shifted labels: the state at position t-1 predicts token t.
 
@@ -142,6 +154,7 @@ __all__ = [
     "REF_KEYS",
     "backbone",
     "capture_last_hidden",
+    "capture_log_probs",
     "fused_forward",
     "last_hidden_state",
     "predicting_states",

@@ -1,8 +1,5 @@
-"""`OTPOTrainer`: TRL 1.16's `DPOTrainer` with token weights on the policy's and the reference's per-token log-probs.
-
-The seam is one forward hook per model, acting on the fused forwards of the batch in progress (`_BatchHookState`); the
-class docstring lists what it relies on. The manual: docs/otpo_trainer.md; the wiring: docs/how_it_works.md.
-"""
+"""`OTPOTrainer`: TRL 1.16's `DPOTrainer` with token weights on the policy's and the reference's per-token log-probs,
+by one forward hook per model on the batch in progress (`_BatchHookState`). Manual: docs/otpo_trainer.md."""
 
 import contextlib
 import math
@@ -114,8 +111,7 @@ class OTPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _hooked_batch(self, inputs: dict[str, Any]):
-        """Make `inputs` the batch whose fused forwards this trainer's hooks act on, inside (outside, and for the
-        hooks of another trainer on a shared model, there is none); yields its `_BatchHookState`."""
+        """Make `inputs` the batch that this trainer's hooks act on, while inside; yields its `_BatchHookState`."""
         self._ot_batch = _BatchHookState(inputs, inputs["completion_mask"][:, 1:].bool())
         try:
             yield self._ot_batch
@@ -170,19 +166,14 @@ class OTPOTrainer(DPOTrainer):
         return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The policy's forward of a collated [chosen; rejected] batch through the hooks of training, to inspect what
-        a training step sees. Under TRL 1.16 training does not call it: `_compute_loss` calls the policy itself, so
-        the hooks do the work (routing that call here would mean copying the method or calling the policy twice).
+        """The policy's (`model`, possibly wrapped) forward of a collated [chosen; rejected] batch (`input_ids`,
+        `attention_mask`, `completion_mask`, each (2B, T)) through the hooks of training, to inspect what a training
+        step sees. Under TRL 1.16 training does not call it: `_compute_loss` calls the policy itself, so the hooks do
+        the work (routing that call here would mean copying the method or calling the policy twice).
 
-        Args:
-            model: the policy (possibly wrapped by accelerate / PEFT).
-            inputs: a collated batch: `input_ids`, `attention_mask`, `completion_mask`, each (2B, T).
-
-        Returns:
-            dict with `per_token_logps` (2B, T-1), unweighted log-prob of token t+1; `weights` (2B, T-1), the checked
-            token weights; `completion_mask` (2B, T-1) bool, the completion tokens among them; `hidden_states`
-            (2B, T-1, H), the detached last-layer state at position t, the one predicting token t+1.
-        """
+        Returns a dict of `per_token_logps` (2B, T-1), the unweighted log-prob of token t+1 at position t; `weights`
+        (2B, T-1), the checked token weights; `completion_mask` (2B, T-1) bool; `hidden_states` (2B, T-1, H), the
+        detached last-layer state at position t, the one predicting token t+1."""
         with self._hooked_batch(inputs) as batch:
             forward.fused_forward(model, inputs)  # the hooks capture, weight and keep what is returned below
         seq_len = batch.shift_mask.size(1)
@@ -205,10 +196,9 @@ class OTPOTrainer(DPOTrainer):
                 position t-1 being the one that predicts token t.
             chosen_mask, rejected_mask: (B, T-1) bool, True at the completion tokens.
 
-        Returns:
-            (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
-            log-probs: finite and >= 0 at the completion tokens (checked; `allow_negative_token_weights` lifts the
-            latter), not read elsewhere. OTPO's: the OT plan's marginals (`ot_*` settings), `ot/*` metrics logged.
+        Returns (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
+        log-probs: finite and >= 0 at the completion tokens (checked; `allow_negative_token_weights` lifts the
+        latter), not read elsewhere. OTPO's: the OT plan's marginals (`ot_*` settings), with `ot/*` metrics logged.
         """
         options = dict(ot_kwargs(self.args), return_info=True, return_plan=False)
         options["generator"] = self._sampling_generator() if self.args.ot_weighting == "sampo" else None
@@ -251,15 +241,11 @@ class OTPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected, where TRL 1.16
         returns their sums; zero-padded to `max_length` rounded up to `pad_to_multiple_of`, one width for all."""
-        kept = []
-        handle = model.register_forward_hook(lambda module, args, outputs: kept.append(outputs.log_probs))
-        try:
+        with forward.capture_log_probs(model) as box:
             super().compute_ref_log_probs(model, inputs)  # TRL's adapter, no-grad and autocast handling
-        finally:
-            handle.remove()
         seq_len, multiple = inputs["completion_mask"].size(1) - 1, self.args.pad_to_multiple_of or 1
         width = math.ceil(self.args.max_length / multiple) * multiple  # the longest padded batch - 1, at most
-        return torch.nn.functional.pad(kept[-1][:, -seq_len:].float(), (0, width - seq_len)).chunk(2)
+        return torch.nn.functional.pad(box["log_probs"][:, -seq_len:].float(), (0, width - seq_len)).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums, and
@@ -274,10 +260,10 @@ class OTPOTrainer(DPOTrainer):
         """Replace the batch's per-token reference log-probs (B, width) by their sums with `weights` (B,), which TRL
         1.16's `_compute_loss` reads after the policy forward."""
         ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-        if ref.dim() != 2 or ref.size(1) < mask.size(1):
+        if ref.dim() != 2 or ref.size(1) < mask.size(1):  # e.g. DPOTrainer's sums, in the data set
             raise ValueError(
-                f"Precomputed reference log-probs have shape {tuple(ref.shape)}; OTPO needs per-token values of width "
-                f">= {mask.size(1)}. Were they computed by DPOTrainer? Recompute them with OTPOTrainer."
+                f"Precomputed reference log-probs of shape {tuple(ref.shape)}, not per-token values of "
+                f"width >= {mask.size(1)}: recompute them with OTPOTrainer."
             )
         sums = forward.sum_log_probs(ref[:, : mask.size(1)].to(weights.device) * weights, mask, self.ld_alpha)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
