@@ -225,7 +225,7 @@ def main(argv=None):
         "weight_check_seconds_per_step": statistics.median(check_seconds),
         "weight_check_share_of_otpo_step": statistics.median(check_seconds) / median["otpo"],
         "time_ratio_otpo_over_otpo_unchecked": median["otpo"] / median["otpo_unchecked"],
-        "load_average_1_5_15": list(os.getloadavg()),
+        "load_average_at_end": list(os.getloadavg()),  # 1, 5, 15 min, read after the memory runs
         "memory_kind": memory_kind,
         "peak_memory_bytes": memory,
         "memory_ratio_otpo_over_dpo": memory["otpo"] / memory["dpo"],
