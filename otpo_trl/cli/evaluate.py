@@ -21,7 +21,7 @@ work is done by `otpo_trl.evaluation.evaluate`.
 
 The settings follow the run evaluated ([`RUN_DEFAULTS`]): when `--model` is a training run's folder (`output_dir`)
 or one of its `checkpoint-<step>` folders, `--max_length`, `--drop_ties`, `--drop_identical`, `--beta` and the `--ot_*`
-options default to that run's, read from its `run_args.json` (`otpo_trl.cli.run_dir`); a flag given wins. The log and
+options default to that run's, read from its `run_args.json` (`otpo_trl.runs`); a flag given wins. The log and
 `eval.json` (`defaults_from_run`) say which values came from the run.
 """
 
@@ -42,6 +42,7 @@ from filelock import FileLock, Timeout
 from ..evaluation import evaluate
 from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
+from ..runs import RUN_FILE, run_record_of, writable_dir
 from .options import (
     add_max_length_argument,
     add_model_arguments,
@@ -50,7 +51,6 @@ from .options import (
     check_ot_arguments,
     settings_from_run,
 )
-from .run_dir import RUN_FILE, run_record_of, writable_dir
 
 
 logger = logging.getLogger(__name__)

@@ -46,8 +46,8 @@ from ..inspection import pair_token_stats
 from ..loading import load_model_and_tokenizer
 from ..ot import ot_token_weights, token_weight_stats
 from ..otpo_config import OT_FIELDS, OTPOConfig
+from ..runs import writable_dir
 from .options import add_max_length_argument, add_model_arguments
-from .run_dir import writable_dir
 
 
 LISTED = ("ot_reg", "ot_cost_scale")  # options that take several values: one setting per combination

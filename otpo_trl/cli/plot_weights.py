@@ -42,8 +42,8 @@ from ..ot import ot_token_weights  # noqa: E402
 from ..otpo_config import checked_value, ot_kwargs  # noqa: E402
 from ..plotting.fonts import warn_missing_glyphs  # noqa: E402
 from ..plotting.pair_figure import COLOR_SCALES, DPI, plot_pair, token_labels  # noqa: E402
+from ..runs import writable_dir  # noqa: E402
 from .options import add_max_length_argument, add_model_arguments, add_ot_arguments, check_ot_arguments  # noqa: E402
-from .run_dir import writable_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
