@@ -16,8 +16,7 @@ from otpo_trl import data as data_module
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
 from otpo_trl.runs import run_settings
 
-from .conftest import REPO_ROOT
-from .testing_utils import child_env, forbid_models, record, tiny_argv
+from .testing_utils import REPO_ROOT, child_env, forbid_models, record, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"

@@ -14,8 +14,7 @@ import math
 import pytest
 import yaml
 
-from .conftest import make_tiny_model_dir
-from .testing_utils import CONFIGS, RECIPES, recipe_argv
+from .testing_utils import CONFIGS, RECIPES, make_tiny_model_dir, recipe_argv
 
 
 pytestmark = pytest.mark.slow

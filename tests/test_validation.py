@@ -16,8 +16,7 @@ import yaml
 from otpo_trl import OTPOConfig
 from otpo_trl.cli import evaluate as evaluate_cli
 
-from .conftest import REPO_ROOT
-from .testing_utils import forbid_models, tiny_argv
+from .testing_utils import REPO_ROOT, forbid_models, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
