@@ -1,6 +1,6 @@
 """A run never destroys its inputs, never trains on nothing, and stops on bad input before any model loads, saying what
-to do (issue 17, items 1-7 and 9). The command-line cases run `scripts/train.py` in a subprocess, or its entry point
-`otpo_trl.cli.train.cli` in this process with model loading forbidden."""
+to do. The command-line cases run `scripts/train.py` in a subprocess, or its entry point `otpo_trl.cli.train.cli` in
+this process with model loading forbidden."""
 
 import json
 import os
@@ -56,7 +56,7 @@ def pairs(n, tag=""):
             for i in range(n)]  # fmt: skip
 
 
-# ------------------------------------------------------------------ item 1: inputs are never deleted
+# ------------------------------------------------------------------ inputs are never deleted
 
 
 def test_overwrite_into_the_model_folder_is_refused_and_deletes_nothing(tiny_model_dir, sample_data_dir, tmp_path):
@@ -96,7 +96,7 @@ def test_output_dir_overlapping_an_input_is_refused(train, tiny_model_dir, tmp_p
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == snapshot  # nothing created, changed, deleted
 
 
-# ------------------------------------------------------------------ item 2: a chat_template that is no file
+# ------------------------------------------------------------------ a chat_template that is no file
 
 
 def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny_model_dir, sample_data_dir, tmp_path,
@@ -113,7 +113,7 @@ def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny
         assert script_args.chat_template == str(template)
 
 
-# ------------------------------------------------------------------ item 3: data folders are read at their own level
+# ------------------------------------------------------------------ data folders are read at their own level
 
 
 def test_a_data_folder_is_not_searched_recursively(tmp_path, caplog):
@@ -142,7 +142,7 @@ def test_the_h4_folder_without_its_split_names_says_which_to_set(train, tiny_mod
     assert "--dataset_train_split train_prefs --dataset_test_split test_prefs" in message
 
 
-# ------------------------------------------------------------------ item 4: the data's fingerprint in the run record
+# ------------------------------------------------------------------ the data's fingerprint in the run record
 
 
 def test_data_fingerprint_is_cheap_and_sees_an_edit(tmp_path):
@@ -240,7 +240,7 @@ def test_a_record_without_a_fingerprint_resumes_with_a_warning(train, tiny_model
     assert plan.record["data"] == data_fingerprint(str(data))  # recorded from now on
 
 
-# ------------------------------------------------------------------ item 5: --resume_from_checkpoint true, nothing there
+# ------------------------------------------------------------------ --resume_from_checkpoint true, nothing there
 
 
 def test_resume_true_with_nothing_to_resume_is_an_error(train, tiny_model_dir, sample_data_dir, tmp_path, no_model):
@@ -253,7 +253,7 @@ def test_resume_true_with_nothing_to_resume_is_an_error(train, tiny_model_dir, s
     assert f"nothing to resume: {tmp_path / 'empty'} holds no run" in cli_error(train, argv)
 
 
-# ------------------------------------------------------------------ item 6: save_only_model checkpoints
+# ------------------------------------------------------------------ save_only_model checkpoints
 
 
 @pytest.mark.parametrize("flag", [[], ["--save_only_model", "true"], ["--resume_from_checkpoint", "<checkpoint>"]])
@@ -270,7 +270,7 @@ def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(train, tiny_
     assert "restart the schedule with a fresh optimizer" in message and "cut short" not in message
 
 
-# ------------------------------------------------------------------ item 7: LoRA target modules, --config=
+# ------------------------------------------------------------------ LoRA target modules, --config=
 
 
 @pytest.mark.parametrize("how", ["yaml_scalar", "one_flag"])
@@ -306,7 +306,7 @@ def test_command_line_spellings_through_the_script(tmp_path, argv, expected):
     assert "Traceback" not in output and "bf16" not in output  # the recipe's `bf16: false` was read
 
 
-# ------------------------------------------------------------------ item 9: late tracebacks, now early messages
+# ------------------------------------------------------------------ early messages, not late tracebacks
 
 
 def test_a_recipe_value_outside_its_choices_lists_them(train, tmp_path):
