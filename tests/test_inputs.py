@@ -29,10 +29,8 @@ def no_model(train, monkeypatch):
 
 def script(*argv, cwd=REPO_ROOT):
     """Run `python scripts/train.py *argv` offline: (returncode, combined output)."""
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *map(str, argv)],
-        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *map(str, argv)]
+    result = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -52,8 +50,10 @@ def write_jsonl(path, rows):
 
 
 def pairs(n, tag=""):
-    return [{"prompt": f"What is {i} + 2?{tag}", "chosen": f"It is {i + 2}.", "rejected": f"It is {i + 3}."}
-            for i in range(n)]  # fmt: skip
+    return [
+        {"prompt": f"What is {i} + 2?{tag}", "chosen": f"It is {i + 2}.", "rejected": f"It is {i + 3}."}
+        for i in range(n)
+    ]
 
 
 # ------------------------------------------------------------------ inputs are never deleted
@@ -99,8 +99,9 @@ def test_output_dir_overlapping_an_input_is_refused(train, tiny_model_dir, tmp_p
 # ------------------------------------------------------------------ a chat_template that is no file
 
 
-def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny_model_dir, sample_data_dir, tmp_path,
-                                                                     no_model):  # fmt: skip
+def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(
+    train, tiny_model_dir, sample_data_dir, tmp_path, no_model
+):
     typo = tmp_path / "chatml.jnja"
     message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "out", "--chat_template", typo))
     assert f"`chat_template` '{typo}' is not a file" in message and "not a Jinja template" in message
@@ -108,8 +109,9 @@ def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny
     # A file and a template itself are both taken.
     (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for template in (tmp_path / "chatml.jinja", "{{ messages[0]['content'] }}"):
-        script_args, *_ = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--chat_template",
-                                                     str(template)))  # fmt: skip
+        script_args, *_ = train.parse_args(
+            tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--chat_template", str(template))
+        )
         assert script_args.chat_template == str(template)
 
 
@@ -188,8 +190,9 @@ def finished_run(train, tiny_model_dir, sample_data_dir, tmp_path_factory):
     return out
 
 
-def test_the_record_holds_the_data_fingerprint_beside_the_settings(train, finished_run, tiny_model_dir,
-                                                                    sample_data_dir):  # fmt: skip
+def test_the_record_holds_the_data_fingerprint_beside_the_settings(
+    train, finished_run, tiny_model_dir, sample_data_dir
+):
     saved = record(finished_run)
     assert saved["data"] == data_fingerprint(str(sample_data_dir), "train")
     # Not among the settings: the length study compares run_settings() of finished runs to reuse them.
@@ -204,8 +207,11 @@ def test_a_hub_data_set_is_fingerprinted_by_datasets(monkeypatch):
     loaded = Dataset.from_list(pairs(2))
     monkeypatch.setattr(data_module, "load_raw_split", lambda name, split, config: loaded)
     assert data_fingerprint("org/prefs", "train_prefs") == {
-        "hub": "org/prefs", "config": None, "split": "train_prefs", "fingerprint": loaded._fingerprint
-    }  # fmt: skip
+        "hub": "org/prefs",
+        "config": None,
+        "split": "train_prefs",
+        "fingerprint": loaded._fingerprint,
+    }
 
 
 def test_resuming_on_changed_data_is_refused_naming_it(train, tiny_model_dir, interrupted_on_own_data, no_model):
@@ -226,8 +232,9 @@ def test_resuming_on_changed_data_is_refused_naming_it(train, tiny_model_dir, in
     assert list(change["changes"]) == [f"data {data}"]
 
 
-def test_a_record_without_a_fingerprint_resumes_with_a_warning(train, tiny_model_dir, interrupted_on_own_data,
-                                                               no_model, caplog):  # fmt: skip
+def test_a_record_without_a_fingerprint_resumes_with_a_warning(
+    train, tiny_model_dir, interrupted_on_own_data, no_model, caplog
+):
     out, data = interrupted_on_own_data
     saved = record(out)
     del saved["data"]  # written by an older version, whose checkpoints carry no record
@@ -257,8 +264,9 @@ def test_resume_true_with_nothing_to_resume_is_an_error(train, tiny_model_dir, s
 
 
 @pytest.mark.parametrize("flag", [[], ["--save_only_model", "true"], ["--resume_from_checkpoint", "<checkpoint>"]])
-def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(train, tiny_model_dir, sample_data_dir,
-                                                                   finished_run, tmp_path, no_model, flag):  # fmt: skip
+def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(
+    train, tiny_model_dir, sample_data_dir, finished_run, tmp_path, no_model, flag
+):
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     shutil.rmtree(out / "checkpoint-2")
     (out / "run_args.json").write_text(json.dumps({**record(out), "status": "started"}))
@@ -312,8 +320,11 @@ def test_command_line_spellings_through_the_script(tmp_path, argv, expected):
 def test_a_recipe_value_outside_its_choices_lists_them(train, tmp_path):
     recipe = {**yaml.safe_load(QUICKSTART.read_text()), "dtype": "bf16"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ValueError, match=r"`dtype` must be one of \['auto', 'bfloat16', 'float16', 'float32'\], "
-                                         r"got 'bf16' \(did you mean 'bfloat16'\?\)"):  # fmt: skip
+    expected = (
+        r"`dtype` must be one of \['auto', 'bfloat16', 'float16', 'float32'\], "
+        r"got 'bf16' \(did you mean 'bfloat16'\?\)"
+    )
+    with pytest.raises(ValueError, match=expected):
         train.parse_args(["--config", str(tmp_path / "r.yaml")])
 
 
@@ -355,8 +366,13 @@ def test_a_truncated_jsonl_line_names_file_and_line(tiny_model_dir, tmp_path):
 
 
 def test_a_row_without_the_prompt_of_the_others_says_two_layouts(tmp_path):
-    rows = [*pairs(10), {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]  # fmt: skip
+    rows = [
+        *pairs(10),
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        },
+    ]
     with pytest.raises(ValueError, match="row 10 has no 'prompt' but row 0 has one: the rows mix two layouts"):
         load_preference_dataset(str(write_jsonl(tmp_path / "train.jsonl", rows)))
 
@@ -410,9 +426,9 @@ LORA = ["--use_peft", "true", "--lora_target_modules"]
         "eval_on_train",
     ],
 )
-def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_run, tiny_model_dir, sample_data_dir,
-                                                               tmp_path, no_model, monkeypatch, extra, missing,
-                                                               expected):  # fmt: skip
+def test_a_late_failure_stops_the_run_before_overwrite_deletes(
+    train, finished_run, tiny_model_dir, sample_data_dir, tmp_path, no_model, monkeypatch, extra, missing, expected
+):
     """With `--overwrite_output_dir` on a finished run, each of these failed only after the run was deleted."""
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -424,12 +440,14 @@ def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_r
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing deleted, written or touched
 
 
-def test_a_lora_typo_through_the_script_leaves_the_previous_run(finished_run, tiny_model_dir, sample_data_dir,
-                                                                tmp_path):  # fmt: skip
+def test_a_lora_typo_through_the_script_leaves_the_previous_run(
+    finished_run, tiny_model_dir, sample_data_dir, tmp_path
+):
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    code, output = script(*tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *LORA,
-                                     "q_proj", "v_prj"))  # fmt: skip
+    code, output = script(
+        *tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *LORA, "q_proj", "v_prj")
+    )
     assert code == 1, output[-3000:]
     assert "error: `lora_target_modules`: the name 'v_prj' (closest: 'v_proj'" in output and "Traceback" not in output
     assert "PEFT would leave it out without a word" in output
@@ -488,8 +506,9 @@ def test_the_quickstart_without_its_model_names_prepare_model(train, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no out/quickstart left behind
 
 
-def test_the_quickstart_without_its_data_says_where_it_comes_from(train, tiny_model_dir, tmp_path, monkeypatch,
-                                                                  no_model, no_hub):  # fmt: skip
+def test_the_quickstart_without_its_data_says_where_it_comes_from(
+    train, tiny_model_dir, tmp_path, monkeypatch, no_model, no_hub
+):
     monkeypatch.chdir(tmp_path)
     message = cli_error(train, ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--report_to", "none"])
     assert "`dataset_name` '../shared/data/ultrafeedback': no such file or folder" in message
