@@ -568,9 +568,47 @@ def test_overwrite_moves_a_run_whose_record_lists_no_outputs(tmp_path):
     assert record(out)["settings"] == {"max_steps": 3}
 
 
+def test_overwrite_never_follows_a_link_nor_deletes_a_users_file_inside_a_listed_folder(run_copy, tmp_path):
+    """The previous run's record lists checkpoint-1, checkpoint-2 and README.md, but since it ended the user saved an
+    evaluation into checkpoint-1 and replaced checkpoint-2 and README.md by links to their own folder and file: those
+    three are moved aside (the links as links), the rest of the run is deleted, the user's files are untouched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (run_copy / "checkpoint-1" / "eval").mkdir()
+    (run_copy / "checkpoint-1" / "eval" / "eval.json").write_text("{}")
+    shutil.rmtree(run_copy / "checkpoint-2")
+    (run_copy / "checkpoint-2").symlink_to(mine, target_is_directory=True)
+    (run_copy / "README.md").unlink()
+    (run_copy / "README.md").symlink_to(mine / "notes.txt")
+    assert {"checkpoint-1", "checkpoint-2", "README.md"} <= set(record(run_copy)["outputs"])
+    runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
+    [aside] = tmp_path.glob("out.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["README.md", "checkpoint-1", "checkpoint-2"]
+    assert (aside / "checkpoint-2").is_symlink() and (aside / "README.md").is_symlink()
+    assert (aside / "checkpoint-1" / "eval" / "eval.json").exists()
+    assert (aside / "checkpoint-1" / "optimizer.pt").exists()  # moved whole
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in run_copy.iterdir()) == ["run.lock", runs.RUN_FILE]  # the rest was deleted
+
+
+def test_overwrite_of_a_linked_output_dir_moves_aside_beside_the_folder_it_links_to(tmp_path):
+    """`output_dir` is a link to a folder elsewhere (maybe on another file system): entries move beside that folder,
+    where the check of the parent's file system was made, not beside the link."""
+    real = tmp_path / "elsewhere" / "real"
+    real.mkdir(parents=True)
+    (real / "model.safetensors").write_bytes(b"weights")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    runs.start_run(runs.plan_run(link, {"max_steps": 2}, overwrite_output_dir=True), link)
+    [aside] = (tmp_path / "elsewhere").glob("real.replaced-*")
+    assert (aside / "model.safetensors").read_bytes() == b"weights"
+    assert not list(tmp_path.glob("link.replaced-*"))
+
+
 def test_a_checkpoint_is_listed_as_the_runs_before_it_is_written(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    recorder = runs.start_run(runs.plan_run(tmp_path, {"max_steps": 2}), tmp_path)
+    recorder = runs.start_run(runs.plan_run(tmp_path, {"max_steps": 2}, overwrite_output_dir=True), tmp_path)
     recorder.will_write("checkpoint-1")
     assert record(tmp_path)["outputs"] == ["checkpoint-1"] and not (tmp_path / "checkpoint-1").exists()
     (tmp_path / "checkpoint-1").mkdir()

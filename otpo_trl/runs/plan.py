@@ -52,6 +52,14 @@ RUN_WRITES = (
 )
 # The lock's files: a run's, but never its output (a folder holding only them is unused).
 LOCK_FILES = (LOCK_FILE, HOLDER_FILE)
+# What a run writes inside the folders it lists (its checkpoints, TensorBoard's `runs`), by file name: HF Trainer's
+# states, DeepSpeed's and FSDP's shards, TensorBoard's event files, the record's temporary file. A listed folder that
+# holds any other file (a user's evaluation saved into a checkpoint), or a symbolic link, is moved aside, not deleted.
+RUN_WRITES_INSIDE = (
+    *RUN_WRITES,
+    *("optimizer*", "scheduler*", "scaler.pt", "rng_state*", "latest", "zero_to_fp32.py", "*.pt"),
+    *("*.distcp", ".metadata", "events.out.tfevents.*", f".{RUN_FILE}.*.tmp"),
+)
 
 
 def _run_entries(folder: Path) -> list[Path]:
@@ -137,28 +145,52 @@ def _aside_folder(out: Path) -> Path:
     return aside
 
 
+def _only_run_files(folder: Path) -> bool:
+    """Whether everything under `folder` is a file of a kind a run writes there (`RUN_WRITES_INSIDE`), with no symbolic
+    link: what a listed folder must hold to be deleted rather than moved aside."""
+    for root, dirs, files in os.walk(folder):
+        root = Path(root)
+        if any((root / name).is_symlink() for name in [*dirs, *files]):
+            return False
+        if not all(any(fnmatch.fnmatchcase(name, w) for w in RUN_WRITES_INSIDE) for name in files):
+            return False
+    return True
+
+
+def _is_own(path: Path) -> bool:
+    """Whether a listed entry can be deleted: a plain file, or a folder of run files only ([`_only_run_files`]); a
+    symbolic link (never followed: its target is not the run's) or a folder holding anything else is not."""
+    if path.is_symlink():
+        return False
+    return _only_run_files(path) if path.is_dir() else True
+
+
 def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
-    """What `--overwrite_output_dir` does to `out`: `(delete, move)`. Deleted: the entries the previous run's record
-    lists as its outputs, then the record (moved with the rest if it lists none). Moved aside ([`clear_previous_run`]): any other entry that a run writes, not
-    listed (a record of an older version lists none, a folder without a record has none), which this run cannot tell
-    from the user's.
+    """What `--overwrite_output_dir` does to `out`: `(delete, move)`, as paths in the folder `out` resolves to.
+    Deleted: the entries the previous run's record lists as its outputs that hold only what a run writes (see
+    [`_is_own`]), then the record (moved with the rest if it lists none). Moved aside ([`clear_previous_run`]): any
+    other entry that a run writes, not listed (a record of an older version lists none, a folder without a record has
+    none) or holding something else, which this run cannot tell from the user's.
 
     Raises:
-        ValueError: entries must be moved but `out`'s parent folder is not writable or on another file system.
+        ValueError: entries must be moved but the parent folder of `out` (symbolic links resolved) is not writable or
+            on another file system.
     """
     listed = set((record or {}).get("outputs", []))
-    entries = [p for p in _run_entries(out) if p.name != RUN_FILE]
-    delete = [p for p in entries if p.name in listed]
-    move = [p for p in entries if p.name not in listed]
+    home = out.expanduser().resolve()  # a linked output_dir: its entries move beside the folder they are in
+    entries = [p for p in _run_entries(home) if p.name != RUN_FILE]
+    delete = [p for p in entries if p.name in listed and _is_own(p)]
+    move = [p for p in entries if p not in delete]
     if record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
-        (delete if "outputs" in record else move).append(out / RUN_FILE)
+        (delete if "outputs" in record else move).append(home / RUN_FILE)
     if move:
-        parent = out.resolve().parent
-        if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(out).st_dev:
+        parent = home.parent
+        if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(home).st_dev:
             raise ValueError(
                 f"`--overwrite_output_dir`: {out} holds {', '.join(p.name for p in move[:6])}, which no run record "
-                f"lists as a run's output, so they would be moved aside, to {parent}, rather than deleted; but that "
-                "folder is not writable or on another file system. Move them yourself, or use a new `--output_dir`."
+                f"lists as a run's own output, so they would be moved aside, to {parent}, rather than deleted; but "
+                "that folder is not writable or on another file system. Move them yourself, or use a new "
+                "`--output_dir`."
             )
     return delete, move
 
@@ -168,16 +200,18 @@ def clear_previous_run(out: Path) -> None:
     move every other entry a run writes to a sibling `<output_dir>.replaced-<date>-<time>` (see [`clearing`])."""
     delete, move = clearing(out, read_run_record(out))
     if move:
-        aside = _aside_folder(out)
+        aside = _aside_folder(out.expanduser().resolve())
         aside.mkdir()
         for path in move:
             path.rename(aside / path.name)
         logger.warning(
             f"--overwrite_output_dir: moved {', '.join(p.name for p in move)} from {out} to {aside}: no run record "
-            "lists them as a run's output, so they are kept there (delete that folder yourself if you do not need it)."
+            "lists them as a run's own output, or they hold files a run does not write, so they are kept there "
+            "(delete that folder yourself if you do not need it)."
         )
     for path in delete:
-        # The previous run's own outputs, as its record lists them (and the record itself, last).
+        # The previous run's own outputs, as its record lists them, holding only what a run writes ([`_is_own`]), and
+        # the record itself, last.
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if delete:
         logger.info(
