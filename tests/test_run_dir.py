@@ -217,8 +217,9 @@ def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run
     for resume in ("true", str(run_copy / "checkpoint-1")):
         args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
                                           "--resume_from_checkpoint", resume))  # fmt: skip
-        with pytest.raises(ValueError, match="cannot be combined"):
+        with pytest.raises(ValueError, match="cannot be combined") as err:
             plan_for(args)
+        assert "To continue that run, leave `--overwrite_output_dir` out; to replace it" in str(err.value)
 
 
 def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, tiny_model_dir, sample_data_dir):
@@ -228,13 +229,26 @@ def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, ti
         plan_for(args)
 
 
-def test_files_a_run_would_overwrite_make_a_folder_used(tmp_path):
-    """A folder with a user's model card or config (no record) is not trained into: the save would overwrite them."""
-    (tmp_path / "notes.txt").write_text("mine")  # not something a run writes: the folder is still unused
-    assert runs.plan_run(tmp_path, {"max_steps": 2}).action == "train"
-    (tmp_path / "README.md").write_text("mine")
+def test_a_folder_of_a_users_files_is_not_trained_into(train, run_copy, tiny_model_dir, sample_data_dir, tmp_path,
+                                                      no_model):  # fmt: skip
+    """A folder that holds no run but a user's files (other models, notes) is refused before the lock, naming them: the
+    run's weights, checkpoints and logs would be mixed with them. With `--overwrite_output_dir` they stay where they
+    are; a file a run would overwrite (a model card) makes the folder a run without a record."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models / "other-model")  # a parent of someone's model, not this run's input
+    (models / "notes.txt").write_text("mine")
+    (models / ".hidden").write_text("")  # hidden files do not count
+    before = sorted(str(p.relative_to(models)) for p in models.rglob("*"))
+    for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"]):
+        message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, models, *resume))
+        assert f"{models} holds files that no run wrote (notes.txt, other-model): a run would write" in message
+        assert f"{models / '<run-name>'}" in message and "add `--overwrite_output_dir` to train there" in message
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == before  # not even the lock's file
+    plan = runs.plan_run(models, {"max_steps": 2}, overwrite_output_dir=True)
+    assert plan.action == "train" and not plan.clear
+    (models / "README.md").write_text("mine")
     with pytest.raises(ValueError, match=r"holds checkpoints, results or model files \(README.md\) but no"):
-        runs.plan_run(tmp_path, {"max_steps": 2})
+        runs.plan_run(models, {"max_steps": 2})
 
 
 # ------------------------------------------------------------------ resuming

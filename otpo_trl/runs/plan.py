@@ -69,6 +69,33 @@ def _run_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if any(fnmatch.fnmatchcase(p.name, w) for w in RUN_WRITES))
 
 
+def _not_run_entries(folder: Path) -> list[Path]:
+    """The entries of `folder` that no run writes (nor its lock), hidden ones aside: a user's; [] when it does not
+    exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.name not in LOCK_FILES
+        and not p.name.startswith(".")
+        and not any(fnmatch.fnmatchcase(p.name, w) for w in RUN_WRITES)
+    )
+
+
+def _check_no_one_elses(out: Path) -> None:
+    """Refuse a new run in a folder that holds no run but other files (a user's models, data, notes): its weights,
+    checkpoints and logs would be mixed with them."""
+    others = _not_run_entries(out)
+    if others:
+        raise ValueError(
+            f"{out} holds files that no run wrote ({', '.join(p.name for p in others[:6])}"
+            f"{f' and {len(others) - 6} more' if len(others) > 6 else ''}): a run would write its weights, "
+            f"checkpoints and logs among them. Use a new or empty `--output_dir` (e.g. {out / '<run-name>'}), or "
+            "add `--overwrite_output_dir` to train there anyway (they are left where they are)."
+        )
+
+
 def _top_names(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} - {RUN_FILE, *LOCK_FILES}
 
@@ -314,9 +341,11 @@ _START_INSTEAD = " Check the path of `--output_dir`; to start a new run, leave `
 def check_output_dir(
     output_dir: str | Path, settings: dict, resume_from_checkpoint=None, overwrite_output_dir: bool = False
 ) -> None:
-    """The checks on `output_dir` that need neither its lock nor its contents, run before the lock creates it: it is
-    apart from the run's inputs ([`check_apart_from_inputs`]) and from the checkpoint it resumes, not a file, exists
-    if a resume of it is asked for, and is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed.
+    """The checks on `output_dir` that need not its lock, run before the lock creates it: it is apart from the run's
+    inputs ([`check_apart_from_inputs`]) and from the checkpoint it resumes, not a file, exists if a resume of it is
+    asked for, is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed, and, unless
+    `--overwrite_output_dir`, does not hold a user's files without a run ([`_check_no_one_elses`]: what another run
+    writes there meanwhile is never a user's).
 
     Raises:
         ValueError: naming the problem and the fix.
@@ -341,8 +370,13 @@ def check_output_dir(
     if overwrite_output_dir and (mode == "last" or relation == "holds"):
         raise ValueError(
             "`--overwrite_output_dir` deletes the checkpoints in `output_dir`: it cannot be combined with "
-            f"`--resume_from_checkpoint {requested}`" + (", which lies inside it." if relation == "holds" else ".")
+            f"`--resume_from_checkpoint {requested}`"
+            + (", which lies inside it" if relation == "holds" else "")
+            + ". To continue that run, leave `--overwrite_output_dir` out; to replace it with a new run, leave "
+            "`--resume_from_checkpoint` out."
         )
+    if not overwrite_output_dir and mode != "last" and not _run_entries(out):
+        _check_no_one_elses(out)  # before the lock, which would leave its file among them
 
 
 def plan_run(
