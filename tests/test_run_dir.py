@@ -329,11 +329,41 @@ def test_a_continuation_is_resumed_from_its_own_checkpoint_not_the_branch_it_lef
     )
 
 
-def test_a_kill_during_the_final_save_is_not_stepped_again(train, run_copy, tiny_model_dir, sample_data_dir):
+def test_a_run_stopped_in_its_final_save_saves_again_without_a_step(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                     monkeypatch, caplog):  # fmt: skip
+    """Killed while it saved the model (its record says "started", model.safetensors cut short, no card yet), the run
+    run again trains no step: it saves the last checkpoint's weights, keeps its train metrics, and finishes."""
+    from otpo_trl import OTPOTrainer
+
     set_records(run_copy, status="started")
-    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
-    plan = plan_for(args)
-    assert plan.action == "finished" and "the trained weights are in" in plan.message
+    (run_copy / "model.safetensors").write_bytes(b"cut sh")
+    (run_copy / "README.md").unlink()
+    train_results = (run_copy / "train_results.json").read_text()
+    monkeypatch.setattr(OTPOTrainer, "training_step", lambda *a, **k: pytest.fail("a step was trained"))
+    with caplog.at_level(logging.INFO):
+        train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy)))
+    assert (
+        f"{run_copy / 'checkpoint-2'} is at step 2, the last of this run, but the run's final save did not complete: "
+        "saving the trained model from it (no training)." in caplog.text
+    )
+    saved, last = (load_file(folder / "model.safetensors") for folder in (run_copy, run_copy / "checkpoint-2"))
+    assert saved.keys() == last.keys() and all(saved[k].equal(last[k]) for k in saved)
+    assert (run_copy / "README.md").exists() and (run_copy / "train_results.json").read_text() == train_results
+    assert record(run_copy)["status"] == "finished" and record(run_copy)["global_step"] == 2 == global_step(run_copy)
+
+
+def test_resuming_another_runs_last_step_into_a_new_folder_fails(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                 tmp_path, no_model):  # fmt: skip
+    """Nothing to train and nothing to save: an error that says how to train it further, not an exit 0 that did
+    nothing (the same run's finished checkpoint is reported finished)."""
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint",
+                     run_copy / "checkpoint-2")  # fmt: skip
+    message = cli_error(train, argv)
+    assert (
+        f"`--resume_from_checkpoint` {run_copy / 'checkpoint-2'} is at step 2, where training with these " in message
+    )
+    assert "To train it further, raise `--max_steps`" in message and "its trained weights are in" in message
+    assert not (tmp_path / "new" / runs.RUN_FILE).exists()
 
 
 def test_continuing_a_finished_run_further_follows_the_new_schedule(train, run_copy, tiny_model_dir,

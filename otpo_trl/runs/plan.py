@@ -105,10 +105,11 @@ class RunPlan:
     """What to do with `output_dir`.
 
     Attributes:
-        action: "train" (from `checkpoint`, or afresh when None), "evaluate" (the run is trained: run its final
-            evaluation only) or "finished" (nothing to do: `message` says why).
+        action: "train" (from `checkpoint`, or afresh when None), "save" (`checkpoint` is the run's last step but
+            its final save did not complete: load it, train no step, and save), "evaluate" (the run is
+            trained: run its final evaluation only) or "finished" (nothing to do: `message` says why).
         checkpoint: the checkpoint to resume from.
-        message: why there is nothing to train, for "finished" and "evaluate".
+        message: why there is nothing to train, for "finished", "save" and "evaluate".
         clear: `--overwrite_output_dir`: clear the previous run's outputs when training starts ([`start_run`]).
         record: the run record to write when training starts (for "evaluate": the run's record).
         lock: the lock of `output_dir` held for this run (`otpo_trl.runs.RunLock`), set by the command that holds it.
@@ -488,17 +489,26 @@ def plan_run(
         logger.info(f"{out} holds this run but no complete checkpoint: training from the start.")
         return RunPlan("train", record=kept)
     state = trainer_state(checkpoint)
-    if _reached_the_end(state, settings):
-        return RunPlan(
-            "finished",
-            message=(
-                f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
-                f"finish: the trained weights are in {checkpoint}. Nothing to train."
-            ),
-        )
     kept = _note_versions(record, kept, versions, str(checkpoint))
+    if _reached_the_end(state, settings):
+        return _final_save(checkpoint, state, kept)
     logger.info(f"Checkpoint detected in {out}: resuming training from {checkpoint}.")
     return RunPlan("train", str(checkpoint), record=kept)
+
+
+def _final_save(checkpoint: Path, state: dict, record: dict) -> RunPlan:
+    """The plan of a run whose last checkpoint is at its last step but whose final save did not complete (a kill or
+    Ctrl-C during the save of the model): load that checkpoint, train no step, then save, evaluate and finish as a run
+    does."""
+    return RunPlan(
+        "save",
+        str(checkpoint),
+        record=record,
+        message=(
+            f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
+            "complete: saving the trained model from it (no training)."
+        ),
+    )
 
 
 def _last_checkpoint_of_this_run(out: Path, record: dict, settings, data, inputs) -> Path | None:
@@ -584,17 +594,6 @@ def _plan_resume(
         changes = settings_changes(own["settings"], settings) | data_changes(
             own.get("data"), new_record.get("data"), checkpoint / RUN_FILE
         )
-    state = trainer_state(checkpoint)
-    settings = new_record["settings"]
-    if _reached_the_end(state, settings):
-        return RunPlan(
-            "finished",
-            message=(
-                f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
-                f"(max_steps {settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing "
-                "to train. Raise max_steps (or num_train_epochs) to train further."
-            ),
-        )
     kept = dict(new_record)
     if same_run:
         kept["run_id"] = record.get("run_id") or kept["run_id"]
@@ -603,6 +602,19 @@ def _plan_resume(
         }
     elif own is not None:
         kept["resumed_from"] = {"checkpoint": str(checkpoint.resolve()), "run_id": own.get("run_id")}
+    state = trainer_state(checkpoint)
+    settings = new_record["settings"]
+    if _reached_the_end(state, settings):
+        ends = (
+            f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends (max_steps "
+            f"{settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing to train. To train "
+            "it further, raise `--max_steps` (or `--num_train_epochs`)"
+        )
+        if same_run and record.get("status") in ("finished", "trained"):
+            return RunPlan("finished", message=f"{ends}.")
+        if not same_run or changes:  # the run would write nothing: an exit 0 that did nothing
+            raise ValueError(f"`--resume_from_checkpoint` {ends}; its trained weights are in {checkpoint}.")
+        return _final_save(checkpoint, state, _note_versions(own, kept, new_record.get("versions"), str(checkpoint)))
     if changes:
         logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {describe_changes(changes)}.")
         history = [*kept.get("resumed_with_changes", []), {"checkpoint": str(checkpoint), "changes": changes}]
