@@ -464,9 +464,15 @@ def test_changed_inputs_between_an_interruption_and_its_resume_are_refused(train
         template = model / "chat_template.jinja"
         template.write_text(template.read_text().replace("<|im_start|>", "<|im_begin|>"))
         named = ["chat_template chat_template.jinja"]
-    for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"]):
-        message = cli_error(train, [*argv, *resume])
+    messages = [
+        cli_error(train, [*argv, *resume]) for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"])
+    ]
+    for message in messages:
         assert all(f"{name}: '" in message for name in named), message
+        assert "trained from other inputs than these" in message
+    # The ways on that the folder's refusal names leave out a resume of its checkpoints, refused for the same reason.
+    ways = messages[0].rsplit("): ", 1)[1]
+    assert "give it those, unchanged" in ways and "--resume_from_checkpoint" not in ways
     assert record(run_copy)["status"] == "started"
 
 
@@ -509,6 +515,30 @@ def test_a_failed_resume_never_rewrites_a_finished_runs_record(train, run_copy, 
     with pytest.raises(Exception, match="(?i)safetensor|header"):
         train.main(*train.parse_args([str(a) for a in argv]))
     assert contents(run_copy) == before and record(run_copy)["status"] == "finished"
+
+
+def test_ctrl_c_says_how_to_go_on_without_a_traceback(train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch,
+                                                      capsys):  # fmt: skip
+    """Ctrl-C in a step (after checkpoint-1): exit 130 and one line that says the run goes on when run again; it
+    does, from checkpoint-1."""
+    from otpo_trl import OTPOTrainer
+
+    interrupted(run_copy)
+    argv = [str(a) for a in tiny_argv(tiny_model_dir, sample_data_dir, run_copy)]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OTPOTrainer, "training_step", ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(argv)
+    assert exit_info.value.code == 130
+    error = capsys.readouterr().err
+    assert f"interrupted: the run in {run_copy} stopped. Run the same command again to go on from its last" in error
+    assert "Traceback" not in error and record(run_copy)["status"] == "started"
+    plan, *_ = train.prepare_run(*train.parse_args(argv))
+    plan.release()
+    assert plan.checkpoint == str(run_copy / "checkpoint-1")
 
 
 # ------------------------------------------------------------------ finished means finished

@@ -486,6 +486,13 @@ def cli(argv: list[str] | None = None) -> None:
         main(*arguments)
     except (FileNotFoundError, InputError) as err:  # a missing path, bad input: the message says which
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: what it leaves is resumable, which the user needs to know, not a traceback
+        print(
+            f"\ninterrupted: the run in {arguments[1].output_dir} stopped. Run the same command again to go on from "
+            "its last complete checkpoint (or to finish its final save or evaluation).",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # the shell's status of a process ended by SIGINT
 
 
 if __name__ == "__main__":

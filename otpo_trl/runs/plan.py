@@ -450,6 +450,15 @@ def plan_run(
             f"{RUN_FILE}: the arguments of that run are unknown, so it is not resumed automatically (nor overwritten). "
             f"{how}"
         )
+    changed_inputs = input_changes(record.get("inputs"), new_record.get("inputs"))
+    if changed_inputs:  # no checkpoint of that run goes on from other inputs: the resume `how` offers would be refused
+        raise ValueError(
+            f"{out} holds a run trained from other inputs than these ({describe_changes(changed_inputs)}): its "
+            "checkpoints go on only with the model, reference, tokenizer and chat template they were trained with. "
+            f"To go on with it, give it those, unchanged (the paths its {RUN_FILE} records); or use a new "
+            "`--output_dir`; or replace it with `--overwrite_output_dir` (which deletes its checkpoints, results and "
+            "weights when the new run starts training)."
+        )
     changes = _changes(record, settings, data, new_record.get("inputs"), out / RUN_FILE)
     if changes:
         raise ValueError(f"{out} holds a run with other arguments ({describe_changes(changes)}). {how}")
