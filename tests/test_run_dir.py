@@ -666,6 +666,29 @@ def test_overwrite_never_follows_a_link_nor_deletes_a_users_file_inside_a_listed
     assert sorted(p.name for p in run_copy.iterdir()) == ["run.lock", runs.RUN_FILE]  # the rest was deleted
 
 
+def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                   monkeypatch):  # fmt: skip
+    """Killed while it deletes the previous run's outputs, an overwrite leaves a folder that no record calls finished:
+    the same command again is not told "finished" beside missing weights (its leftovers are refused, or moved aside
+    by the next overwrite)."""
+    deleted, rmtree, unlink = [], shutil.rmtree, Path.unlink
+
+    def killed_after_one(path, *args, **kwargs):
+        if deleted:
+            raise KeyboardInterrupt  # the kill, at the second deletion
+        deleted.append(path)
+        rmtree(path) if Path(path).is_dir() else unlink(Path(path))
+
+    monkeypatch.setattr(run_plan.shutil, "rmtree", killed_after_one)
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
+    monkeypatch.undo()
+    assert not (run_copy / runs.RUN_FILE).exists()
+    with pytest.raises(ValueError, match="no run_args.json: the arguments of that run are unknown"):
+        plan_for(train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy)))
+
+
 def test_overwrite_of_a_linked_output_dir_moves_aside_beside_the_folder_it_links_to(tmp_path):
     """`output_dir` is a link to a folder elsewhere (maybe on another file system): entries move beside that folder,
     where the check of the parent's file system was made, not beside the link."""

@@ -195,8 +195,8 @@ def _is_own(path: Path) -> bool:
 
 def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
     """What `--overwrite_output_dir` does to `out`: `(delete, move)`, as paths in the folder `out` resolves to.
-    Deleted: the entries the previous run's record lists as its outputs that hold only what a run writes (see
-    [`_is_own`]), then the record (moved with the rest if it lists none). Moved aside ([`clear_previous_run`]): any
+    Deleted: the previous run's record (moved with the rest if it lists no outputs), then the entries it lists as its
+    outputs that hold only what a run writes (see [`_is_own`]). Moved aside ([`clear_previous_run`]): any
     other entry that a run writes, not listed (a record of an older version lists none, a folder without a record has
     none) or holding something else, which this run cannot tell from the user's.
 
@@ -209,8 +209,11 @@ def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
     entries = [p for p in _run_entries(home) if p.name != RUN_FILE]
     delete = [p for p in entries if p.name in listed and _is_own(p)]
     move = [p for p in entries if p not in delete]
-    if record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
-        (delete if "outputs" in record else move).append(home / RUN_FILE)
+    if record is not None and "outputs" in record:
+        # First: a clearing cut short (a kill) must not leave a record that calls the rest a finished run.
+        delete.insert(0, home / RUN_FILE)
+    elif record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
+        move.append(home / RUN_FILE)
     if move:
         parent = home.parent
         if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(home).st_dev:
@@ -227,6 +230,9 @@ def clear_previous_run(out: Path) -> None:
     """`--overwrite_output_dir`, when training starts: delete what the previous run's record lists as its outputs and
     move every other entry a run writes to a sibling `<output_dir>.replaced-<date>-<time>` (see [`clearing`])."""
     delete, move = clearing(out, read_run_record(out))
+    if delete and delete[0].name == RUN_FILE:  # before anything moves: a kill then leaves no stale record
+        delete.pop(0).unlink()  # the previous run's record, which lists its outputs
+        logger.info(f"--overwrite_output_dir: deleted the previous run's record, {out / RUN_FILE}.")
     if move:
         aside = _aside_folder(out.expanduser().resolve())
         aside.mkdir()
@@ -238,8 +244,7 @@ def clear_previous_run(out: Path) -> None:
             "(delete that folder yourself if you do not need it)."
         )
     for path in delete:
-        # The previous run's own outputs, as its record lists them, holding only what a run writes ([`_is_own`]), and
-        # the record itself, last.
+        # The previous run's own outputs, as its record listed them, holding only what a run writes ([`_is_own`]).
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if delete:
         logger.info(
