@@ -422,6 +422,24 @@ def test_a_checkpoint_is_never_the_output_dir_of_its_own_resume(train, run_copy,
     assert contents(run_copy) == before and not out.with_name("more").exists()
 
 
+@pytest.mark.parametrize("where", ["is", "inside"])
+def test_a_checkpoint_of_another_run_is_never_an_output_dir(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                            no_model, where):  # fmt: skip
+    """A checkpoint carries its run's record: taken for a run folder, the same arguments would train afresh into it
+    (over its weights and optimizer), and an overwrite would move it out of its run. Refused with or without the flag,
+    before anything is written; so is a folder inside one (an overwrite of its run would delete it)."""
+    checkpoint = run_copy / "checkpoint-1"
+    out = checkpoint if where == "is" else checkpoint / "more"
+    before = contents(run_copy)
+    for overwrite in ([], ["--overwrite_output_dir", "true"]):
+        message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, out, *overwrite))
+        relation = "is" if where == "is" else "lies inside"
+        assert f"`output_dir` {out} {relation} {checkpoint}, a checkpoint of the run in {run_copy}" in message
+        assert f"`--output_dir {run_copy}`" in message and f"`--resume_from_checkpoint {checkpoint}`" in message
+    assert contents(run_copy) == before and not out.with_name("more").exists()
+    assert not list(run_copy.glob("checkpoint-1.replaced-*"))
+
+
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
     """A tiny Llama like the fixture's, with other random weights (seed 1)."""

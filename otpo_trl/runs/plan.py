@@ -28,6 +28,7 @@ from .checkpoints import (
 from .files import write_json
 from .lock import HOLDER_FILE, LOCK_FILE
 from .record import (
+    CHECKPOINT_NAME,
     RUN_FILE,
     SHAPE_ARGS,
     data_changes,
@@ -50,6 +51,7 @@ RUN_WRITES = (
     *("README.md", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*"),
     *("merges.txt", "spiece.model"),
 )
+TRAINER_STATE = "trainer_state.json"  # HF Trainer's, the last file of a checkpoint it saves
 # The lock's files: a run's, but never its output (a folder holding only them is unused).
 LOCK_FILES = (LOCK_FILE, HOLDER_FILE)
 # What a run writes inside the folders it lists (its checkpoints, TensorBoard's `runs`), by file name: HF Trainer's
@@ -349,7 +351,8 @@ def check_output_dir(
 ) -> None:
     """The checks on `output_dir` that need not its lock, run before the lock creates it: it is apart from the run's
     inputs ([`check_apart_from_inputs`]) and from the checkpoint it resumes, not a file, exists if a resume of it is
-    asked for, is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed, and, unless
+    asked for, is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed, is not and does not lie
+    inside any run's checkpoint ([`_checkpoint_around`]), and, unless
     `--overwrite_output_dir`, does not hold a user's files without a run ([`_check_no_one_elses`]: what another run
     writes there meanwhile is never a user's).
 
@@ -381,8 +384,28 @@ def check_output_dir(
             + ". To continue that run, leave `--overwrite_output_dir` out; to replace it with a new run, leave "
             "`--resume_from_checkpoint` out."
         )
+    checkpoint = _checkpoint_around(out)
+    if checkpoint is not None:
+        relation = "is" if checkpoint == out.expanduser().resolve() else "lies inside"
+        raise ValueError(
+            f"`output_dir` {out} {relation} {checkpoint}, a checkpoint of the run in {checkpoint.parent}: a run there "
+            "would write over that checkpoint (or be deleted with it when its run is overwritten). Nothing was "
+            f"changed. To continue that run, use `--output_dir {checkpoint.parent}` (its last complete checkpoint "
+            f"is found), or `--resume_from_checkpoint {checkpoint}` with a new `--output_dir`; otherwise use a "
+            "folder outside it."
+        )
     if not overwrite_output_dir and mode != "last" and not _run_entries(out):
         _check_no_one_elses(out)  # before the lock, which would leave its file among them
+
+
+def _checkpoint_around(out: Path) -> Path | None:
+    """The checkpoint folder that `out` is or lies inside (symbolic links resolved), or None: a `checkpoint-<step>`
+    folder that holds a trainer state or a run record (HF Trainer's save, the run's record)."""
+    out = out.expanduser().resolve()
+    for folder in (out, *out.parents):
+        if CHECKPOINT_NAME.match(folder.name) and any((folder / n).is_file() for n in (TRAINER_STATE, RUN_FILE)):
+            return folder
+    return None
 
 
 def plan_run(
