@@ -28,6 +28,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 
 from .forward import backbone, fused_forward, last_hidden_state, predicting_states
+from .model_card import CheckpointCardCallback, save_model_card
 from .ot_weights import ot_token_weights
 from .otpo_config import OTPOConfig, ot_kwargs
 
@@ -206,6 +207,7 @@ class OTPOTrainer(DPOTrainer):
         self._ot_histogram = "tensorboard" in (self.args.report_to or [])
         if self._ot_histogram:
             self.add_callback(OTWeightHistogramCallback(self))
+        self.add_callback(CheckpointCardCallback())  # the run's card is at the top of output_dir only
         _quiet_console_logs(self)
 
     # ------------------------------------------------------------------ the seam with TRL's fused forwards
@@ -467,6 +469,16 @@ class OTPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ the model card
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, then this model's card in the same folder (not for checkpoints: `_internal_call`).
+
+        PEFT 0.21's `save_pretrained` rewrites a folder's card with the base model's path on this machine as
+        `base_model` (TRL 1.16 wrote the card at the last checkpoint): the card is saved again over it.
+        """
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            save_model_card(self, folder=output_dir)
+
     def create_model_card(
         self,
         model_name: str | None = None,
@@ -474,21 +486,12 @@ class OTPOTrainer(DPOTrainer):
         tags: str | list[str] | None = None,
         license: str | None = None,
     ) -> None:
-        """Save `output_dir/README.md`, a model card that can be published as it is (see `otpo_trl.model_card`).
+        """Save `output_dir/README.md`, a model card that can be published as it is: `otpo_trl.model_card`.
 
-        Overrides TRL 1.16's `BaseTrainer.create_model_card` (same signature; called at each checkpoint by
-        `DPOTrainer._save_checkpoint`, by `push_to_hub` and by the training script), whose card links a local base
-        model as "None", writes `licence: license` and leaves "Training procedure" empty. `dataset_name` may be a
-        Hub id or a local path (shown by its name only; only a Hub id enters the metadata). `license` (an addition
-        to TRL's arguments, as in `transformers.Trainer.create_model_card`; `push_to_hub(license=...)` passes it)
-        replaces the license read from the base model's card.
+        Overrides TRL 1.16's `BaseTrainer.create_model_card` (same signature, plus transformers' `license`), which is
+        called at each checkpoint by `DPOTrainer._save_checkpoint`, by `push_to_hub` and by the training script.
         """
-        from .model_card import otpo_model_card
-
-        if not self.is_world_process_zero():
-            return
-        card = otpo_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
-        card.save(f"{self.args.output_dir}/README.md")
+        save_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
 
 
 __all__ = ["OTPOPrinterCallback", "OTPOProgressCallback", "OTPOTrainer", "OTWeightHistogramCallback"]
