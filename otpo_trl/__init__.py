@@ -7,6 +7,7 @@
   `DPOTrainer` does. Both sit below the trainer and the evaluation code.
 - `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
   tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
+- `upstream_warnings`: the upstream warnings that say nothing a user can act on, filtered on import.
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
 
 `import otpo_trl` itself imports neither torch nor TRL: `OTPOConfig`, `OTPOTrainer` and `ot_token_weights` are loaded
@@ -16,8 +17,12 @@ on first use (PEP 562), so that `otpo-trl --help` answers at once. `from otpo_tr
 import importlib
 from typing import TYPE_CHECKING
 
+from .upstream_warnings import filter_upstream_warnings
+
 
 __version__ = "0.1.0"
+
+filter_upstream_warnings()  # for the Python API and every command alike
 
 # The public names, each with the module that defines it; a module is imported when one of its names is first used.
 _LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot_weights"}

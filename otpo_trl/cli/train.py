@@ -40,12 +40,10 @@ from .upstream import (
     end_processes,
     fix_local_model_card,
     keep_tensorboard_logs_with_run,
-    silence_cpu_notices,
-    silence_repeated_deprecations,
 )
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("otpo_trl.cli.train")  # by name: `otpo-trl train` runs this module as `__main__`
 
 TRAINERS = {"otpo": OTPOTrainer, "dpo": DPOTrainer}  # the classes of `trainer`'s choices (`arguments.TRAINER_NAMES`)
 
@@ -69,8 +67,6 @@ def setup_logging(training_args: OTPOConfig) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    silence_repeated_deprecations()
-    silence_cpu_notices()
 
 
 def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
