@@ -2,8 +2,8 @@
 
 Times ``ot_token_weights`` (stabilised scaling with absorption) against the multiplicative updates forced onto the
 same problem (the speed to aim for: they stay finite on this case, but nothing guarantees it in general), and,
-with ``--baseline-rev``, against the plain log-domain solver of an earlier revision of ``otpo_trl/ot_weights.py``
-(read with ``git show``). All three run the same Sinkhorn iterates. Usage::
+with ``--baseline-rev``, against the plain log-domain solver of an earlier revision's ``otpo_trl/ot_weights.py`` (the
+single module the OT package ``otpo_trl/ot/`` was split from; read with ``git show``). All three run the same Sinkhorn iterates. Usage::
 
     python bench/ot_small_reg.py --batch 2 --length 4096 --hidden 256 --reg 0.01 --threads 1 --baseline-rev 8dbbe60
 """
@@ -24,14 +24,16 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
-    from otpo_trl import ot_weights as W
+    from otpo_trl.ot import ot_token_weights
+    from otpo_trl.ot import sinkhorn as S
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, ROOT)
-    from otpo_trl import ot_weights as W
+    from otpo_trl.ot import ot_token_weights
+    from otpo_trl.ot import sinkhorn as S
 
 
 def module_at(rev):
-    """otpo_trl/ot_weights.py as it was at git revision `rev`, imported under another name."""
+    """otpo_trl/ot_weights.py as it was at git revision `rev` (before the OT package), imported under another name."""
     source = subprocess.run(["git", "show", f"{rev}:otpo_trl/ot_weights.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
@@ -80,18 +82,18 @@ def main():
     mr = mc.clone()
     kw = {"reg": args.reg, "reg_m": args.reg_m, "return_info": True, "return_plan": False}
     paths = []
-    for name in ("_sinkhorn", "_sinkhorn_stabilized"):
-        solver = getattr(W, name)
-        setattr(W, name, lambda *a, solver=solver, name=name: paths.append(name) or solver(*a))
-    W.ot_token_weights(hc[:, :64], hr[:, :64], mc[:, :64], mr[:, :64], **kw)  # warm-up
+    for name in ("sinkhorn_knopp_unbalanced", "sinkhorn_stabilized_unbalanced"):
+        solver = getattr(S, name)
+        setattr(S, name, lambda *a, solver=solver, name=name, **k: paths.append(name) or solver(*a, **k))
+    ot_token_weights(hc[:, :64], hr[:, :64], mc[:, :64], mr[:, :64], **kw)  # warm-up
     paths.clear()
     runs = {}
-    t, (wc, wr, info) = timed(lambda: W.ot_token_weights(hc, hr, mc, mr, **kw), args.repeats)
+    t, (wc, wr, info) = timed(lambda: ot_token_weights(hc, hr, mc, mr, **kw), args.repeats)
     runs["stabilised"] = {"times_s": t, "n_iter": info.n_iter, "path": paths[-1]}
-    limit = W._EXP_LIMIT[torch.float32]
-    W._EXP_LIMIT[torch.float32] = float("inf")  # force the multiplicative updates
-    t, (mc_w, mr_w, minfo) = timed(lambda: W.ot_token_weights(hc, hr, mc, mr, **kw), args.repeats)
-    W._EXP_LIMIT[torch.float32] = limit
+    limit = S.EXP_LIMIT[torch.float32]
+    S.EXP_LIMIT[torch.float32] = float("inf")  # force the multiplicative updates
+    t, (mc_w, mr_w, minfo) = timed(lambda: ot_token_weights(hc, hr, mc, mr, **kw), args.repeats)
+    S.EXP_LIMIT[torch.float32] = limit
     runs["multiplicative_forced"] = {"times_s": t, "n_iter": minfo.n_iter, "path": paths[-1],
                                      "max_rel_diff_to_stabilised": max(rel_diff(mc_w, wc), rel_diff(mr_w, wr))}  # fmt: skip
     if args.baseline_rev:
@@ -100,7 +102,7 @@ def main():
         runs[f"log_domain_{args.baseline_rev}"] = {"times_s": t, "n_iter": oinfo.n_iter,
                                                    "note": "pair cost scaling (that revision's only one)"}  # fmt: skip
     if args.pot:
-        t, (pc, pr) = timed(lambda: W.ot_token_weights(hc, hr, mc, mr, reg=args.reg, reg_m=args.reg_m,
+        t, (pc, pr) = timed(lambda: ot_token_weights(hc, hr, mc, mr, reg=args.reg, reg_m=args.reg_m,
                                                          solver="pot"), 1)  # fmt: skip
         runs["pot"] = {"times_s": t, "max_rel_diff_stabilised_to_pot": max(rel_diff(wc, pc), rel_diff(wr, pr))}
     for run in runs.values():

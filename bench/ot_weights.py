@@ -22,10 +22,10 @@ import torch
 
 
 try:
-    from otpo_trl.ot_weights import ot_token_weights
+    from otpo_trl.ot import ot_token_weights
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from otpo_trl.ot_weights import ot_token_weights
+    from otpo_trl.ot import ot_token_weights
 
 
 def make_inputs(batch, padded_length, completion_length, hidden, device, seed=0, spread=50):

@@ -1,12 +1,14 @@
 """OTPO for TRL: optimal-transport token weighting as a swap-in for `DPOTrainer`.
 
-- `ot_weights`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT.
+- `ot`: the math, pure: token weights from two sets of hidden states by unbalanced entropic OT (costs, solvers,
+  weights, statistics).
 - `otpo_config`: `OTPOConfig` (`DPOConfig` + the `ot_*` fields, checked) and `ot_kwargs`, its mapping to the solver.
 - `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards).
 - `forward`: the fused forward and the last-layer hidden states; `tokenization`: pairs and prompts tokenised as
   `DPOTrainer` does. Both sit below the trainer and the evaluation code.
 - `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
-  tokenizer setup, models for analysis; `analysis`: scoring and generation with a trained model.
+  tokenizer setup, models for analysis; `inspection`: one pair's per-token log-probs, OT weights and implicit rewards;
+  `evaluation`: scoring and generation with a trained model; `plotting`: the pictures (matplotlib).
 - `upstream_warnings`: the upstream warnings that say nothing a user can act on, filtered on import.
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
 
@@ -25,10 +27,10 @@ __version__ = "0.1.0"
 filter_upstream_warnings()  # for the Python API and every command alike
 
 # The public names, each with the module that defines it; a module is imported when one of its names is first used.
-_LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot_weights"}
+_LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time, `__getattr__` below
-    from .ot_weights import ot_token_weights
+    from .ot import ot_token_weights
     from .otpo_config import OTPOConfig
     from .otpo_trainer import OTPOTrainer
 

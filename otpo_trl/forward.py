@@ -1,6 +1,6 @@
 """Model helpers below the trainer and the evaluation code: TRL 1.16's fused forward and the last-layer hidden states.
 
-`OTPOTrainer` (training) and `otpo_trl.analysis` (evaluation) both use these; neither imports the other for them.
+`OTPOTrainer` (training) and `otpo_trl.inspection` (evaluation) both use these; neither imports the other for them.
 """
 
 import contextlib
@@ -56,7 +56,7 @@ def fused_forward(
     """The fused-LM-head forward of a collated [chosen; rejected] batch, as TRL 1.16's `DPOTrainer` calls the models.
 
     Training makes this call through TRL (the trainer's hooks then capture and weight); `concatenated_forward` and the
-    analysis code (`otpo_trl.analysis.pair_token_stats`) make it here.
+    analysis code (`otpo_trl.inspection.pair_token_stats`) make it here.
 
     Args:
         model: a causal LM with TRL's fused head (`trl.trainer.utils.add_fused_lm_head`), or a PeftModel on one.

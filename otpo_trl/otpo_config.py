@@ -1,15 +1,15 @@
-import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig
 
-from .ot_weights import COST_SCALES as OT_COST_SCALES
-from .ot_weights import COSTS as OT_COSTS
-from .ot_weights import NORMALIZATIONS as OT_NORMALIZATIONS
-from .ot_weights import SOLVERS as OT_SOLVERS
-from .ot_weights import WEIGHTINGS as OT_WEIGHTINGS
+from .ot import COST_SCALES as OT_COST_SCALES
+from .ot import COSTS as OT_COSTS
+from .ot import NORMALIZATIONS as OT_NORMALIZATIONS
+from .ot import SETTINGS as OT_SETTINGS
+from .ot import SOLVERS as OT_SOLVERS
+from .ot import WEIGHTINGS as OT_WEIGHTINGS
+from .ot import checked_setting, positive_number
 
 
 # Every `loss_type` of TRL 1.16's DPOTrainer; all act on (OT-weighted) summed log-probs, so all can be weighted.
@@ -32,41 +32,19 @@ LOSS_TYPES = (
 )
 
 
-def _is_real(value) -> bool:
-    """An int or a float, Python's or NumPy's (NumPy registers its scalars with `numbers`); not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 # The OT settings (and DPO's beta) checked by `checked_value`: by OTPOConfig at construction and on assignment, and by
-# the analysis tools on their `--ot_*` options, before any model loads.
-_POSITIVE_FIELDS = ("ot_reg", "ot_reg_m", "ot_tol", "beta")
-_CHOICE_FIELDS = {
-    "ot_cost": OT_COSTS,
-    "ot_cost_scale": OT_COST_SCALES,
-    "ot_normalization": OT_NORMALIZATIONS,
-    "ot_weighting": OT_WEIGHTINGS,
-    "ot_solver": OT_SOLVERS,
-}
-CHECKED_FIELDS = (*_POSITIVE_FIELDS, "ot_max_iter", *_CHOICE_FIELDS)
+# the analysis tools on their `--ot_*` options, before any model loads. The rules are the OT package's own
+# (`otpo_trl.ot.checked_setting`, which `ot_token_weights` applies too).
+CHECKED_FIELDS = (*(f"ot_{name}" for name in OT_SETTINGS), "beta")
 
 
 def checked_value(name: str, value, label: str | None = None):
     """`value` of the OTPOConfig field `name` (one of `CHECKED_FIELDS`) as stored, a plain Python number for the
     numbers; a `ValueError` naming `label` (default: the field, in backticks) when it is not valid."""
     label = label or f"`{name}`"
-    if name in _POSITIVE_FIELDS:
-        if not _is_real(value) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{label} must be a finite number > 0, got {value!r}.")
-        return float(value)
-    if name == "ot_max_iter":
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{label} must be an int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{label} must be >= 1, got {value!r}.")
-        return int(value)
-    if value not in _CHOICE_FIELDS[name]:
-        raise ValueError(f"{label} must be one of {list(_CHOICE_FIELDS[name])}, got {value!r}.")
-    return value
+    if name == "beta":
+        return positive_number(value, label)
+    return checked_setting(name.removeprefix("ot_"), value, label)
 
 
 def _check_loss_type(loss_type) -> None:
@@ -108,7 +86,9 @@ class OTPOConfig(DPOConfig):
             (each side's own length) or `"none"` (raw plan marginals; collapses in the paper's ablation).
         ot_weighting (`str`, *optional*, defaults to `"ot"`):
             `"ot"`: the transport plan's marginals. `"uniform"`: 1 per token before the same normalisation, the
-            paper's "w/o OT" ablation (no OT problem is solved).
+            paper's "w/o OT" ablation. `"sampo"`: SamPO's down-sampling, 1 on min(|y_w|, |y_l|) tokens of each side
+            drawn at random, afresh every step, before the same normalisation (see `sampo_token_weights`). Neither
+            solves an OT problem.
         ot_solver (`str`, *optional*, defaults to `"batched"`):
             `"batched"` solves all pairs of a batch at once on the hidden states' device; `"pot"` calls
             `ot.unbalanced.sinkhorn_unbalanced` once per pair on the CPU (the reference; slow).
@@ -160,7 +140,8 @@ class OTPOConfig(DPOConfig):
         default="ot",
         metadata={
             "help": "'ot': the transport plan's marginals weight the tokens; 'uniform': 1 per token before the same "
-            "normalisation (the paper's 'w/o OT' ablation).",
+            "normalisation (the paper's 'w/o OT' ablation); 'sampo': 1 on min(|y_w|, |y_l|) tokens of each side drawn "
+            "at random every step (SamPO), before the same normalisation.",
             "choices": list(OT_WEIGHTINGS),
         },
     )

@@ -29,7 +29,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .forward import backbone, fused_forward, last_hidden_state, predicting_states
 from .model_card import CheckpointCardCallback, save_model_card
-from .ot_weights import ot_token_weights
+from .ot import ot_token_weights
 from .otpo_config import OTPOConfig, ot_kwargs
 
 

@@ -1,7 +1,7 @@
 """Tokenisation of preference pairs and prompts as TRL 1.16's `DPOTrainer` does it, for code outside the trainer.
 
 Below both training (`otpo_trl.cli.train` counts the pairs `DataCollatorForPreference` would keep) and evaluation
-(`otpo_trl.analysis` scores and generates from the tokens the trainer would see).
+(`otpo_trl.inspection` and `otpo_trl.evaluation` score and generate from the tokens the trainer would see).
 """
 
 import json

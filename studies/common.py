@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from otpo_trl.cli import train as train_cli
-from otpo_trl.cli.run_dir import describe_changes, finished_run_changes, run_settings
+from otpo_trl.runs import describe_changes, finished_run_changes, run_settings
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def run_arm(flags: list[str], run_dir: str | Path, *, on_mismatch: str = "give t
     main, unless it has finished. A finished run (`all_results.json`) is reused only if `run_args.json` records the
     settings these flags would train: one of other settings raises ValueError naming the difference (`on_mismatch`
     says how to go on), so that it is never reported under the new ones. An interrupted run resumes from its last
-    checkpoint (the training CLI's rules, `otpo_trl.cli.run_dir`). `flags` must set `--output_dir run_dir`.
+    checkpoint (the training CLI's rules, `otpo_trl.runs`). `flags` must set `--output_dir run_dir`.
 
     Returns True if it trained, False if it reused the finished run.
     """

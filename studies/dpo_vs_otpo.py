@@ -129,7 +129,7 @@ def evaluate(name, model, args, recipe, out):
         if done.exists() and not args.fresh:
             print(f"{name}: {done} was made with other settings: evaluating again")
         print(f"{name}: evaluating", flush=True)
-        evaluate_cli.main(command[1:])
+        evaluate_cli.main([*command[1:], "--overwrite"])  # this study owns eval_<name>
         made_by.write_text(json.dumps(command))
     return json.loads(done.read_text()), eval_dir
 

@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 from trl.data_utils import maybe_extract_prompt
 
-from otpo_trl.analysis import generate_responses, score_preferences
-from otpo_trl.cli.run_dir import describe_changes, read_run_record, settings_changes
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.evaluation import generate_responses, score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.otpo_config import ot_kwargs
+from otpo_trl.runs import describe_changes, read_run_record, settings_changes
 from otpo_trl.tokenization import template_kwargs, tokenize_pair
 
 from .common import (

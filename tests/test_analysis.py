@@ -1,4 +1,5 @@
-"""otpo_trl.analysis and the scripts on top of it (plot_weights.py, evaluate.py), on a tiny Llama (CPU, offline)."""
+"""otpo_trl.inspection and otpo_trl.evaluation, and the scripts on top of them (plot_weights.py, evaluate.py), on a tiny
+Llama (CPU, offline)."""
 
 import argparse
 import json
@@ -15,14 +16,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from otpo_trl import OTPOConfig, OTPOTrainer
-from otpo_trl.analysis import inline_example, pair_token_stats, score_preferences
+from otpo_trl import OTPOConfig, OTPOTrainer, inspection
 from otpo_trl.cli import evaluate as evaluate_cli
 from otpo_trl.cli import plot_weights as plot_weights_cli
 from otpo_trl.cli.options import add_ot_arguments
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.evaluation import score_preferences
+from otpo_trl.inspection import implicit_rewards, inline_example, pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
-from otpo_trl.ot_weights import ot_token_weights
+from otpo_trl.ot import ot_token_weights
 from otpo_trl.otpo_config import ot_kwargs
 from otpo_trl.tokenization import tokenize_pair
 
@@ -227,6 +229,44 @@ def test_near_uniform_ot_equals_unweighted(adapter_models, data_file):
         assert result["ot"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     for pair in result["pairs"]:
         assert pair["margin_ot"] == pytest.approx(pair["margin_unweighted"], rel=1e-4, abs=1e-7)
+
+
+def test_without_token_weights_no_ot_problem_is_solved(adapter_models, data_file, monkeypatch):
+    """`token_weights=False` (pair_token_stats) and `reward_weightings=("unweighted",)` (score_preferences) give the
+    same log-probs and DPO margins as with weights, and never call the OT solver."""
+    policy, reference, tokenizer = adapter_models
+    examples = list(load_preference_dataset(str(data_file)))
+    with_ot = pair_token_stats(policy, reference, tokenizer, examples[:3], return_hidden=True)
+    scored = score_preferences(policy, reference, tokenizer, examples, batch_size=4, progress=False)
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("an OT problem was solved")
+
+    monkeypatch.setattr(inspection, "ot_token_weights", no_solve)
+    stats = pair_token_stats(policy, reference, tokenizer, examples[:3], token_weights=False, return_hidden=True)
+    assert stats.chosen_weights is None and stats.rejected_weights is None and stats.plan is None
+    for name in ("chosen_logps", "ref_rejected_logps", "chosen_hidden", "rejected_mask"):
+        torch.testing.assert_close(getattr(stats, name), getattr(with_ot, name))
+    torch.testing.assert_close(
+        implicit_rewards(stats, 0.1, "unweighted"), implicit_rewards(with_ot, 0.1, "unweighted")
+    )
+    with pytest.raises(ValueError, match="`weighting='ot'` needs OT weights.*token_weights=False"):
+        implicit_rewards(stats, 0.1, "ot")
+    with pytest.raises(ValueError, match=r"OT options \(reg\) were given with `token_weights=False`"):
+        pair_token_stats(policy, reference, tokenizer, examples[:1], token_weights=False, reg=0.5)
+
+    dpo_only = score_preferences(
+        policy, reference, tokenizer, examples, batch_size=4, progress=False, reward_weightings=("unweighted",)
+    )
+    assert "ot" not in dpo_only and dpo_only["unweighted"] == pytest.approx(scored["unweighted"])
+    assert [p["margin_unweighted"] for p in dpo_only["pairs"]] == pytest.approx(
+        [p["margin_unweighted"] for p in scored["pairs"]]
+    )
+    assert all("margin_ot" not in p for p in dpo_only["pairs"])
+    with pytest.raises(ValueError, match="OT options .* without 'ot' in `reward_weightings`"):
+        score_preferences(policy, reference, tokenizer, examples, reward_weightings=("unweighted",), reg=0.5)
+    with pytest.raises(ValueError, match="`reward_weightings` must be some of"):
+        score_preferences(policy, reference, tokenizer, examples, reward_weightings=("uniform",))
 
 
 def test_ot_arguments_follow_the_config():

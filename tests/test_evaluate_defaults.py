@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import transformers
 
-from otpo_trl.analysis import DEFAULT_MAX_LENGTH, OT_DEFAULTS, generate_responses
 from otpo_trl.cli import evaluate as evaluate_cli
-from otpo_trl.cli.run_dir import run_settings
+from otpo_trl.evaluation import OT_DEFAULTS, generate_responses
+from otpo_trl.inspection import DEFAULT_MAX_LENGTH
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.runs import run_settings
 
 from .conftest import make_tiny_model_dir
 

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from otpo_trl.analysis import score_preferences
 from otpo_trl.cli import evaluate as evaluate_cli
+from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from otpo_trl import data as data_module
-from otpo_trl.cli import run_dir
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
+from otpo_trl.runs import run_settings
 
 from .conftest import REPO_ROOT
 from .testing_utils import child_env, forbid_models, record, tiny_argv
@@ -175,7 +175,10 @@ def interrupted_on_own_data(train, finished_run, tmp_path):
     data = Path(shutil.copy(saved["settings"]["dataset_name"] + "/train.jsonl", tmp_path / "train.jsonl"))
     shutil.rmtree(out / "checkpoint-2")
     saved["settings"]["dataset_name"] = str(data)
-    (out / "run_args.json").write_text(json.dumps({**saved, "status": "started", "data": data_fingerprint(str(data))}))
+    for folder in (out, out / "checkpoint-1"):  # a checkpoint carries its run's record
+        (folder / "run_args.json").write_text(
+            json.dumps({**saved, "status": "started", "data": data_fingerprint(str(data))})
+        )
     return out, data
 
 
@@ -193,7 +196,7 @@ def test_the_record_holds_the_data_fingerprint_beside_the_settings(train, finish
     # Not among the settings: the length study compares run_settings() of finished runs to reuse them.
     assert "data" not in saved["settings"] and not [k for k in saved["settings"] if "fingerprint" in k]
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, finished_run))
-    assert run_dir.run_settings(*args) == saved["settings"]
+    assert run_settings(*args) == saved["settings"]
 
 
 def test_a_hub_data_set_is_fingerprinted_by_datasets(monkeypatch):
@@ -228,13 +231,14 @@ def test_a_record_without_a_fingerprint_resumes_with_a_warning(train, tiny_model
                                                                no_model, caplog):  # fmt: skip
     out, data = interrupted_on_own_data
     saved = record(out)
-    del saved["data"]  # written by an older version
+    del saved["data"]  # written by an older version, whose checkpoints carry no record
     (out / "run_args.json").write_text(json.dumps(saved))
+    (out / "checkpoint-1" / "run_args.json").unlink()
     with caplog.at_level("WARNING"):
         plan, *_ = train.prepare_run(*train.parse_args(tiny_argv(tiny_model_dir, data, out)))
     assert plan.checkpoint == str(out / "checkpoint-1")
     assert "has no fingerprint of the data (it was written by an older version): the data could not be" in caplog.text
-    assert record(out)["data"] == data_fingerprint(str(data))  # recorded from now on
+    assert plan.record["data"] == data_fingerprint(str(data))  # recorded from now on
 
 
 # ------------------------------------------------------------------ item 5: --resume_from_checkpoint true, nothing there

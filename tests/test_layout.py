@@ -15,16 +15,30 @@ from .conftest import REPO_ROOT
 PACKAGE = "otpo_trl"
 # Training: what `scripts/train.py` and `from otpo_trl import OTPOTrainer` run.
 TRAINING = (
-    "otpo_trl.ot_weights",
+    "otpo_trl.ot",
+    "otpo_trl.ot.costs",
+    "otpo_trl.ot.sinkhorn",
+    "otpo_trl.ot.weights",
+    "otpo_trl.ot.pot_reference",
+    "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",
     "otpo_trl.forward",
     "otpo_trl.tokenization",
     "otpo_trl.cli.train",
-    "otpo_trl.cli.run_dir",
+    "otpo_trl.runs",
+    "otpo_trl.runs.plan",
+    "otpo_trl.runs.callback",
 )
 # Evaluation and studies: what training must not import, directly or through another module.
-EVALUATION = ("otpo_trl.analysis", "otpo_trl.cli.evaluate", "otpo_trl.cli.plot_weights")
+EVALUATION = (
+    "otpo_trl.inspection",
+    "otpo_trl.evaluation",
+    "otpo_trl.plotting.fonts",
+    "otpo_trl.plotting.pair_figure",
+    "otpo_trl.cli.evaluate",
+    "otpo_trl.cli.plot_weights",
+)
 # Top-level folders of the checkout that are not the package (the package imports nothing from them).
 OUTSIDE = ("scripts", "studies", "tests", "bench")
 
@@ -153,6 +167,34 @@ def test_training_imports_no_evaluation_code(module):
     assert sorted(reachable(GRAPH, module) & set(EVALUATION)) == []
 
 
+def test_the_pictures_import_nothing_of_the_package_but_the_weight_statistics():
+    """`otpo_trl.plotting` draws what it is given: it loads no model and reads no argument; of the package it uses
+    only `otpo_trl.ot.stats` (`token_weight_stats`, the statistic the trainer and the spread tool use too)."""
+    drawing = [name for name in GRAPH if name.startswith("otpo_trl.plotting")]
+    assert "otpo_trl.plotting.pair_figure" in drawing
+    allowed = {*drawing, "otpo_trl.ot.stats"}
+    assert {name: sorted(GRAPH[name] - allowed) for name in drawing} == {name: [] for name in drawing}
+    assert "otpo_trl.ot.stats" in GRAPH["otpo_trl.plotting.pair_figure"]
+
+
+def ot_package_imports_outside_it(graph) -> set[tuple[str, str]]:
+    """(module of `otpo_trl.ot`, module of `otpo_trl` outside it) for each import that leaves the OT package."""
+    inside = lambda name: name == "otpo_trl.ot" or name.startswith("otpo_trl.ot.")  # noqa: E731
+    return {
+        (name, target) for name, targets in graph.items() if inside(name) for target in targets if not inside(target)
+    }
+
+
+def test_the_ot_package_imports_neither_the_trainer_nor_the_config():
+    """The OT math is pure: it imports nothing else of the package (so neither the trainer nor the config, which
+    build on it), directly or through another module."""
+    ot_modules = [name for name in GRAPH if name.startswith("otpo_trl.ot.")]
+    assert {"otpo_trl.ot.weights", "otpo_trl.ot.sinkhorn", "otpo_trl.ot.costs"} <= set(ot_modules)
+    assert ot_package_imports_outside_it(GRAPH) == set()
+    for name in ot_modules:
+        assert {"otpo_trl.otpo_trainer", "otpo_trl.otpo_config"} & reachable(GRAPH, name) == set(), name
+
+
 def test_the_package_imports_nothing_from_the_checkout_outside_it():
     outside = {
         (name, target) for name, found in IMPORTS.items() for target, _ in found if target.split(".")[0] in OUTSIDE
@@ -198,6 +240,53 @@ def test_no_test_module_imports_another():
     assert found == set()
 
 
+# The package's own entry point (`python -m otpo_trl`) is the one module outside `cli/` that may import it.
+CLI_ENTRY_POINTS = ("otpo_trl.__main__",)
+# The training command line: only these CLI modules may import it (the launcher `otpo-trl train` starts it).
+TRAINING_COMMAND = ("otpo_trl.cli.train", "otpo_trl.cli.arguments")
+TRAINING_COMMAND_USERS = ("otpo_trl.cli.train", "otpo_trl.cli.arguments", "otpo_trl.cli.launch")
+
+
+def cli_importers(imports, package: str = PACKAGE) -> set[tuple[str, str]]:
+    """(importer, imported) for each import of `<package>.cli` (or a module of it) by a module outside `cli/`."""
+    cli = f"{package}.cli"
+    return {
+        (name, target)
+        for name, found in imports.items()
+        if name != cli and not name.startswith(f"{cli}.")
+        for target, _ in found
+        if target == cli or target.startswith(f"{cli}.")
+    }
+
+
+def training_command_importers(imports, package: str = PACKAGE) -> set[tuple[str, str]]:
+    """(importer, imported) for each import of the training command line by a CLI tool other than its own modules."""
+    command = {module.replace(PACKAGE, package, 1) for module in TRAINING_COMMAND}
+    users = {module.replace(PACKAGE, package, 1) for module in TRAINING_COMMAND_USERS}
+    return {
+        (name, target)
+        for name, found in imports.items()
+        if name.startswith(f"{package}.cli.") and name not in users
+        for target, _ in found
+        if target in command
+    }
+
+
+def test_only_the_command_line_imports_it():
+    """The library (training, the run directory, evaluation) never imports `otpo_trl.cli`: tools share what they need
+    through library modules (`otpo_trl.runs` for the run directory). `studies/` may use the command line (it trains
+    through it); scripts/ are its thin wrappers; bench/ imports the library only."""
+    assert cli_importers(IMPORTS) - {(m, "otpo_trl.cli.main") for m in CLI_ENTRY_POINTS} == set()
+    bench = read_imports(REPO_ROOT, "bench")
+    assert {(name, t) for name, found in bench.items() for t, _ in found if t.startswith("otpo_trl.cli")} == set()
+
+
+def test_no_tool_imports_the_training_command_line():
+    """`evaluate`, `plot_weights`, `ot_spread`, `prepare_model`, `options`, `upstream`, `main`: none imports
+    `cli.train` or `cli.arguments` (what they read of a training run is in `otpo_trl.runs`)."""
+    assert training_command_importers(IMPORTS) == set()
+
+
 def test_no_module_imports_private_names_of_another():
     assert private_imports(IMPORTS) - ALLOWED_PRIVATE == set()
 
@@ -227,3 +316,25 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert "pkg.evaluation" in reachable(graph, "pkg.a")
     assert "pkg.evaluation" not in reachable(graph, "pkg.evaluation")
     assert private_imports(imports) == {("pkg.sub.b", "pkg.c", "_hidden")}
+
+
+def test_the_cli_rules_find_what_they_look_for(tmp_path):
+    """On a made-up package: a library module importing the CLI, and a CLI tool importing the training command."""
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/__main__.py": "from .cli.main import main\n",
+        "pkg/runs.py": "def f():\n    from .cli import options\n",
+        "pkg/cli/__init__.py": "",
+        "pkg/cli/main.py": "",
+        "pkg/cli/options.py": "",
+        "pkg/cli/arguments.py": "",
+        "pkg/cli/train.py": "from .arguments import parse_args\nfrom ..runs import f\n",
+        "pkg/cli/launch.py": "from .arguments import parse_args\n",
+        "pkg/cli/evaluate.py": "from . import train\nfrom .options import x\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    imports = read_imports(tmp_path, "pkg")
+    assert cli_importers(imports, "pkg") == {("pkg.runs", "pkg.cli.options"), ("pkg.__main__", "pkg.cli.main")}
+    assert training_command_importers(imports, "pkg") == {("pkg.cli.evaluate", "pkg.cli.train")}

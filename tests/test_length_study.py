@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from otpo_trl.analysis import score_preferences
 from otpo_trl.cli import train as train_cli
+from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 from studies import length_study
 

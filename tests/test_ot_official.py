@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from otpo_trl import OTPOConfig
-from otpo_trl import ot_weights as W
-from otpo_trl.ot_weights import ot_token_weights
+from otpo_trl.ot import costs, ot_token_weights
+from otpo_trl.ot import sinkhorn as S
 
 from .conftest import REPO_ROOT, SAMPLE_DATA_DIR
 from .testing_utils import REG_M, config, conversational_pairs, losses, official_weights, padded_batch, worst_error
@@ -152,7 +152,7 @@ def test_no_scaling_at_large_costs_is_finite_and_matches_pot(reg, scale):
     wc, wr, info = ot_token_weights(hc.float(), hr.float(), mc, mr, **kw)
     rc, rr, rinfo = ot_token_weights(hc, hr, mc, mr, solver="pot", **kw)
     assert torch.isfinite(wc).all() and torch.isfinite(wr).all() and not info.fallback.any()
-    assert float(W._cost_divisor(torch.ones(1, 1, 1), torch.ones(1, 1, 1, dtype=torch.bool), (), "none")) == 1
+    assert float(costs.cost_divisor(torch.ones(1, 1, 1), torch.ones(1, 1, 1, dtype=torch.bool), (), "none")) == 1
     assert worst_error((wc, wr), (rc.double(), rr.double()), (mc, mr)) < 1e-3
     for k in range(3):  # min normalisation: each side sums to min(n, m)
         target = float(min(mc[k].sum(), mr[k].sum()))
@@ -184,8 +184,8 @@ def test_stabilised_solver_matches_pot_at_small_reg(cost_scale, monkeypatch):
     """reg = 0.005 and 0.01 (max M / reg = 100-200, past float32's exp range): the stabilised path runs, absorbs
     its scalings into the kernel, and agrees with POT's multiplicative iterations in float64."""
     calls = []
-    absorbed = W._absorbed_kernel
-    monkeypatch.setattr(W, "_absorbed_kernel", lambda *a: calls.append(1) or absorbed(*a))
+    absorbed = S._absorbed_kernel
+    monkeypatch.setattr(S, "_absorbed_kernel", lambda *a: calls.append(1) or absorbed(*a))
     hc, hr, mc, mr = padded_batch(4, B=4, L=40, H=8)
     scale = 1.0 if cost_scale == "official" else 0.2  # "none": raw costs of ~1
     for reg in (0.01, 0.005):
@@ -311,6 +311,6 @@ def test_stabilised_solver_stops_where_the_multiplicative_one_does(monkeypatch):
     kw = {"reg": 0.01, "tol": 1e-7, "return_info": True}
     _, _, stabilised = ot_token_weights(hc, hr, mask, mask, **kw)
     _, _, exact = ot_token_weights(hc.double(), hr.double(), mask, mask, **kw)  # float64: multiplicative
-    monkeypatch.setitem(W._EXP_LIMIT, torch.float32, float("inf"))
+    monkeypatch.setitem(S.EXP_LIMIT, torch.float32, float("inf"))
     _, _, multiplicative = ot_token_weights(hc, hr, mask, mask, **kw)
     assert stabilised.n_iter == multiplicative.n_iter == exact.n_iter

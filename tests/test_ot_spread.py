@@ -7,9 +7,9 @@ import pytest
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from otpo_trl.analysis import pair_token_stats
 from otpo_trl.cli import ot_spread
 from otpo_trl.data import load_preference_dataset
+from otpo_trl.inspection import pair_token_stats
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.tokenization import tokenize_pair
 
@@ -99,12 +99,14 @@ def test_spread_checks_options_and_out_before_loading(tmp_path, tiny_model_dir, 
         ("official", 1.0), ("official", 0.1), ("minmax", 1.0), ("minmax", 0.1)]  # fmt: skip
 
 
-def test_completion_measures_known_values():
+def test_the_per_completion_measures_are_token_weight_stats():
+    """The spread tool measures completions with the OT package's `token_weight_stats` (one statistic for the
+    trainer's metrics, this tool and the pictures): the known values the tool's own function was tested with."""
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 1.0, 1.0, 0.0]])
     mask = torch.tensor([[True] * 4, [True, True, True, False]])
-    got = ot_spread.completion_measures(w, mask)
-    assert got["entropy"][0].item() == pytest.approx(1.0)
+    got = ot_spread.token_weight_stats(w, mask)
+    assert got.entropy[0].item() == pytest.approx(1.0)
     p = np.array([4, 1, 1]) / 6
-    assert got["entropy"][1].item() == pytest.approx(-(p * np.log(p)).sum() / np.log(3))
-    assert got["max_mean"].tolist() == pytest.approx([1.0, 2.0]) and got["max_min"].tolist() == pytest.approx([1, 4])
-    assert got["ratio"][1, :3].tolist() == pytest.approx([2.0, 0.5, 0.5]) and got["ratio"][1, 3].isnan()
+    assert got.entropy[1].item() == pytest.approx(-(p * np.log(p)).sum() / np.log(3))
+    assert got.max_mean.tolist() == pytest.approx([1.0, 2.0]) and got.max_min.tolist() == pytest.approx([1, 4])
+    assert got.ratio[1, :3].tolist() == pytest.approx([2.0, 0.5, 0.5]) and got.ratio[1, 3].isnan()

@@ -4,11 +4,21 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from otpo_trl import ot_weights as W
-from otpo_trl.ot_weights import COST_SCALES, COSTS, NORMALIZATIONS, ot_token_weights
+from otpo_trl.ot import (
+    COST_SCALES,
+    COSTS,
+    NORMALIZATIONS,
+    checked_setting,
+    ot_token_weights,
+    sampo_token_weights,
+    token_weight_stats,
+    uniform_token_weights,
+)
+from otpo_trl.ot import sinkhorn as S
 
 
 def random_batch(seed, B=4, Tc=24, Tr=20, H=16, dtype=torch.float32, offset=3.0, min_tokens=1):
@@ -76,13 +86,13 @@ def test_batched_matches_pot(cost, normalization):
 def test_batched_matches_pot_small_reg(cost, reg, log_domain, monkeypatch):
     """reg = 0.01 puts max(M) / reg = 100 past the fp32 limit: the log-domain updates must agree with POT too."""
     paths = []
-    for name in ("_sinkhorn", "_sinkhorn_stabilized"):
-        solver = getattr(W, name)
-        monkeypatch.setattr(W, name, lambda *a, solver=solver, name=name: paths.append(name) or solver(*a))
+    for name in ("sinkhorn_knopp_unbalanced", "sinkhorn_stabilized_unbalanced"):
+        solver = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, solver=solver, name=name, **k: paths.append(name) or solver(*a, **k))
     hc, hr, mc, mr = random_batch(7, Tc=30, Tr=26, offset=0.0)  # no offset: cosine costs reach 1 too
     wc, wr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost)
     rc, rr = ot_token_weights(hc, hr, mc, mr, reg=reg, cost=cost, solver="pot")
-    assert paths == ["_sinkhorn_stabilized" if log_domain else "_sinkhorn"]
+    assert paths == ["sinkhorn_stabilized_unbalanced" if log_domain else "sinkhorn_knopp_unbalanced"]
     assert pair_rel_err(wc, rc) < 1e-4 and pair_rel_err(wr, rr) < 1e-4
 
 
@@ -90,7 +100,7 @@ def test_log_domain_equals_multiplicative(monkeypatch):
     hc, hr, mc, mr = random_batch(3, dtype=torch.float64)
     kw = {"reg": 0.05, "reg_m": 0.5, "tol": 1e-12, "normalization": "none"}
     fast = ot_token_weights(hc, hr, mc, mr, **kw)
-    monkeypatch.setitem(W._EXP_LIMIT, torch.float64, 0.0)
+    monkeypatch.setitem(S.EXP_LIMIT, torch.float64, 0.0)
     logd = ot_token_weights(hc, hr, mc, mr, **kw)
     for a, b in zip(fast, logd):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -422,3 +432,170 @@ def test_minmax_with_equal_costs_gives_uniform_weights():
     wc, wr, info = ot_token_weights(hc, hr, mc, mr, cost_scale="minmax", return_info=True)
     assert wc.tolist() == [[0.0, 1.0, 0.0]] and wr.tolist() == [[1.0, 0.0]]
     assert float(info.cost_spread[0]) == 0.0
+
+
+# ------------------------------------------------------------------ the package's public pieces
+
+
+@pytest.mark.parametrize("module", ["weights", "stats"])
+def test_docstring_examples_run(module):
+    """The Examples sections of the OT package's docstrings are doctests; each prints what it says."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"otpo_trl.ot.{module}"), verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_uniform_token_weights_are_the_uniform_weighting():
+    hc, hr, mc, mr = random_batch(15, B=5)
+    mr[4] = False  # an empty side
+    for normalization in NORMALIZATIONS:
+        wc, wr, info = uniform_token_weights(mc, mr, normalization=normalization, return_info=True)
+        rc, rr, rinfo = ot_token_weights(
+            hc, hr, mc, mr, weighting="uniform", normalization=normalization, return_info=True
+        )
+        assert torch.equal(wc, rc) and torch.equal(wr, rr) and torch.equal(info.plan, rinfo.plan)
+        assert torch.equal(info.plan_mass, rinfo.plan_mass) and info.n_iter == 0
+    wc, wr = uniform_token_weights(mc, mr)  # "min": the shorter side's tokens weigh 1
+    for k in range(4):
+        n, m = int(mc[k].sum()), int(mr[k].sum())
+        assert wc[k][mc[k]].tolist() == pytest.approx([min(n, m) / n] * n) and (wc[k][~mc[k]] == 0).all()
+        assert wr[k][mr[k]].tolist() == pytest.approx([min(n, m) / m] * m) and (wr[k][~mr[k]] == 0).all()
+    assert (wc[4] == 0).all() and (wr[4] == 0).all()
+    with pytest.raises(ValueError, match="`chosen_mask`"):
+        uniform_token_weights(mc, mr[:2])
+    with pytest.raises(ValueError, match="`normalization`"):
+        uniform_token_weights(mc, mr, normalization="sum")
+
+
+def test_token_weight_stats_known_values():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 1.0, 1.0, float("nan")], [0.0, 2.0, 0.0, 0.0], [5.0, 0, 0, 0]])
+    w = torch.cat([w, torch.zeros(2, 4)])
+    mask = torch.tensor(
+        [[True] * 4, [True, True, True, False], [False, True, False, False], [True, True, False, False]]
+    )
+    mask = torch.cat([mask, torch.tensor([[True, True, False, False], [False] * 4])])
+    stats = token_weight_stats(w, mask)
+    p = torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64) / 6
+    assert stats.entropy[0] == pytest.approx(1.0) and stats.entropy[1] == pytest.approx(
+        float(-(p * p.log()).sum() / math.log(3))
+    )
+    assert stats.entropy[2] == 1.0  # one token: its weights are uniform
+    assert stats.entropy[3] == 0.0  # all the weight on one of two tokens
+    assert stats.entropy[4:].isnan().all()  # weights summing to 0, no token
+    assert stats.max[:4].tolist() == [1.0, 4.0, 2.0, 5.0] and stats.mean[:4].tolist() == [1.0, 2.0, 2.0, 2.5]
+    assert stats.max_mean[:4].tolist() == [1.0, 2.0, 1.0, 2.0] and stats.max_min[:3].tolist() == [1.0, 4.0, 1.0]
+    assert stats.max_min[3] == math.inf and stats.max_mean[4:].isnan().all() and stats.max[5].isnan()
+    assert stats.ratio[1, :3].tolist() == pytest.approx([2.0, 0.5, 0.5]) and stats.ratio[1, 3].isnan()
+    assert stats.ratio[4:].isnan().all()
+
+
+def test_token_weight_stats_of_ot_weights():
+    """Uniform weights give entropy 1 and max / mean 1; OT weights at a small reg less and more."""
+    hc, hr, mc, mr = random_batch(16, offset=0.0)
+    uniform = token_weight_stats(uniform_token_weights(mc, mr)[0], mc)
+    torch.testing.assert_close(uniform.entropy, torch.ones(len(mc), dtype=torch.float64))
+    torch.testing.assert_close(uniform.max_mean, torch.ones(len(mc), dtype=torch.float64))
+    ot = token_weight_stats(ot_token_weights(hc, hr, mc, mr, reg=0.05)[0], mc)
+    assert (ot.entropy < 0.999).all() and (ot.max_mean > 1.01).all()
+
+
+@pytest.mark.parametrize(
+    "name, bad, good",
+    [
+        ("reg", [0, -1.0, float("nan"), True, "1"], [np.float32(0.5), 2]),
+        ("tol", [float("inf"), 0.0], [np.float64(1e-7)]),
+        ("max_iter", [0, 1.5, True], [np.int64(5), 10]),
+        ("cost", ["manhattan"], ["cosine"]),
+        ("cost_scale", ["max"], ["minmax"]),
+        ("weighting", ["none"], ["uniform", "sampo"]),
+    ],
+)
+def test_the_config_and_the_function_share_one_check(name, bad, good):
+    """OTPOConfig's `ot_<name>` and `ot_token_weights(<name>=...)` refuse and accept the same values, with the same
+    message (each naming its own key)."""
+    from otpo_trl.otpo_config import checked_value
+
+    hc, hr, mc, mr = random_batch(0, B=1)
+    for value in bad:
+        with pytest.raises(ValueError) as from_function:
+            ot_token_weights(hc, hr, mc, mr, **{name: value})
+        with pytest.raises(ValueError) as from_config:
+            checked_value(f"ot_{name}", value)
+        assert str(from_config.value) == str(from_function.value).replace(f"`{name}`", f"`ot_{name}`")
+    for value in good:
+        ot_token_weights(hc, hr, mc, mr, **{name: value})
+        assert checked_setting(name, value) == checked_value(f"ot_{name}", value) == value
+
+
+# ------------------------------------------------------------------ SamPO's down-sampling ("sampo")
+
+
+def sampo(mc, mr, seed, **kwargs):
+    return sampo_token_weights(mc, mr, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_sampo_keeps_min_length_tokens_of_each_side(normalization):
+    """min(n, m) tokens of each side weigh the same (1 before normalisation), the rest 0; the shorter side keeps all
+    of its tokens; the sums hit the same targets as the other weightings."""
+    _, _, mc, mr = random_batch(30, B=8, Tc=40, Tr=25)
+    wc, wr = sampo(mc, mr, 0, normalization=normalization)
+    for k in range(8):
+        n, m = int(mc[k].sum()), int(mr[k].sum())
+        low = min(n, m)
+        for w, mask, length in ((wc[k], mc[k], n), (wr[k], mr[k], m)):
+            chosen = w != 0
+            assert int(chosen.sum()) == low and not (chosen & ~mask).any()  # masked positions never drawn
+            if length == low:
+                assert torch.equal(chosen, mask)
+            if normalization in ("none", "length"):
+                target = low if normalization == "none" else length
+            else:
+                target = targets(n, m, normalization)[0]
+            assert float(w.sum()) == pytest.approx(target, rel=1e-6)
+            torch.testing.assert_close(w[chosen], torch.full((low,), target / low), rtol=1e-6, atol=0)
+    if normalization == "min":  # already min(n, m): exactly 1 and 0
+        assert set(wc.unique().tolist()) | set(wr.unique().tolist()) == {0.0, 1.0}
+
+
+def test_sampo_draws_follow_the_generator():
+    _, _, mc, mr = random_batch(31, B=4, Tc=50, Tr=20)
+    a, b, c = sampo(mc, mr, 1), sampo(mc, mr, 1), sampo(mc, mr, 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the same seed, the same tokens
+    assert not torch.equal(a[0], c[0])  # another seed, other tokens (the chosen side is the longer here)
+    torch.manual_seed(5)  # None: torch's global generator
+    d = sampo_token_weights(mc, mr)
+    torch.manual_seed(5)
+    assert torch.equal(sampo_token_weights(mc, mr)[0], d[0])
+    # through ot_token_weights, which reads no state for it: NaN states change nothing
+    hc, hr = torch.full((4, 50, 3), float("nan")), torch.zeros(4, 20, 3)
+    e = ot_token_weights(hc, hr, mc, mr, weighting="sampo", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(e[0], a[0]) and torch.equal(e[1], a[1])
+    with pytest.raises(ValueError, match="`generator`"):
+        sampo_token_weights(mc, mr, generator=1)
+
+
+def test_sampo_draws_uniformly_without_replacement():
+    """Each of the longer side's n tokens is drawn with probability min(n, m) / n: 2,000 draws of one pair."""
+    mc = torch.zeros(2000, 12, dtype=torch.bool)
+    mc[:, 2:12] = True  # n = 10
+    mr = torch.zeros(2000, 5, dtype=torch.bool)
+    mr[:, :4] = True  # m = 4
+    wc, wr = sampo(mc, mr, 3)
+    assert (wc[:, :2] == 0).all() and ((wc != 0).sum(1) == 4).all() and (wr[:, :4] == 1).all()
+    frequency = (wc[:, 2:] != 0).double().mean(0)
+    assert (frequency - 0.4).abs().max() < 0.05, frequency  # 4.5 standard deviations
+
+
+def test_sampo_with_an_empty_side_and_the_diagnostics():
+    _, _, mc, mr = random_batch(32, B=3)
+    mr[1] = False
+    wc, wr, info = sampo(mc, mr, 0, return_info=True)
+    assert (wc[1] == 0).all() and (wr[1] == 0).all() and info.plan_mass.tolist() == [1.0, 0.0, 1.0]
+    assert info.n_iter == 0 and not info.fallback.any() and (info.cost_spread == 0).all()
+    for k in (0, 2):  # the plan couples the drawn tokens; its marginals are the weights
+        torch.testing.assert_close(info.plan[k].sum(1), wc[k]), torch.testing.assert_close(info.plan[k].sum(0), wr[k])
+    wc, wr = sampo(mc[:0], mr[:0], 0)
+    assert wc.shape == (0, mc.shape[1]) and wr.shape == (0, mr.shape[1])

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from otpo_trl.cli import train as train_cli
-from otpo_trl.cli.run_dir import RUN_FILE
+from otpo_trl.runs import RUN_FILE
 from studies import common
 
 from .testing_utils import tiny_argv

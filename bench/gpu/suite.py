@@ -543,7 +543,7 @@ def ot_part(name, args, deadline, state, save):
     import torch
     from ot_weights import make_inputs, max_rel_diff, official_torch, timed  # bench/ot_weights.py
 
-    from otpo_trl.ot_weights import ot_token_weights
+    from otpo_trl.ot import ot_token_weights
 
     if args.tiny:
         cfg = dict(batch=4, padded_length=96, completion_length=40, spread=20, hidden=64)
@@ -639,7 +639,7 @@ def child_main(args):
     start = time.perf_counter()
     try:
         ot_only = args.child == "ot-weights"
-        for module in ("ot", "otpo_trl.ot_weights") if ot_only else ("peft", "trl", "otpo_trl.otpo_trainer"):
+        for module in ("ot", "otpo_trl.ot") if ot_only else ("peft", "trl", "otpo_trl.otpo_trainer"):
             importlib.import_module(module)  # timed apart from the part's own work
         state["import_seconds"] = time.perf_counter() - start
         fn = ot_part if args.child == "ot-weights" else step_part

@@ -6,7 +6,8 @@ python scripts/evaluate.py --model out/otpo-lora --data ../shared/data/ultrafeed
 python scripts/evaluate.py --model out/otpo-full --ref models/SmolLM2-135M-Instruct --data trl-lib/ultrafeedback_binarized
 ```
 
-Writes to `--output_dir`:
+Writes to `--output_dir`, never over an earlier evaluation's results unless `--overwrite` (the rule, and the default
+folder: docs/evaluation.md):
 
 - `eval.json`: implicit-reward preference accuracy and mean margin (also the mean chosen and rejected rewards) with
   unweighted (w = 1 per token: DPO) and OT (OTPO) token weights, and the length statistics of greedy responses;
@@ -16,25 +17,32 @@ Writes to `--output_dir`:
 The reference is `--ref`, else an adapter's base (the adapter disabled); a full model without `--ref` is its own
 reference, and every margin is then 0. A pair counts as correct when its chosen reward is strictly larger (ties are
 wrong, as in TRL's `rewards/accuracies`); with no pair scored, the accuracy and margins are `null` in `eval.json`. The
-work is done by `otpo_trl.analysis.evaluate`.
+work is done by `otpo_trl.evaluation.evaluate`.
 
 The settings follow the run evaluated ([`RUN_DEFAULTS`]): when `--model` is a training run's folder (`output_dir`)
 or one of its `checkpoint-<step>` folders, `--max_length`, `--drop_ties`, `--drop_identical`, `--beta` and the `--ot_*`
-options default to that run's, read from its `run_args.json` (`otpo_trl.cli.run_dir`); a flag given wins. The log and
+options default to that run's, read from its `run_args.json` (`otpo_trl.runs`); a flag given wins. The log and
 `eval.json` (`defaults_from_run`) say which values came from the run.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..analysis import DEFAULT_MAX_LENGTH, evaluate
+from filelock import FileLock, Timeout
+
+from ..evaluation import evaluate
+from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
+from ..runs import RUN_FILE, run_record_of, writable_dir
 from .options import (
     add_max_length_argument,
     add_model_arguments,
@@ -43,7 +51,6 @@ from .options import (
     check_ot_arguments,
     settings_from_run,
 )
-from .run_dir import RUN_FILE, run_record_of, writable_dir
 
 
 logger = logging.getLogger(__name__)
@@ -104,18 +111,74 @@ def _finite_or_none(value):
     return value
 
 
+DEFAULT_OUTPUT_DIR = "out/eval"
+RESULT_FILES = ("eval.json", "eval.md", "generations.jsonl")  # what an evaluation writes: all three, every time
+LOCK_FILE = ".evaluate.lock"  # held while an evaluation writes to its folder; removed when it is done
+
+
+def _numbered(base: Path) -> Iterator[Path]:
+    """`base`, then `base-2`, `base-3`, ...: the folders the default output folder may be."""
+    yield base
+    for k in range(2, 10_000):
+        yield base.with_name(f"{base.name}-{k}")
+
+
+@contextlib.contextmanager
+def results_dir(output_dir: str | None, overwrite: bool = False) -> Iterator[Path]:
+    """The folder this evaluation writes its results to, chosen by the rule in docs/evaluation.md (earlier results
+    are kept) and held from before any model loads until the block ends: a lock in it ([`LOCK_FILE`]) keeps a second
+    evaluation out, and the results found are read with the lock held. `output_dir` None: `--output_dir` not given.
+    A `ValueError` names the folder and the way out."""
+    chosen = output_dir is not None or overwrite
+    base = Path(output_dir or DEFAULT_OUTPUT_DIR).expanduser()
+    for folder in [base] if chosen else _numbered(base):
+        if not chosen and folder.exists() and not folder.is_dir():
+            continue
+        writable_dir(folder, "--output_dir")
+        lock = FileLock(folder / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not chosen:
+                continue
+            raise ValueError(f"--output_dir {folder}: another evaluation is writing to it now.") from None
+        try:
+            found = [name for name in RESULT_FILES if (folder / name).exists()]  # no other evaluation writes them now
+            if found and not overwrite:
+                if not chosen:
+                    continue
+                raise ValueError(
+                    f"--output_dir {folder} holds the results of an earlier evaluation ({', '.join(found)}). Give "
+                    f"another --output_dir (or none: the first free {DEFAULT_OUTPUT_DIR}-<n>), or --overwrite to "
+                    "replace them."
+                )
+            if folder != base:
+                logger.info(f"{base} holds an earlier evaluation's results: this one goes to {folder}.")
+            yield folder
+            return
+        finally:
+            lock.release()
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # the lock file this evaluation made
+    raise ValueError(f"No free folder {base}-<n> is left; give --output_dir.")
+
+
 def write_report(result: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write `eval.json` (all but the per-pair and per-response records; a metric over no pairs is null),
-    `eval.md` and `generations.jsonl`."""
+    `eval.md` and `generations.jsonl`: each to a temporary file first, then all three renamed into place, so that
+    earlier results being replaced are never left half-written or mixed with the new ones by an error on the way."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: output_dir / name for name in ("eval.json", "eval.md", "generations.jsonl")}
     summary = _finite_or_none({k: v for k, v in result.items() if k not in ("pairs", "generations")})
-    paths["eval.json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    paths["eval.md"].write_text(format_markdown(result))
-    with paths["generations.jsonl"].open("w") as f:
-        for record in result["generations"]:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    texts = {
+        "eval.json": json.dumps(summary, indent=2, allow_nan=False) + "\n",
+        "eval.md": format_markdown(result),
+        "generations.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["generations"]),
+    }
+    paths = {name: output_dir / name for name in RESULT_FILES}
+    for name, text in texts.items():
+        Path(f"{paths[name]}.tmp").write_text(text)
+    for path in paths.values():
+        os.replace(f"{path}.tmp", path)
     return paths
 
 
@@ -179,7 +242,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "5-7 min for the defaults (docs/evaluation.md).",
     )
     parser.add_argument("--max_new_tokens", type=int, default=256, help="Token budget per response. Default: 256.")
-    parser.add_argument("--output_dir", default="out/eval", help="Folder for the results. Default: out/eval.")
+    parser.add_argument(
+        "--output_dir",
+        help=f"Folder for the results. Default: {DEFAULT_OUTPUT_DIR}, or, if it holds an earlier evaluation's results, "
+        f"the first free {DEFAULT_OUTPUT_DIR}-2, {DEFAULT_OUTPUT_DIR}-3, ... A folder given that holds results is "
+        "refused unless --overwrite.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"Replace the results ({', '.join(RESULT_FILES)}) in --output_dir (default: {DEFAULT_OUTPUT_DIR}) once "
+        "the new ones are written; nothing else there is touched.",
+    )
     parser.add_argument(
         "--disable_tqdm",
         type=boolean,
@@ -234,27 +308,30 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     logging.getLogger("otpo_trl").setLevel(logging.INFO)  # what is loaded and used as the reference
     logger.info(describe_settings(args))
-    writable_dir(args.output_dir, "--output_dir")  # before the evaluation, not after it
-    result = evaluate(
-        args.model,
-        args.data,
-        ref=args.ref,
-        split=args.split,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        beta=args.beta,
-        num_generations=args.num_generations,
-        max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length,
-        drop_ties=args.drop_ties,
-        drop_identical=args.drop_identical,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.disable_tqdm,
-        **ot_kwargs(args),
-    )
-    result["defaults_from_run"] = {"file": str(args.run_file) if args.run_file else None, "settings": args.from_run}
-    paths = write_report(result, args.output_dir)
+    with results_dir(args.output_dir, args.overwrite) as output_dir:  # before the evaluation, not after it
+        result = evaluate(
+            args.model,
+            args.data,
+            ref=args.ref,
+            split=args.split,
+            max_samples=args.max_samples,
+            batch_size=args.batch_size,
+            beta=args.beta,
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            drop_ties=args.drop_ties,
+            drop_identical=args.drop_identical,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.disable_tqdm,
+            **ot_kwargs(args),
+        )
+        result["defaults_from_run"] = {
+            "file": str(args.run_file) if args.run_file else None,
+            "settings": args.from_run,
+        }
+        paths = write_report(result, output_dir)
     if result["preference"]["n_pairs"] == 0 and args.max_samples != 0:
         logger.warning("No pair was scored: the accuracy and margins in eval.json are null.")
     print(format_markdown(result))

@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from transformers.hf_argparser import string_to_bool
 
-from ..analysis import DEFAULT_MAX_LENGTH
+from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, checked_value
 
 

@@ -6,9 +6,10 @@ python scripts/ot_spread.py --model models/SmolLM2-135M-Instruct --data ../share
 ```
 
 The policy's last hidden states (the ones OTPO's weights come from in training) are computed once per batch of pairs
-([`otpo_trl.analysis.pair_token_stats`] with `return_hidden`); the OT weights are then computed from them for every
+([`otpo_trl.inspection.pair_token_stats`] with `return_hidden`); the OT weights are then computed from them for every
 setting (each `--ot_reg` with each `--ot_cost_scale`; the other `ot_*` options are shared). Per setting, over the
-completions (both sides of every pair) or the pairs:
+completions (both sides of every pair) or the pairs (the per-completion ones are `otpo_trl.ot.token_weight_stats`, as
+in the trainer's `ot/*` metrics and the pictures):
 
 - `entropy`: the normalised entropy of a completion's weights, H(w / sum w) / log n (1: uniform), median;
 - `max_mean`: a completion's largest weight over its mean weight (1: uniform), median and max;
@@ -39,13 +40,14 @@ import numpy as np
 import torch
 from trl.data_utils import maybe_extract_prompt
 
-from ..analysis import pair_token_stats, scoring_order
 from ..data import load_preference_dataset
+from ..evaluation import scoring_order
+from ..inspection import pair_token_stats
 from ..loading import load_model_and_tokenizer
-from ..ot_weights import ot_token_weights
+from ..ot import ot_token_weights, token_weight_stats
 from ..otpo_config import OT_FIELDS, OTPOConfig
+from ..runs import writable_dir
 from .options import add_max_length_argument, add_model_arguments
-from .run_dir import writable_dir
 
 
 LISTED = ("ot_reg", "ot_cost_scale")  # options that take several values: one setting per combination
@@ -127,31 +129,7 @@ def label(options: dict) -> str:
     return f"{options['cost_scale']}, ε {options['reg']:g}"
 
 
-# ------------------------------------------------------------------ the measures (pure torch)
-
-
-def completion_measures(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per completion (row) of (B, L) weights on its valid tokens: `entropy` (normalised by log n; NaN for n < 2),
-    `max_mean`, `max_min` (largest over smallest weight; inf if one is 0), and per token `ratio`, w / the row's mean
-    weight (NaN outside the mask). Rows with no token or weights summing to 0 give NaN."""
-    w, mask = weights.double() * mask, mask.bool()
-    n = mask.sum(1).double()
-    total = w.sum(1)
-    mean = torch.where(n > 0, total / n.clamp_min(1), math.nan)
-    p = w / total[:, None]
-    plogp = torch.where(mask & (p > 0), p * p.log(), 0)
-    entropy = torch.where(n > 1, -plogp.sum(1) / n.clamp_min(2).log(), math.nan)
-    entropy = torch.where(total > 0, entropy, math.nan)
-    top = torch.where(mask, w, -math.inf).amax(1)
-    low = torch.where(mask, w, math.inf).amin(1)
-    ratio = torch.where(mask, w / mean[:, None], math.nan)
-    ok = (n > 0) & (total > 0)
-    return {
-        "entropy": entropy,
-        "max_mean": torch.where(ok, top / mean, math.nan),
-        "max_min": torch.where(ok, top / low, math.nan),
-        "ratio": ratio,
-    }
+# ------------------------------------------------------------------ the measures of a pair and of a setting
 
 
 def log_prob_margin(chosen_w, rejected_w, chosen_logps, rejected_logps) -> torch.Tensor:
@@ -202,16 +180,15 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
     pair_weights, tokens = {}, None
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        # One forward: log-probs and hidden states; uniform weighting solves no OT problem here.
+        # One forward: log-probs and hidden states, no weights; each setting's weights come from these states.
         stats = pair_token_stats(
             policy,
             None,
             tokenizer,
             [examples[i] for i in indices],
             max_length=max_length,
+            token_weights=False,
             return_hidden=True,
-            weighting="uniform",
-            normalization=options_list[0]["normalization"],
         )
         hc, hr, mc, mr = stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask
         for options in options_list:
@@ -220,11 +197,11 @@ def spread(policy, tokenizer, examples, options_list, *, max_length, batch_size=
             uc, ur = ot_token_weights(hc, hr, mc, mr, **{**options, "weighting": "uniform"})
             m_ot = log_prob_margin(wc, wr, stats.chosen_logps, stats.rejected_logps)
             m_uniform = log_prob_margin(uc, ur, stats.chosen_logps, stats.rejected_logps)
-            sides = [completion_measures(w, m) for w, m in ((wc, mc), (wr, mr))]
+            sides = [token_weight_stats(w, m) for w, m in ((wc, mc), (wr, mr))]
             a = acc[name]
             for key in ("entropy", "max_mean", "max_min"):
-                a[key] += [x for side in sides for x in side[key].tolist()]
-            a["ratio"] += [x for side in sides for x in side["ratio"][~side["ratio"].isnan()].tolist()]
+                a[key] += [x for side in sides for x in getattr(side, key).tolist()]
+            a["ratio"] += [x for side in sides for x in side.ratio[~side.ratio.isnan()].tolist()]
             a["margin_change"] += ((m_ot - m_uniform).abs() / m_uniform.abs()).tolist()
             a["delta"] += info.cost_spread.tolist()
             if shown in indices:
@@ -401,7 +378,7 @@ def cli(argv=None) -> None:
         sys.exit(f"error: {err}")
 
 
-__all__ = ["close_to_uniform", "completion_measures", "log_prob_margin", "main", "parse_args", "settings", "spread"]
+__all__ = ["close_to_uniform", "log_prob_margin", "main", "parse_args", "settings", "spread"]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml scripts/
 
 The recipe gives the defaults and command-line flags override them; the arguments and their checks are in
 `otpo_trl.cli.arguments`. `trainer: dpo` runs TRL's `DPOTrainer` on the same settings (the `ot_*` keys are then
-unused). What a run into a used `output_dir` does (resume, finished, refused) is stated once, in
-`otpo_trl.cli.run_dir`. The workarounds for upstream libraries are in `otpo_trl.cli.upstream`.
+unused). What a run does with its `output_dir` (the lock, resume, evaluate only, finished, refused, overwrite) is
+stated once, in docs/training.md ("The run directory"), and done by `otpo_trl.runs`. The workarounds for upstream
+libraries are in `otpo_trl.cli.upstream`.
 
-[`main`] runs the stages: logging; the run directory, data and tokenizer, all checked before the model loads
-([`prepare_run`]); the model and the trainer ([`make_trainer`]); training, resumed from the plan's checkpoint; saving
-the model, its card and the run record; evaluation; the end of the processes.
+[`main`] runs the stages: logging; the checks, the lock of `output_dir`, its plan, the data and tokenizer, all before
+the model loads ([`prepare_run`]); the model and the trainer ([`make_trainer`]); training, resumed from the plan's
+checkpoint, which starts the run directory (`otpo_trl.runs.RunDirectoryCallback`); saving the model and its card;
+evaluation; the run record marked finished; the end of the processes.
 """
 
 import logging
@@ -25,6 +27,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate.utils import broadcast_object_list
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantization_config
 
@@ -32,9 +35,19 @@ from ..data import data_fingerprint, load_preference_dataset, split_off_eval
 from ..loading import check_not_adapter, from_pretrained, resolve_model_path, setup_tokenizer
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
+from ..runs import (
+    RunDirectoryCallback,
+    RunLock,
+    RunPlan,
+    RunRecorder,
+    check_output_dir,
+    input_fingerprints,
+    package_versions,
+    plan_run,
+    run_settings,
+)
 from ..tokenization import tokenize_pair
 from .arguments import ScriptArguments, parse_args
-from .run_dir import RunPlan, apply_run_plan, mark_finished, plan_run, run_settings
 from .upstream import (
     DEPRECATED_TRAINING_ARGS,
     end_processes,
@@ -90,18 +103,42 @@ def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_
         )
 
 
+def lock_output_dir(training_args: OTPOConfig) -> RunLock | None:
+    """Take the lock of `output_dir` for this run (creating the folder), or raise the `ValueError` that names the
+    process holding it. In a launch of several processes, the main process (global rank 0) takes it for all of them and
+    tells the others whether it could: every rank of a refused run stops with the same message, none waits for the
+    others. Returns the lock on the main process, None on the others."""
+    lock, refusal = None, None
+    if training_args.process_index == 0:
+        try:
+            lock = RunLock(training_args.output_dir).acquire()
+        except (ValueError, OSError) as err:
+            refusal = str(err)
+    if training_args.world_size > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ValueError(refusal)
+    return lock
+
+
 def plan_output_dir(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> RunPlan:
-    """What to do with `output_dir` (train afresh, resume, finished, or a `ValueError`): the rules are
-    `otpo_trl.cli.run_dir`'s. Nothing is written yet but the folder itself."""
-    with training_args.main_process_first(desc="fingerprinting the data set"):
-        # Recorded in run_args.json beside the settings: resuming on changed data is refused like changed arguments.
+    """What to do with `output_dir` (train afresh, resume, evaluate only, finished, or a `ValueError`), from the
+    settings and the fingerprints of the data and inputs (`otpo_trl.runs.plan_run`). Nothing is written."""
+    with training_args.main_process_first(desc="fingerprinting the data set and the model"):
+        # Recorded in run_args.json beside the settings: resuming on other data or inputs is refused.
         data = data_fingerprint(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+        inputs = input_fingerprints(
+            model_args.model_name_or_path, model_args.model_revision, script_args.chat_template
+        )
     return plan_run(
         training_args.output_dir,
         run_settings(script_args, training_args, model_args),
         resume_from_checkpoint=training_args.resume_from_checkpoint,
         overwrite_output_dir=script_args.overwrite_output_dir,
         data=data,
+        inputs=inputs,
+        versions=package_versions(),
+        do_eval=training_args.do_eval,
     )
 
 
@@ -199,24 +236,40 @@ def load_tokenizer(script_args: ScriptArguments, training_args: OTPOConfig, mode
 
 
 def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig):
-    """Everything before the model: the run directory's plan, the data, the tokenizer, and their checks.
+    """Everything before the model: the checks, the lock of `output_dir`, its plan, the data and the tokenizer.
+
+    Nothing is written before the checks on the arguments have passed, and then only `output_dir` and its lock: the
+    run record is written, and what `--overwrite_output_dir` replaces cleared, when training starts
+    (`otpo_trl.runs.RunDirectoryCallback`).
 
     Returns:
-        `(plan, train_dataset, eval_dataset, tokenizer)`; only the plan when it is "finished" (the rest None). The run
-        record is written (and, with `--overwrite_output_dir`, the previous run deleted) only once all checks passed.
+        `(plan, train_dataset, eval_dataset, tokenizer)`; only the plan when it is "finished" (the rest None). The
+        plan holds the lock of `output_dir` (`plan.release()` gives it back; so does the end of the process).
     """
     check_inputs(script_args, training_args, model_args)
-    plan = plan_output_dir(script_args, training_args, model_args)  # a run that must not go on stops here
-    if plan.action == "finished":
-        return plan, None, None, None
-    train_dataset, eval_dataset = load_data(script_args, training_args)  # before the model: bad data fail fast
-    tokenizer = load_tokenizer(script_args, training_args, model_args)
-    # The last checks before the model loads: enough pairs whose prompt fits max_length (the trainer drops the rest).
-    _check_enough_pairs(train_dataset, "train", training_args, tokenizer)
-    if eval_dataset is not None:
-        _check_enough_pairs(eval_dataset, "eval", training_args, tokenizer)
-    if training_args.should_save:
-        apply_run_plan(plan, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir,
+        run_settings(script_args, training_args, model_args),
+        training_args.resume_from_checkpoint,
+        script_args.overwrite_output_dir,
+    )
+    lock = lock_output_dir(training_args)  # the run's first write: a second run into output_dir stops here
+    try:
+        plan = plan_output_dir(script_args, training_args, model_args)  # a run that must not go on stops here
+        plan.lock = lock
+        if plan.action == "finished":
+            return plan, None, None, None
+        train_dataset, eval_dataset = load_data(script_args, training_args)  # before the model: bad data fail fast
+        tokenizer = load_tokenizer(script_args, training_args, model_args)
+        # The last checks before the model loads: enough pairs whose prompt fits max_length (the trainer drops the
+        # rest).
+        _check_enough_pairs(train_dataset, "train", training_args, tokenizer)
+        if eval_dataset is not None:
+            _check_enough_pairs(eval_dataset, "eval", training_args, tokenizer)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return plan, train_dataset, eval_dataset, tokenizer
 
 
@@ -273,9 +326,38 @@ def make_trainer(
     return trainer
 
 
+def evaluate_trained_run(trainer, plan: RunPlan, training_args, eval_dataset) -> None:
+    """The final evaluation of a run that trained but was not evaluated (`plan.action` "evaluate"): load its saved
+    model (or adapter) from `output_dir` into the trainer's policy, evaluate, save the metrics, and mark the run
+    finished. The reference stays the one the trainer built (the model, or the adapter disabled), as in training."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise InputError(
+            f"{training_args.output_dir} holds this run, trained but not evaluated; its final evaluation is not re-run "
+            f"under DeepSpeed or FSDP. Evaluate the saved model with `otpo-trl evaluate --model "
+            f"{training_args.output_dir}`, or run this command again in one plain process (no DeepSpeed or FSDP)."
+        )
+    logger.info(plan.message)
+    # HF Trainer's (transformers 5.25) loader of a resumed checkpoint's weights: it reads a saved model's
+    # model.safetensors or an adapter's adapter_model.safetensors into trainer.model, as the final save wrote them.
+    trainer._load_from_checkpoint(training_args.output_dir)
+    evaluate_and_record(trainer, training_args, eval_dataset, RunRecorder(training_args.output_dir, plan.record))
+
+
+def evaluate_and_record(trainer, training_args, eval_dataset, recorder: RunRecorder | None) -> None:
+    """Evaluate, save the metrics, and only then mark the run finished in its record (main process)."""
+    logger.info("*** Evaluate ***")
+    metrics = trainer.evaluate()
+    metrics["eval_samples"] = len(eval_dataset)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if recorder is not None and training_args.should_save:
+        recorder.write(status="finished", evaluated=True)
+
+
 def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
     """Train, save and evaluate the run the arguments describe ([`parse_args`]); bad input raises [`InputError`]
-    before any model loads, and a finished run says so and trains nothing."""
+    before any model loads, a run into an `output_dir` another process writes to stops at once, a finished run says
+    so and trains nothing, and a trained run whose final evaluation did not complete is evaluated only."""
     ###############
     # Setup logging
     ###############
@@ -285,27 +367,40 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     logger.debug(f"Model arguments: {model_args}")
     logger.debug(f"Training arguments: {training_args}")
 
-    ###############################################################
-    # Run directory, data and tokenizer (checked before the model)
-    ###############################################################
+    #########################################################################
+    # Checks, the lock and plan of output_dir, data and tokenizer (no model)
+    #########################################################################
     try:
         plan, train_dataset, eval_dataset, tokenizer = prepare_run(script_args, training_args, model_args)
     except ValueError as err:
         raise InputError(str(err)) from err
-    if plan.action == "finished":
-        logger.info(plan.message)
-        return
+    try:
+        if plan.action == "finished":
+            logger.info(plan.message)
+            return
+        run(plan, script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer)
+    finally:
+        plan.release()
 
+
+def run(plan: RunPlan, script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer) -> None:
+    """The stages of [`main`] after the plan, while the lock of `output_dir` is held."""
     #######################
     # Model and the trainer
     #######################
     trainer = make_trainer(script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer)
     training_args = trainer.args  # a DPOConfig for `trainer: dpo`
     train_dataset, eval_dataset = trainer.train_dataset, trainer.eval_dataset
+    if plan.action == "evaluate":
+        evaluate_trained_run(trainer, plan, training_args, eval_dataset)
+        end_processes(trainer)
+        return
 
-    ###########################################
-    # Training loop (resumed as the plan says)
-    ###########################################
+    ###########################################################################
+    # Training loop (resumed as the plan says; the run directory starts here)
+    ###########################################################################
+    run_directory = RunDirectoryCallback(plan, training_args.output_dir)
+    run_directory.insert_into(trainer)
     logger.info(f"*** Train with {type(trainer).__name__} ***")
     train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     metrics = train_result.metrics
@@ -314,9 +409,9 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    ##################################################
-    # Save model (or adapter), card and the run record
-    ##################################################
+    ###############################
+    # Save model (or adapter), card
+    ###############################
     logger.info("*** Save model ***")
     trainer.model.config.use_cache = True  # restore the KV cache for inference
     trainer.save_model(training_args.output_dir)  # on every process: FSDP and ZeRO-3 gather the weights
@@ -330,19 +425,18 @@ def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: Mo
     if trainer.accelerator.is_main_process and script_args.trainer == "dpo":  # TRL's card; OTPO writes its own
         card = Path(training_args.output_dir) / "README.md"
         fix_local_model_card(card, model_args.model_name_or_path, training_args.output_dir)
-    if training_args.should_save:
-        mark_finished(training_args.output_dir, trainer.state.global_step)
+    recorder = run_directory.recorder  # None but on the main process
+    if recorder is not None:
+        # Finished only once evaluated, when it evaluates: a run stopped in its final evaluation is evaluated again.
+        done = {"status": "trained"} if eval_dataset is not None else {"status": "finished", "evaluated": False}
+        recorder.write(global_step=trainer.state.global_step, **done)
     logger.info(f"Model, tokenizer, metrics, state and model card saved to {training_args.output_dir}.")
 
     ##########
     # Evaluate
     ##########
     if eval_dataset is not None:
-        logger.info("*** Evaluate ***")
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        evaluate_and_record(trainer, training_args, eval_dataset, recorder)
 
     if training_args.push_to_hub:
         logger.info("*** Push to the Hub ***")

@@ -1,16 +1,14 @@
-"""Look inside a trained model: per-token OT weights and plans, implicit-reward accuracy, greedy generation lengths.
+"""Evaluate a model on preference pairs: implicit-reward accuracy and margins, and greedy generation lengths.
 
-The library behind `scripts/plot_weights.py` and `scripts/evaluate.py` (their command lines and reports are in
-`otpo_trl.cli`; models load through `otpo_trl.loading`). Pairs are tokenised as TRL 1.16's `DPOTrainer` does
-(`otpo_trl.tokenization`) and batched by its `DataCollatorForPreference`; per-token log-probs and the policy's last
-hidden states come from the same fused forward as in training (`otpo_trl.forward.fused_forward`), and the OT weights
-from [`ot_token_weights`]. So the numbers
-here are the ones the trainer computes, without a trainer.
+The library behind `otpo-trl evaluate` (its command line and reports: `otpo_trl.cli.evaluate`) and the studies'
+scoring. Each batch of pairs goes through [`otpo_trl.inspection.pair_token_stats`] (the trainer's tokenisation, fused
+forward and OT weights), and its implicit rewards are summed with each of the [`REWARD_WEIGHTINGS`]: DPO's plain sum
+and OTPO's OT weights. Models load through `otpo_trl.loading`, data through `otpo_trl.data`.
 
 ```python
 policy, reference, tokenizer = load_model_and_tokenizer("out/otpo-lora")  # adapter: the reference is its base
-stats = pair_token_stats(policy, reference, tokenizer, examples, reg=1.0, normalization="min")
-result = evaluate("out/otpo-lora", "../shared/data/ultrafeedback", split="test", max_samples=200)
+scored = score_preferences(policy, reference, tokenizer, examples, beta=0.1, max_length=512)  # in-process
+result = evaluate("out/otpo-lora", "../shared/data/ultrafeedback", split="test", max_samples=200)  # load + score
 ```
 """
 
@@ -18,7 +16,8 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import fields
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,215 +26,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 from trl.data_utils import maybe_extract_prompt
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .data import load_preference_dataset
-from .forward import fused_forward, unwrap_peft
+from .forward import unwrap_peft
+from .inspection import DEFAULT_MAX_LENGTH, REWARD_WEIGHTINGS, implicit_rewards, pair_token_stats, preference_metrics
 from .loading import load_model_and_tokenizer
-from .ot_weights import ot_token_weights
 from .otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
 from .tokenization import template_kwargs, tokenize_pair, tokenize_prompt
 
 
 logger = logging.getLogger(__name__)
 
-WEIGHTINGS = ("unweighted", "ot")  # DPO's plain sum (w = 1 per completion token); OTPO's OT weights
-# OTPOConfig's defaults, as keyword arguments of ot_token_weights
+# OTPOConfig's defaults, as keyword arguments of ot_token_weights: the OT weights scored when no option is given.
 OT_DEFAULTS = ot_kwargs(SimpleNamespace(**{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS}))
-DEFAULT_MAX_LENGTH = next(f.default for f in fields(OTPOConfig) if f.name == "max_length")  # TRL's: 1024
 
 
-# ------------------------------------------------------------------ models
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-# ------------------------------------------------------------------ examples
-
-
-def inline_example(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict]]:
-    """A conversational preference pair: one user turn, and one assistant turn on each side."""
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-
-
-# ------------------------------------------------------------------ per-token statistics of preference pairs
-
-
-@dataclass
-class PairStats:
-    """Per-token statistics of B preference pairs, completion tokens only.
-
-    Each side is left-aligned: position k of row i is the k-th completion token of pair i; past the completion's end
-    the masks are False, ids the pad id and every value 0. Log-probs are of the token given everything before it.
-
-    Attributes:
-        chosen_ids, rejected_ids: (B, Lc), (B, Lr) long, the completion tokens.
-        chosen_mask, rejected_mask: (B, Lc), (B, Lr) bool, True at the tokens.
-        chosen_logps, rejected_logps: (B, Lc), (B, Lr) float32, the policy's per-token log-probs.
-        ref_chosen_logps, ref_rejected_logps: the reference's; equal to the policy's when `has_reference` is False.
-        chosen_weights, rejected_weights: (B, Lc), (B, Lr) float32, the OT weights, from the policy's last hidden
-            state at the position predicting each token, as [`OTPOTrainer`] computes them.
-        plan: (B, Lc, Lr) float32, the transport plan between the chosen and the rejected tokens.
-        chosen_tokens, rejected_tokens: B lists of the tokens as text (each token decoded alone).
-        has_reference: False when the policy is its own reference (all margins 0).
-        chosen_hidden, rejected_hidden: (B, Lc, H), (B, Lr, H), the policy's last hidden states the weights were
-            computed from (left-aligned like the ids; rows past a completion's end are arbitrary); None unless
-            [`pair_token_stats`] was asked for them (`return_hidden`), e.g. to compute weights for other OT settings
-            without another forward.
-    """
-
-    chosen_ids: torch.Tensor
-    rejected_ids: torch.Tensor
-    chosen_mask: torch.Tensor
-    rejected_mask: torch.Tensor
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
-    chosen_weights: torch.Tensor
-    rejected_weights: torch.Tensor
-    plan: torch.Tensor
-    chosen_tokens: list[list[str]]
-    rejected_tokens: list[list[str]]
-    has_reference: bool
-    chosen_hidden: torch.Tensor | None = None
-    rejected_hidden: torch.Tensor | None = None
-
-
-def _left_align(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For mask (N, T): the index (N, L) of each row's True positions in order, L = most Trues, and its validity."""
-    lengths = mask.sum(1)
-    width = int(lengths.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=mask.device) < lengths[:, None]
-    return order, valid
-
-
-@torch.no_grad()
-def pair_token_stats(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module | None,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[dict],
-    *,
-    max_length: int | None = DEFAULT_MAX_LENGTH,
-    return_hidden: bool = False,
-    **ot_options,
-) -> PairStats:
-    """One forward of [chosen; rejected] through the policy (and the reference): per-token log-probs and OT weights.
-
-    Args:
-        policy, reference: as returned by [`load_model_and_tokenizer`] (`reference` None: the policy's own log-probs;
-            `reference is policy`: the PeftModel with its adapter disabled).
-        tokenizer: the policy's tokenizer.
-        examples: B preference pairs in TRL's format (standard or conversational, explicit or implicit prompt).
-        max_length: truncate prompt + completion to this many tokens, keeping the start (TRL's default, 1024).
-        return_hidden: also keep the policy's hidden states in the result (`chosen_hidden`, `rejected_hidden`), so
-            that [`ot_token_weights`] can be called on them again with other settings.
-        **ot_options: keyword arguments of [`ot_token_weights`] (`reg`, `reg_m`, `cost`, `cost_scale`,
-            `normalization`, `weighting`, `solver`, `max_iter`, `tol`); see [`ot_kwargs`]. `weighting="uniform"` (the
-            paper's "w/o OT": 1 per token, then the same normalisation) solves no OT problem.
-
-    Returns:
-        [`PairStats`], on the policy's device.
-    """
-    collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
-    inputs = {k: v.to(_device(policy)) for k, v in collator([tokenize_pair(e, tokenizer) for e in examples]).items()}
-    # The hidden state at position t predicts token t + 1, as in OTPOTrainer.
-    logps, hidden = fused_forward(policy, inputs, capture_hidden=True)
-    if reference is None:
-        ref_logps = logps
-    elif reference is policy:
-        with policy.disable_adapter():
-            ref_logps, _ = fused_forward(policy, inputs)
-    else:
-        ref_logps, _ = fused_forward(reference, inputs)  # loaded on the policy's device
-
-    token_ids, shift_mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:].bool()
-    sides = {}
-    for side, rows in zip(("chosen", "rejected"), torch.arange(len(token_ids), device=logps.device).chunk(2)):
-        index, valid = _left_align(shift_mask[rows])
-        sides[side] = {
-            "ids": token_ids[rows].gather(1, index).masked_fill(~valid, tokenizer.pad_token_id),
-            "mask": valid,
-            "logps": logps[rows].gather(1, index).float() * valid,
-            "ref_logps": ref_logps[rows].gather(1, index).float() * valid,
-            "hidden": hidden[rows][torch.arange(len(rows), device=index.device)[:, None], index],
-        }
-    chosen, rejected = sides["chosen"], sides["rejected"]
-    chosen_w, rejected_w, info = ot_token_weights(
-        chosen["hidden"], rejected["hidden"], chosen["mask"], rejected["mask"], return_info=True, **ot_options
-    )
-
-    def decode(ids, mask):
-        return [[tokenizer.decode([t]) for t in row[m].tolist()] for row, m in zip(ids, mask)]
-
-    return PairStats(
-        chosen_ids=chosen["ids"],
-        rejected_ids=rejected["ids"],
-        chosen_mask=chosen["mask"],
-        rejected_mask=rejected["mask"],
-        chosen_logps=chosen["logps"],
-        rejected_logps=rejected["logps"],
-        ref_chosen_logps=chosen["ref_logps"],
-        ref_rejected_logps=rejected["ref_logps"],
-        chosen_weights=chosen_w,
-        rejected_weights=rejected_w,
-        plan=info.plan,
-        chosen_tokens=decode(chosen["ids"], chosen["mask"]),
-        rejected_tokens=decode(rejected["ids"], rejected["mask"]),
-        has_reference=reference is not None,
-        chosen_hidden=chosen["hidden"] if return_hidden else None,
-        rejected_hidden=rejected["hidden"] if return_hidden else None,
-    )
-
-
-# ------------------------------------------------------------------ implicit rewards
-
-
-def implicit_rewards(stats: PairStats, beta: float, weighting: str = "ot") -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO's implicit rewards `beta * sum_t w_t (log pi(y_t) - log pi_ref(y_t))` of each pair's two completions.
-
-    Args:
-        stats: from [`pair_token_stats`].
-        beta: DPO's beta.
-        weighting: `"unweighted"` (w = 1 on every completion token, no normalisation: DPO's sum) or `"ot"` (the OT
-            weights: OTPO).
-
-    Returns:
-        `(chosen_rewards, rejected_rewards)`, each (B,) float32.
-    """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {weighting!r}.")
-    rewards = []
-    for side in ("chosen", "rejected"):
-        mask = getattr(stats, f"{side}_mask")
-        weights = mask.float() if weighting == "unweighted" else getattr(stats, f"{side}_weights")
-        delta = getattr(stats, f"{side}_logps") - getattr(stats, f"ref_{side}_logps")
-        rewards.append(beta * (weights * delta * mask).sum(1))
-    return rewards[0], rewards[1]
-
-
-def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """Accuracy and mean margin of (N,) implicit rewards, as TRL logs `rewards/accuracies` and `rewards/margins`.
-
-    A pair is correct when its chosen reward is strictly larger: ties (margin exactly 0, e.g. without a reference)
-    count as not correct, as in TRL.
-    """
-    margins = (chosen_rewards - rejected_rewards).double()
-    empty = margins.numel() == 0
-    return {
-        "accuracy": math.nan if empty else (margins > 0).double().mean().item(),
-        "margin_mean": math.nan if empty else margins.mean().item(),
-        "chosen_reward_mean": math.nan if empty else chosen_rewards.double().mean().item(),
-        "rejected_reward_mean": math.nan if empty else rejected_rewards.double().mean().item(),
-    }
+# ------------------------------------------------------------------ implicit-reward scoring
 
 
 def scoring_order(
@@ -260,34 +66,65 @@ def score_preferences(
     beta: float = 0.1,
     batch_size: int = 8,
     max_length: int | None = DEFAULT_MAX_LENGTH,
+    reward_weightings: Sequence[str] = REWARD_WEIGHTINGS,
     progress: bool = True,
     **ot_options,
 ) -> dict[str, Any]:
-    """Implicit-reward accuracy and margins of `examples`, unweighted (DPO's sum) and with OT (OTPO) token weights.
+    """Implicit-reward accuracy and margins of preference pairs under a loaded policy and reference, in this process.
 
-    Pairs whose prompt alone fills `max_length` are skipped, as DPOTrainer drops them (counted in `n_skipped`).
+    What `otpo-trl evaluate` scores, and what a study calls to score its arms. Pairs whose prompt alone fills
+    `max_length` are skipped, as DPOTrainer drops them (counted in `n_skipped`); the others go through the models
+    `batch_size` at a time, longest first ([`scoring_order`]).
+
+    Args:
+        policy, reference: as returned by [`load_model_and_tokenizer`] (`reference` None: the policy is its own
+            reference, every margin 0; `reference is policy`: a PeftModel, its adapter disabled for the reference).
+        tokenizer: the policy's tokenizer.
+        examples: N preference pairs in TRL's format (standard or conversational, explicit or implicit prompt).
+        beta: DPO's beta.
+        batch_size: pairs per forward.
+        max_length: truncation of prompt + completion, TRL's `max_length`.
+        reward_weightings: which of [`REWARD_WEIGHTINGS`] to sum the rewards with: `"unweighted"` (DPO's plain sum)
+            and / or `"ot"` (OTPO's OT weights). Without `"ot"` no OT problem is solved.
+        progress: show a tqdm bar of the pairs scored.
+        **ot_options: keyword arguments of [`ot_token_weights`] for the `"ot"` rewards ([`ot_kwargs`] of a config
+            or of parsed `--ot_*` options); those not given are OTPOConfig's defaults ([`OT_DEFAULTS`]). Refused
+            without `"ot"` in `reward_weightings`.
 
     Returns:
-        dict with `n_pairs`, `n_skipped`, `unweighted` and `ot` (each [`preference_metrics`]), and `pairs`: one
-        dict per scored pair (`index` in `examples`, `margin_unweighted`, `margin_ot`, `chosen_tokens`, `rejected_tokens`,
-        and the summed log-probs of each side under the policy and the reference, `chosen_logp`, `rejected_logp`,
-        `ref_chosen_logp`, `ref_rejected_logp`; the reference's are the policy's when `reference` is None).
+        dict with `n_pairs` (scored), `n_skipped`, one [`preference_metrics`] per reward weighting (`unweighted`,
+        `ot`), and `pairs`: one dict per scored pair, in the order of `examples`: `index` in `examples`,
+        `margin_<weighting>` per reward weighting, `chosen_tokens`, `rejected_tokens` (within `max_length`), and the
+        summed log-probs of each side under the policy and the reference, `chosen_logp`, `rejected_logp`,
+        `ref_chosen_logp`, `ref_rejected_logp` (float64 sums; the reference's are the policy's when `reference` is
+        None).
     """
+    reward_weightings = tuple(reward_weightings)
+    unknown = [w for w in reward_weightings if w not in REWARD_WEIGHTINGS]
+    if unknown or not reward_weightings:
+        raise ValueError(
+            f"`reward_weightings` must be some of {list(REWARD_WEIGHTINGS)}, got {list(reward_weightings)}."
+        )
+    with_ot = "ot" in reward_weightings
+    if ot_options and not with_ot:
+        raise ValueError(f"OT options ({', '.join(ot_options)}) were given without 'ot' in `reward_weightings`.")
+    ot_options = {**OT_DEFAULTS, **ot_options} if with_ot else {}
     order = scoring_order(examples, tokenizer, max_length)
-    rewards = {w: ([], []) for w in WEIGHTINGS}
+    rewards = {w: ([], []) for w in reward_weightings}
     pairs = []
     bar = tqdm(total=len(order), desc="Scoring pairs", unit="pair", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
+        batch = [examples[i] for i in indices]
         stats = pair_token_stats(
-            policy, reference, tokenizer, [examples[i] for i in indices], max_length=max_length, **ot_options
+            policy, reference, tokenizer, batch, max_length=max_length, token_weights=with_ot, **ot_options
         )
         margins = {}
         for weighting, (chosen, rejected) in rewards.items():
             c, r = implicit_rewards(stats, beta, weighting)
             chosen.append(c.cpu())
             rejected.append(r.cpu())
-            margins[weighting] = (c - r).tolist()
+            margins[f"margin_{weighting}"] = (c - r).tolist()
         # Each side's summed log-probs (float64 sums), so that a reference's can be computed once and reused.
         sums = {
             f"{who}{side}_logp": getattr(stats, f"{who}{side}_logps").double().sum(1).tolist()
@@ -298,8 +135,7 @@ def score_preferences(
             pairs.append(
                 {
                     "index": i,
-                    "margin_unweighted": margins["unweighted"][k],
-                    "margin_ot": margins["ot"][k],
+                    **{name: values[k] for name, values in margins.items()},
                     "chosen_tokens": int(stats.chosen_mask[k].sum()),
                     "rejected_tokens": int(stats.rejected_mask[k].sum()),
                     **{name: values[k] for name, values in sums.items()},
@@ -378,7 +214,7 @@ def generate_responses(
     prompt_ids = [tokenize_prompt(p, tokenizer, **kw) for p, kw in zip(prompts, kwargs, strict=True)]
     if max_prompt_length is not None:
         prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
-    device, pad_id = _device(model), tokenizer.pad_token_id
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]), reverse=True)  # the largest batch first
     records = {}
     bar = tqdm(total=len(prompts), desc="Generating", unit="prompt", disable=not progress)
@@ -454,6 +290,10 @@ def evaluate(
     """Evaluate one model: implicit-reward preference accuracy and margins (unweighted and OT weights) on the first
     `max_samples` pairs of `data[split]`, and greedy responses to the prompts of its first `num_generations` pairs.
 
+    The driver `otpo-trl evaluate` calls: it loads the data (first, so that bad data fail before the model loads) and
+    the models, then [`score_preferences`] and [`generate_responses`]. It writes nothing (the command writes the
+    reports).
+
     Args:
         model_path, ref, device, dtype: see [`load_model_and_tokenizer`].
         data: a Hub data set id or a local file / folder (see [`load_preference_dataset`]).
@@ -468,7 +308,8 @@ def evaluate(
         drop_ties, drop_identical: drop the pairs whose scores tie, or whose chosen equals rejected, before taking
             the first `max_samples` (and `num_generations`), as training does (see [`load_preference_dataset`]).
         progress: show tqdm bars (pairs scored; prompts answered, with the token being generated).
-        **ot_options: keyword arguments of [`ot_token_weights`] (see [`ot_kwargs`]).
+        **ot_options: keyword arguments of [`ot_token_weights`] (see [`ot_kwargs`]); OTPOConfig's defaults
+            ([`OT_DEFAULTS`]) for those not given.
 
     Returns:
         JSON-serialisable dict: `model`, `reference` (a path, `"base (adapter disabled)"` or `None`), `data`, `split`,
@@ -528,14 +369,10 @@ def evaluate(
 
 
 __all__ = [
-    "PairStats",
+    "OT_DEFAULTS",
     "evaluate",
     "generate_responses",
     "generation_metrics",
-    "implicit_rewards",
-    "inline_example",
-    "pair_token_stats",
-    "preference_metrics",
     "score_preferences",
     "scoring_order",
 ]
