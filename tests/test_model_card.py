@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -15,7 +16,7 @@ from otpo_trl import OTPOConfig, OTPOTrainer
 from otpo_trl import model_card as model_card_module
 from otpo_trl.cli import upstream
 
-from .testing_utils import config, conversational_pairs
+from .testing_utils import config, conversational_pairs, tiny_argv
 
 
 def trained(model_dir, tmp_path, settings=None, **kwargs):
@@ -192,3 +193,22 @@ def test_cards_of_the_prepared_model_name_its_hub_id_and_their_code_runs_as_writ
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("trainer", ["otpo", "dpo"])
+def test_a_lora_run_of_the_training_script_leaves_no_path_in_its_cards(
+    train, tiny_model_dir, sample_data_dir, tmp_path, trainer
+):
+    """Both trainers through scripts/train.py: PEFT's template (the base by its absolute path) is removed from each
+    checkpoint, and the run's card names no path; `adapter_config.json` alone keeps the base's folder."""
+    out = tmp_path / "out"
+    extra = ["--trainer", trainer, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, out, *extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(out.glob("checkpoint-*/README.md"))
+    files = [p for p in out.rglob("*") if p.suffix == ".md" or p.name == "adapter_config.json"]
+    with_path = {p.relative_to(out).as_posix() for p in files if str(tiny_model_dir) in p.read_text()}
+    assert with_path == {"adapter_config.json", "checkpoint-1/adapter_config.json", "checkpoint-2/adapter_config.json"}
+    if trainer == "otpo":  # the script passes the folder's name, TRL's default: the card names the model instead
+        name = Path(tiny_model_dir).name
+        assert ModelCard.load(out / "README.md").data.model_name == f"{name}-OTPO"

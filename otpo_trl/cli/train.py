@@ -33,6 +33,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantiz
 
 from ..data import data_fingerprint, load_preference_dataset, split_off_eval
 from ..loading import check_not_adapter, from_pretrained, resolve_model_path, setup_tokenizer
+from ..model_card import CheckpointCardCallback
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from ..runs import (
@@ -313,6 +314,8 @@ def make_trainer(
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
+    if script_args.trainer == "dpo":  # OTPOTrainer adds it itself: checkpoints carry no card (otpo_trl.model_card)
+        trainer.add_callback(CheckpointCardCallback())
     keep_tensorboard_logs_with_run(trainer, training_args.output_dir)
     for name, loaded, prepared in (
         ("train", train_dataset, trainer.train_dataset),
