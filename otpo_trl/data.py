@@ -2,13 +2,17 @@
 
 Accepted inputs (each example is one preference pair):
 
-- TRL's preference format, kept as it is: `chosen` and `rejected`, with or without an explicit `prompt`, all plain
-  text ("standard") or all message lists ("conversational"). `trl-lib/ultrafeedback_binarized` is conversational with
-  an implicit prompt (the user turn opens both `chosen` and `rejected`).
+- TRL's preference format: `chosen` and `rejected`, with or without an explicit `prompt`, all plain text
+  ("standard", kept as it is) or all message lists ("conversational"). `trl-lib/ultrafeedback_binarized` is
+  conversational with an implicit prompt (the user turn opens both `chosen` and `rejected`).
 - `HuggingFaceH4/ultrafeedback_binarized` (splits `train_prefs` / `test_prefs`) and layouts like it: a text `prompt`
   next to message-list `chosen` / `rejected` that repeat it as their first user turn, plus `messages`, `prompt_id`,
-  `score_*` columns. TRL would take the text prompt as explicit and train on the user turn as part of the completion,
-  so the shared leading turns become the (conversational) `prompt` and the rest the completions.
+  `score_*` columns. TRL would take the text prompt as explicit and train on the user turn as part of the completion.
+
+Conversational pairs leave here with an explicit prompt that holds every turn before the answers: the leading turns
+that `chosen` and `rejected` share when the prompt is implicit (or text, as in H4), and the `prompt` itself when it is
+given, with any repeat of it removed from the completions (see [`to_preference_format`]); pairs where that is
+ambiguous are refused by [`validate_rows`], naming the row. The rules are stated in docs/training.md ("Data").
 
 Only `prompt`, `chosen` and `rejected` are kept; scores are read before that by [`drop_score_ties`]. Every row is
 checked before any of this (see [`validate_rows`]): a bad value fails naming its row and column.
@@ -19,10 +23,11 @@ checked before any of this (see [`validate_rows`]): a bad value fails naming its
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from trl.data_utils import extract_prompt, is_conversational
+from trl.data_utils import is_conversational
 
 from .loading import looks_like_local_path
 
@@ -96,6 +101,83 @@ def _value_kind(value, where: str) -> str | None:
     raise ValueError(f"{where}: expected text or a list of messages, got {type(value).__name__} {value!r:.60}.")
 
 
+# Turns that open a conversation and that the model never writes: a completion that starts with one holds (part of) a
+# prompt.
+_PROMPT_ROLES = ("system", "user")
+
+
+def same_turn(a: dict, b: dict) -> bool:
+    """Whether two chat messages are the same turn: equal on every key that either sets. Arrow gives each message of a
+    column every key found in that column (`tool_calls: None` beside `role` and `content`), so the same turn can come
+    with other None keys in `chosen` than in `rejected`; TRL 1.16's `extract_prompt` compares the dicts as they are."""
+    return {k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None}
+
+
+def shared_prompt_length(chosen: list, rejected: list) -> int:
+    """The number of leading turns of `chosen` and `rejected` that form their implicit prompt, by TRL 1.16's
+    `extract_prompt` rule (the turns they share, and when one side opens the other, all but the last of the shorter)
+    with turns compared by [`same_turn`]."""
+    shared = 0
+    for c, r in zip(chosen, rejected):
+        if not same_turn(c, r):
+            return shared
+        shared += 1
+    return max(shared - 1, 0)
+
+
+def repeats_prompt(prompt: list, completion: list) -> bool:
+    """True when the message list `completion` opens with all the turns of the message list `prompt` and goes on."""
+    return 0 < len(prompt) < len(completion) and all(same_turn(p, c) for p, c in zip(prompt, completion))
+
+
+def _turn(message: dict) -> str:
+    return f"{message.get('role')} turn {str(message.get('content'))[:40]!r}"
+
+
+def _conversation_problem(prompt, chosen: list, rejected: list) -> str | None:
+    """What is wrong with where the prompt of one conversational pair ends, or None (see [`validate_rows`])."""
+    if isinstance(prompt, list):  # an explicit conversational prompt
+        if not prompt:
+            return "'prompt' is an empty list of messages; every pair needs the turns it answers"
+        chosen_repeats, rejected_repeats = repeats_prompt(prompt, chosen), repeats_prompt(prompt, rejected)
+        if chosen_repeats and rejected_repeats:
+            return None  # the repeat is moved to the prompt by `to_preference_format`
+        if chosen_repeats or rejected_repeats:
+            repeating, other = ("chosen", "rejected") if chosen_repeats else ("rejected", "chosen")
+            first = (chosen if other == "chosen" else rejected)[0]
+            return (
+                f"'{repeating}' repeats the prompt's {len(prompt)} turn(s) before its answer but '{other}' does not "
+                f"(it starts with the {_turn(first)}): give both completions the same way, with the prompt's turns or "
+                "without them"
+            )
+        for column, completion in (("chosen", chosen), ("rejected", rejected)):
+            if completion[0].get("role") in _PROMPT_ROLES:
+                return (
+                    f"'{column}' starts with the {_turn(completion[0])}, which does not repeat the prompt: completions "
+                    "hold the turns that answer the prompt. If 'chosen' and 'rejected' hold whole conversations, "
+                    "leave out 'prompt': their shared leading turns are then the prompt"
+                )
+        return None
+    # An implicit prompt (or the text prompt of the HuggingFaceH4 layout, replaced by the shared turns): the leading
+    # turns that chosen and rejected share, which must end where the answers begin.
+    length = shared_prompt_length(chosen, rejected)
+    c, r = chosen[length], rejected[length]
+    if not same_turn(c, r) and (c.get("role") in _PROMPT_ROLES or r.get("role") in _PROMPT_ROLES):
+        where = "from their first turn" if length == 0 else f"after {length} shared turn(s)"
+        return (
+            f"'chosen' and 'rejected' differ {where} ('chosen' has the {_turn(c)}, 'rejected' the {_turn(r)}): "
+            "their implicit prompts differ, so the pair has no prompt that both answer. Give both the same prompt "
+            "turns, or the prompt in a 'prompt' column"
+        )
+    if length == 0:
+        return (
+            f"'chosen' and 'rejected' share no leading turn before their answers ('chosen' starts with the {_turn(c)}, "
+            f"'rejected' with the {_turn(r)}), so the pair has no prompt. Open both with the prompt's turns, or give "
+            "them in a 'prompt' column"
+        )
+    return None
+
+
 def validate_rows(dataset: Dataset, name: str = "dataset") -> None:
     """Check the `prompt`, `chosen` and `rejected` value of every row, and that all rows share one layout.
 
@@ -103,6 +185,13 @@ def validate_rows(dataset: Dataset, name: str = "dataset") -> None:
     or empty (None, blank, no messages: dropped later by [`drop_empty_pairs`]). `chosen` and `rejected` are of one
     kind in every row; `prompt`, when there is one, is present in every row and of one kind (text prompt with message
     completions is the HuggingFaceH4 layout; a message prompt with text completions is an error).
+
+    In conversational pairs the prompt must end where the answers begin. With a `prompt` of messages, `chosen` and
+    `rejected` either both repeat all of its turns before their answer (the repeat is then moved to the prompt by
+    [`to_preference_format`]) or neither does, and neither starts with a user or system turn of its own. Without one
+    (or with the text prompt of the HuggingFaceH4 layout) the prompt is the leading turns they share (see
+    [`shared_prompt_length`]), which must hold at least one turn and must not stop before a user or system turn: that
+    would mean two different prompts, and train one of them as an answer.
 
     Raises:
         ValueError: naming the row (counting from 0, as `dataset[i]`), the column and the problem.
@@ -135,6 +224,11 @@ def validate_rows(dataset: Dataset, name: str = "dataset") -> None:
                     f"{name}: row {i}, column '{column}' is {_KINDS[kind]} but row {row} is {_KINDS[seen]}: every row must use one "
                     "layout (all text, or all lists of messages)."
                 )
+        if kinds["chosen"] == kinds["rejected"] == "messages":
+            prompt = values["prompt"][i] if "prompt" in values else None
+            problem = _conversation_problem(prompt, values["chosen"][i], values["rejected"][i])
+            if problem is not None:
+                raise ValueError(f"{name}: row {i}: {problem}.")
     if first.get("prompt", ("",))[0] == "messages" and first.get("completions", ("",))[0] == "text":
         raise ValueError(
             f"{name}: 'prompt' is a list of messages but the completions are text (row {first['completions'][1]}); "
@@ -168,7 +262,9 @@ def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
     return dataset
 
 
-def _looks_like_path(name_or_path: str) -> bool:
+def looks_like_data_path(name_or_path: str) -> bool:
+    """True for a `dataset_name` that cannot be a Hub id: a local-looking path
+    (`otpo_trl.loading.looks_like_local_path`) or a name ending in a data file's extension (`.jsonl`, ...)."""
     return looks_like_local_path(name_or_path) or Path(name_or_path).suffix in DATA_FILE_BUILDERS
 
 
@@ -222,17 +318,68 @@ def _load_data_files(files: list[Path]) -> Dataset:
         raise
 
 
+# A shard of a split, as the Hub names them: `train-00000-of-00003`.
+_SHARD = re.compile(r"(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})")
+
+
+def _is_split_file(stem: str, split: str) -> bool:
+    shard = _SHARD.fullmatch(stem)
+    return stem == split or (shard is not None and shard["split"] == split)
+
+
+def _looks_like_split_file(stem: str, split: str) -> bool:
+    """A name that starts with the split's and goes on with a character that no split name has there: a copy or a
+    backup (`train-backup`, `train (1)`, `train.old`). A letter, digit or `_` would make another split (`train_prefs`)."""
+    rest = stem[len(split) :]
+    return stem.startswith(split) and bool(rest) and not (rest[0].isalnum() or rest[0] == "_")
+
+
+def _split_files_at(where: Path, split: str) -> list[Path]:
+    """The files of `split` directly in `where`, checked: see [`split_files`]."""
+    if not where.is_dir():
+        return []
+    candidates = sorted(p for p in where.iterdir() if p.suffix in DATA_FILE_BUILDERS and p.is_file())
+    files = [p for p in candidates if _is_split_file(p.stem, split)]
+    lookalikes = [p.name for p in candidates if p not in files and _looks_like_split_file(p.stem, split)]
+    if lookalikes:
+        raise ValueError(
+            f"{where}: {lookalikes} look like files of split {split!r} but are not named `{split}.<ext>` or, for "
+            f"shards, `{split}-NNNNN-of-NNNNN.<ext>`, so it is not clear which files hold the split. Rename, move or "
+            "delete them (a copy or backup belongs outside the data folder)."
+        )
+    kinds = {"a single file" if p.stem == split else "shards" for p in files}
+    if len({p.suffix for p in files}) > 1 or len(kinds) > 1:
+        what = "formats" if len({p.suffix for p in files}) > 1 else "forms (a single file and shards)"
+        raise ValueError(
+            f"{where} holds split {split!r} in two {what}: {[p.name for p in files]}. Only one can be read: keep one "
+            "and move the others out of the folder."
+        )
+    shards = [_SHARD.fullmatch(p.stem) for p in files if p.stem != split]
+    if shards:
+        counts = {int(m["count"]) for m in shards}
+        missing = sorted(set(range(max(counts))) - {int(m["index"]) for m in shards})
+        if len(counts) > 1 or missing:
+            missing_names = [f"{split}-{i:05d}-of-{max(counts):05d}{files[0].suffix}" for i in missing[:5]]
+            why = f"missing {missing_names}" if missing else f"they count to different totals {sorted(counts)}"
+            raise ValueError(f"{where}: the shards of split {split!r} are incomplete: {why}.")
+    return files
+
+
 def split_files(folder: str | Path, split: str) -> list[Path]:
     """The data files of `split` in the data folder `folder`, as [`load_raw_split`] reads them: `<split>.<ext>` or
-    shards `<split>-*.<ext>` at the folder's own level or, when it has none, in its `data/` subfolder (the Hub's
-    layout). Other subfolders are not read. Empty if there are none."""
+    the shards `<split>-NNNNN-of-NNNNN.<ext>` at the folder's own level or, when it has none, in its `data/` subfolder
+    (the Hub's layout). Other subfolders are not read. Empty if there are none.
+
+    Raises:
+        ValueError: another file looks like the split's (`train-backup.jsonl`, `train (1).jsonl`), the split is there
+            in two formats (`train.jsonl` and `train.parquet`) or as both a file and shards, or a shard is missing;
+            the message names the files.
+    """
     folder = Path(folder)
     for where in (folder, folder / "data"):
-        for suffix in DATA_FILE_BUILDERS:
-            files = sorted({*where.glob(f"{split}{suffix}"), *where.glob(f"{split}-*{suffix}")})
-            files = [f for f in files if f.is_file()]
-            if files:
-                return files
+        files = _split_files_at(where, split)
+        if files:
+            return files
     return []
 
 
@@ -261,7 +408,7 @@ def _load_local_split(path: Path, split: str) -> Dataset:
                 raise ValueError(f"{path} has splits {list(saved)}, not {split!r}: {hint}.")
             return saved[split]
         return saved
-    # A folder of data files, one split per `<split>.<ext>` (or shards `<split>-*.<ext>`), or under `data/`.
+    # A folder of data files, one split per `<split>.<ext>` (or shards `<split>-NNNNN-of-NNNNN.<ext>`), or under `data/`.
     files = split_files(path, split)
     below = _data_files_below(path)
     if files:
@@ -283,7 +430,7 @@ def _load_local_split(path: Path, split: str) -> Dataset:
     )
     raise FileNotFoundError(
         f"No data file for split {split!r} in {path}: expected `{split}.jsonl`, `{split}.json` or `{split}.parquet` "
-        f"(or shards `{split}-*.<ext>`) in it or in its data/ subfolder; found {found[:10]}{deeper}{splits}."
+        f"(or shards `{split}-NNNNN-of-NNNNN.<ext>`) in it or in its data/ subfolder; found {found[:10]}{deeper}{splits}."
     )
 
 
@@ -316,7 +463,7 @@ def data_fingerprint(name_or_path: str, split: str = "train", config: str | None
     """
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        if _looks_like_path(name_or_path):
+        if looks_like_data_path(name_or_path):
             raise FileNotFoundError(f"No such data file or folder: {name_or_path} (relative to {Path.cwd()}).")
         dataset = load_raw_split(name_or_path, split, config)
         return {"hub": name_or_path, "config": config, "split": split, "fingerprint": dataset._fingerprint}
@@ -342,7 +489,7 @@ def load_raw_split(name_or_path: str, split: str = "train", config: str | None =
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _load_local_split(path, split)
-    if _looks_like_path(name_or_path):
+    if looks_like_data_path(name_or_path):
         raise FileNotFoundError(f"No such data file or folder: {name_or_path} (relative to {Path.cwd()}).")
     return load_dataset(name_or_path, name=config, split=split)
 
@@ -414,22 +561,49 @@ def detect_layout(example: dict) -> str:
     return "conversational" if chosen_conversational else "standard"
 
 
-def _split_shared_prompt(example: dict) -> dict:
-    return extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
+def split_shared_prompt(example: dict) -> dict:
+    """`{"prompt", "chosen", "rejected"}` of a conversational pair whose prompt is the leading turns that its `chosen`
+    and `rejected` share (see [`shared_prompt_length`])."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    length = shared_prompt_length(chosen, rejected)
+    return {"prompt": chosen[:length], "chosen": chosen[length:], "rejected": rejected[length:]}
+
+
+def _drop_repeated_prompt(example: dict) -> dict:
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    start = len(prompt) if repeats_prompt(prompt, chosen) and repeats_prompt(prompt, rejected) else 0
+    return {"chosen": chosen[start:], "rejected": rejected[start:]}
 
 
 def to_preference_format(dataset: Dataset) -> Dataset:
     """Map `dataset` to TRL's preference format and keep only its `prompt`, `chosen` and `rejected` columns.
 
-    TRL formats pass through unchanged. For the H4 layout, the leading turns that `chosen` and `rejected` share become
-    the `prompt` (explicit, conversational) and the remaining turns the completions, as TRL's `extract_prompt` does.
+    Standard (text) pairs pass through unchanged. Conversational pairs get an explicit `prompt`: without one (TRL's
+    implicit prompt) or with a text one (the H4 layout), the leading turns that `chosen` and `rejected` share
+    (see [`split_shared_prompt`], TRL's `extract_prompt` rule); with one whose turns the completions repeat
+    (`prompt: [user Q]`, `chosen: [user Q, assistant A]`), the repeat is removed from the completions, with an info
+    line counting the pairs. Either way the prompt's turns are trained as the prompt, never as part of an answer.
+    [`validate_rows`] refuses the pairs where this is ambiguous.
     """
     validate_columns(dataset.column_names)
     layout = detect_layout(dataset[0]) if len(dataset) else "standard"
-    if layout == "prompt_in_completions":
-        dataset = dataset.map(_split_shared_prompt, remove_columns=dataset.column_names, desc="Extracting prompts")
+    implicit = "prompt" not in dataset.column_names or layout == "prompt_in_completions"
+    if layout != "standard" and implicit:
+        dataset = dataset.map(split_shared_prompt, remove_columns=dataset.column_names, desc="Extracting prompts")
+        dataset = dataset.select_columns(list(PREFERENCE_COLUMNS))
     else:
         dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    if layout == "conversational" and not implicit:
+        repeated = sum(
+            repeats_prompt(p, c) and repeats_prompt(p, r)
+            for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])
+        )
+        if repeated:
+            logger.info(
+                f"{repeated} of {len(dataset)} pairs repeat their prompt's turns at the start of 'chosen' and "
+                "'rejected': those turns are trained as the prompt, not as part of the answer."
+            )
+            dataset = dataset.map(_drop_repeated_prompt, desc="Removing repeated prompt turns")
     logger.info(f"Preference layout: {layout}; columns kept: {dataset.column_names}.")
     return dataset
 

@@ -30,11 +30,20 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# The Hub's own top-level pages (huggingface.co/models, /datasets, /spaces): no user or organisation can take these
+# names, so `models/<name>` (where `otpo-trl prepare-model` writes) is a path, never a Hub id.
+HUB_PAGES = ("models", "datasets", "spaces")
+
+
 def looks_like_local_path(name_or_path: str) -> bool:
-    """True for a name that cannot be a Hub id ("name" or "org/name"): one that starts with `.`, `/` or `~`, or has
-    more than one `/`. Where such a path does not exist, the scripts say so instead of asking the Hub (which, offline,
-    retries for about a minute)."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    """True for a name that cannot be a Hub id ("name" or "org/name"): one that starts with `.`, `/` or `~`, has more
+    than one `/`, or is "org/name" where `org` is one of the Hub's own pages ([`HUB_PAGES`]) or a local folder. Where
+    such a path does not exist, the scripts say so instead of asking the Hub (which, without network, retries for
+    about a minute and a half)."""
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return True
+    first = name_or_path.split("/")[0] if "/" in name_or_path else None
+    return first is not None and (first in HUB_PAGES or Path(first).is_dir())
 
 
 def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
@@ -179,8 +188,13 @@ def load_model_and_tokenizer(
         base = ref or PeftConfig.from_pretrained(path).base_model_name_or_path
         if base is None:
             raise ValueError(f"The adapter {path} names no base model (`base_model_name_or_path`); pass `ref`.")
+        # Where the recorded base is found neither locally nor on the Hub, say where it comes from and what to do.
+        hint = (
+            f" The adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a relative "
+            "path is relative to where it was trained). Pass `ref` (`--ref`) with the base's folder or Hub id to load "
+            "it from elsewhere."
+        )
         if ref is None:
-            hint = " Pass `ref` (`--ref`) to load the adapter on a base found elsewhere."
             base = resolve_model_path(base, f"The adapter {path} has base model", hint)
         logger.info(f"Loading the adapter {path} on its base {base}; the reference is the base (adapter disabled).")
         try:
@@ -188,11 +202,7 @@ def load_model_and_tokenizer(
         except FileNotFoundError as err:
             if ref is not None:
                 raise
-            raise FileNotFoundError(
-                f"{err}\nThe adapter {path} records this base (`base_model_name_or_path` in adapter_config.json; a "
-                "relative path is relative to where it was trained). Pass `ref` (`--ref`) with the base's folder or Hub "
-                "id to load it from elsewhere."
-            ) from err
+            raise FileNotFoundError(f"{err}{hint}") from err
         # The fused head goes on the base before PEFT wraps it (TRL's order); LoRA layers are found at call time.
         policy = PeftModel.from_pretrained(base_model, path).to(device).eval()
         reference = policy
@@ -213,6 +223,7 @@ def load_model_and_tokenizer(
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "HUB_PAGES",
     "check_not_adapter",
     "from_pretrained",
     "load_model_and_tokenizer",

@@ -15,7 +15,7 @@ from otpo_trl import OTPOConfig
 from otpo_trl.cli import upstream
 
 from .conftest import REPO_ROOT
-from .testing_utils import CONFIGS, RECIPES, recipe_argv
+from .testing_utils import CONFIGS, RECIPES, forbid_models, recipe_argv
 
 
 ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
@@ -199,13 +199,14 @@ def test_dpo_config_keeps_every_shared_value(train):
     assert dpo.activation_checkpointing is False
 
 
-def test_bad_data_fails_before_loading_the_model(train, tmp_path):
+def test_bad_data_fails_before_loading_the_model(train, tmp_path, tiny_model_dir, monkeypatch):
+    forbid_models(monkeypatch, train)
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     args = train.parse_args(
         [
             *["--config", str(QUICKSTART), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")],
-            *["--model_name_or_path", str(tmp_path / "no-such-model"), "--do_eval", "false"],  # one file: no eval
+            *["--model_name_or_path", tiny_model_dir, "--do_eval", "false"],  # one file: no eval
         ]
     )
     with pytest.raises(ValueError, match=r"has columns \['completion', 'prompt'\].*'chosen', 'rejected'"):

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 from datasets import Dataset
+from trl.data_utils import extract_prompt
 
 from otpo_trl.data import (
     detect_layout,
@@ -53,7 +54,7 @@ H4 = {
 @pytest.mark.parametrize(
     ("row", "layout", "expected"),
     [
-        (TRL_IMPLICIT, "conversational", {k: TRL_IMPLICIT[k] for k in ("chosen", "rejected")}),
+        (TRL_IMPLICIT, "conversational", TRL_EXPLICIT),  # the shared user turn becomes the prompt, as in TRL
         (TRL_EXPLICIT, "conversational", TRL_EXPLICIT),
         (STANDARD_EXPLICIT, "standard", STANDARD_EXPLICIT),
         (STANDARD_IMPLICIT, "standard", STANDARD_IMPLICIT),
@@ -137,7 +138,7 @@ def test_load_local_jsonl_json_parquet_and_folder(tmp_path):
     for source in (tmp_path / "train.jsonl", tmp_path / "data.json", tmp_path / "pairs.parquet", tmp_path):
         dataset = load_preference_dataset(str(source), "train")
         assert len(dataset) == 3, source
-        assert dataset.column_names == ["chosen", "rejected"]
+        assert dataset.column_names == ["prompt", "chosen", "rejected"]
 
 
 def test_load_folder_split_names_and_save_to_disk(tmp_path):
@@ -172,8 +173,11 @@ def test_ultrafeedback_sample(sample_data_dir):
     assert len(raw) == 1000
     dataset = load_preference_dataset(str(sample_data_dir), "train", drop_ties=True, drop_identical=True)
     assert len(dataset) == 1000 - 111 - 3  # 111 ties, 4 identical of which 1 is also a tie (see its README)
-    assert dataset.column_names == ["chosen", "rejected"]
+    assert dataset.column_names == ["prompt", "chosen", "rejected"]
     assert detect_layout(dataset[0]) == "conversational"
+    # The prompts are those TRL's DPOTrainer would have extracted from the implicit layout itself.
+    kept = load_preference_dataset(str(sample_data_dir), "train")
+    assert kept.to_list() == raw.map(extract_prompt, remove_columns=raw.column_names).to_list()
     test = load_preference_dataset(str(sample_data_dir), "test", max_samples=10)
     assert len(test) == 10
 
@@ -293,3 +297,119 @@ def test_split_off_eval_holds_out_disjoint_pairs():
     for size, message in ((10, "none would be left to train on"), (2.5, "a whole number"), (0, "a share")):
         with pytest.raises(ValueError, match=message):
             split_off_eval(dataset, size)
+
+
+# ------------------------------------------------------------------ a split's files are named exactly
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["train.jsonl", "train-backup.jsonl"], r"\['train-backup.jsonl'\] look like files of split 'train'"),
+        (["train.jsonl", "train (1).jsonl"], r"\['train \(1\).jsonl'\] look like files of split 'train'"),
+        (["train-backup.jsonl"], r"\['train-backup.jsonl'\] look like files"),  # not read as a shard either
+        (["train.jsonl", "train.parquet"], r"holds split 'train' in two formats: \['train.jsonl', 'train.parquet'\]"),
+        (["train.jsonl", "train-00000-of-00001.jsonl"], r"two forms \(a single file and shards\)"),
+        (["train-00000-of-00002.jsonl"], r"incomplete: missing \['train-00001-of-00002.jsonl'\]"),
+    ],
+    ids=["backup", "copy", "backup_alone", "two_formats", "file_and_shards", "missing_shard"],
+)
+def test_a_split_is_exactly_its_files(tmp_path, names, expected):
+    for name in names:
+        if name.endswith(".parquet"):
+            Dataset.from_list(pairs([(5, 1)])).to_parquet(str(tmp_path / name))
+        else:
+            write_jsonl(tmp_path / name, pairs([(5, 1), (4, 2)]))
+    with pytest.raises(ValueError, match=expected) as err:
+        load_raw_split(str(tmp_path), "train")
+    assert str(tmp_path) in str(err.value)
+
+
+def test_other_splits_and_complete_shards_are_read(tmp_path):
+    write_jsonl(tmp_path / "train_prefs.jsonl", pairs([(5, 1)]))  # another split: `_` goes on a split's name
+    write_jsonl(tmp_path / "test-backup.jsonl", pairs([(5, 1)]))  # looks like another split's: not this one's business
+    for index in range(3):
+        write_jsonl(tmp_path / f"train-{index:05d}-of-00003.jsonl", pairs([(5, 1), (4, 2)]))
+    assert len(load_raw_split(str(tmp_path), "train")) == 6
+    assert len(load_raw_split(str(tmp_path), "train_prefs")) == 1
+
+
+# ------------------------------------------------------------------ where a conversational prompt ends
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+REPEATING = {
+    "prompt": [user(PROMPT)],
+    "chosen": [user(PROMPT), assistant(GOOD)],
+    "rejected": [user(PROMPT), assistant(BAD)],
+}
+
+
+def test_completions_that_repeat_the_prompt_train_it_as_prompt(caplog):
+    rows = [REPEATING, TRL_EXPLICIT, REPEATING]
+    dataset = Dataset.from_list(rows)
+    validate_rows(dataset)
+    with caplog.at_level(logging.INFO, logger="otpo_trl.data"):
+        mapped = to_preference_format(dataset)
+    assert mapped.to_list() == [TRL_EXPLICIT] * 3
+    assert "2 of 3 pairs repeat their prompt's turns at the start of 'chosen' and 'rejected'" in caplog.text
+    multi = {"prompt": [system("Be brief."), user(PROMPT)]}
+    multi |= {side: [*multi["prompt"], assistant(answer)] for side, answer in (("chosen", GOOD), ("rejected", BAD))}
+    assert to_preference_format(Dataset.from_list([multi]))[0]["chosen"] == [assistant(GOOD)]
+
+
+def test_the_implicit_prompt_is_extracted_as_trl_does_but_ignores_arrows_none_keys():
+    tool_call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}
+    row = {"chosen": [user(PROMPT), tool_call, assistant(GOOD)], "rejected": [user(PROMPT), assistant(BAD)]}
+    dataset = Dataset.from_list([row])  # Arrow gives every message of `chosen` a `tool_calls` key
+    assert dataset[0]["chosen"][0] != dataset[0]["rejected"][0]  # so TRL's extract_prompt finds no prompt here
+    assert extract_prompt(dataset[0])["prompt"] == []
+    mapped = to_preference_format(dataset)[0]
+    assert [m["content"] for m in mapped["prompt"]] == [PROMPT]
+    assert [m["content"] for m in mapped["rejected"]] == [BAD]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (
+            {**REPEATING, "rejected": [assistant(BAD)]},
+            "row 1: 'chosen' repeats the prompt's 1 turn(s) before its answer but 'rejected' does not",
+        ),
+        (
+            {**REPEATING, "chosen": [user("Another question?"), assistant(GOOD)], "rejected": [assistant(BAD)]},
+            "row 1: 'chosen' starts with the user turn 'Another question?', which does not repeat the prompt",
+        ),
+        (
+            {"chosen": [user(PROMPT), assistant(GOOD)], "rejected": [user("What is 3 + 3?"), assistant(BAD)]},
+            "row 1: 'chosen' and 'rejected' differ from their first turn ('chosen' has the user turn 'What is 2 + 2?', "
+            "'rejected' the user turn 'What is 3 + 3?'): their implicit prompts differ",
+        ),
+        (
+            {
+                "chosen": [system("S"), user(PROMPT), assistant(GOOD)],
+                "rejected": [system("S"), user("?"), assistant(BAD)],
+            },
+            "row 1: 'chosen' and 'rejected' differ after 1 shared turn(s)",
+        ),
+        (
+            {"chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]},
+            "row 1: 'chosen' and 'rejected' share no leading turn before their answers",
+        ),
+        (
+            {**H4, "rejected": [user("What is 3 + 3?"), assistant(BAD)]},
+            "row 1: 'chosen' and 'rejected' differ from their first turn",
+        ),
+        ({**TRL_EXPLICIT, "prompt": []}, "row 1: 'prompt' is an empty list of messages"),
+    ],
+    ids=["one_side_repeats", "own_user_turn", "implicit_differ", "after_system", "no_prompt", "h4", "empty_prompt"],
+)
+def test_ambiguous_prompts_are_refused_naming_the_row(tmp_path, row, expected):
+    first = H4 if "prompt_id" in row else TRL_EXPLICIT if "prompt" in row else TRL_IMPLICIT  # a good row 0
+    path = write_jsonl(tmp_path / "d.jsonl", [first, row])
+    with pytest.raises(ValueError) as err:
+        load_preference_dataset(str(path))
+    assert f"{path} [train]: {expected}" in str(err.value)

@@ -360,3 +360,196 @@ def test_a_row_without_the_prompt_of_the_others_says_two_layouts(tmp_path):
                          "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]  # fmt: skip
     with pytest.raises(ValueError, match="row 10 has no 'prompt' but row 0 has one: the rows mix two layouts"):
         load_preference_dataset(str(write_jsonl(tmp_path / "train.jsonl", rows)))
+
+
+# ------------------------------------------------------------------ every check that can fail runs before any write
+
+
+def no_package(monkeypatch, what):
+    """As on a machine without the package behind `what`, whatever this one has."""
+    from transformers import trainer_optimizer
+    from transformers.quantizers import quantizer_bnb_4bit
+
+    from otpo_trl.cli import preflight
+
+    if what == "trackers":
+        monkeypatch.setattr(preflight, "get_available_reporting_integrations", lambda: [])
+    elif what == "bitsandbytes":
+        monkeypatch.setattr(quantizer_bnb_4bit, "is_bitsandbytes_available", lambda: False)
+        monkeypatch.setattr(trainer_optimizer, "is_bitsandbytes_available", lambda: False)
+
+
+LORA = ["--use_peft", "true", "--lora_target_modules"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "missing", "expected"),
+    [
+        ([*LORA, "q_prj"], None, "the name 'q_prj' (closest: 'q_proj'"),
+        ([*LORA, "q_proj", "v_prj"], None, "the name 'v_prj' (closest: 'v_proj'"),
+        ([*LORA, r".*\.q_prj"], None, r"the regular expression '.*\\.q_prj' (closest:"),
+        (["--attn_implementation", "flash_attention_2"], None, "`attn_implementation` 'flash_attention_2' cannot be"),
+        (["--load_in_4bit", "true"], "bitsandbytes", "`load_in_4bit` is true, but Using `bitsandbytes` 4-bit"),
+        (["--optim", "adamw_bnb_8bit"], "bitsandbytes", "`optim` 'adamw_bnb_8bit' cannot be used here: You need to"),
+        (
+            ["--report_to", "wandb"],
+            "trackers",
+            "`pip install wandb` for wandb. Or train without it: `--report_to none`",
+        ),
+        (["--report_to", "tensorbord"], None, "'tensorbord' (did you mean 'tensorboard'?)"),
+        (["--do_eval", "true", "--dataset_test_split", "train"], None, "`dataset_test_split` is the training split"),
+    ],
+    ids=[
+        "lora_typo",
+        "lora_one_typo",
+        "lora_regex",
+        "flash_attention",
+        "4bit",
+        "optim",
+        "wandb",
+        "tracker_typo",
+        "eval_on_train",
+    ],
+)
+def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_run, tiny_model_dir, sample_data_dir,
+                                                               tmp_path, no_model, monkeypatch, extra, missing,
+                                                               expected):  # fmt: skip
+    """With `--overwrite_output_dir` on a finished run, each of these failed only after the run was deleted."""
+    out = Path(shutil.copytree(finished_run, tmp_path / "out"))
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    no_package(monkeypatch, missing)
+    message = cli_error(
+        train, tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *extra)
+    )
+    assert expected in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing deleted, written or touched
+
+
+def test_a_lora_typo_through_the_script_leaves_the_previous_run(finished_run, tiny_model_dir, sample_data_dir,
+                                                                tmp_path):  # fmt: skip
+    out = Path(shutil.copytree(finished_run, tmp_path / "out"))
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, output = script(*tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *LORA,
+                                     "q_proj", "v_prj"))  # fmt: skip
+    assert code == 1, output[-3000:]
+    assert "error: `lora_target_modules`: the name 'v_prj' (closest: 'v_proj'" in output and "Traceback" not in output
+    assert "PEFT would leave it out without a word" in output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
+
+
+def test_the_install_command_names_the_extra_that_brings_a_package(monkeypatch):
+    from email.message import Message
+
+    from otpo_trl.cli import preflight
+
+    def metadata(requires):
+        message = Message()
+        for extra in ("test", "viz"):
+            message["Provides-Extra"] = extra
+        for line in requires:
+            message["Requires-Dist"] = line
+        return lambda name: message
+
+    viz = ["trl>=1.16", 'pytest>=8; extra == "test"', 'tensorboard>=2.15; extra == "viz"']
+    monkeypatch.setattr(preflight.importlib.metadata, "metadata", metadata(viz))
+    assert preflight.install_command("tensorboard") == 'pip install "otpo-trl[viz]"'
+    assert preflight.install_command("wandb") == "pip install wandb"
+    monkeypatch.setattr(preflight.importlib.metadata, "metadata", metadata(["trl>=1.16", "tensorboard>=2.15"]))
+    assert preflight.install_command("tensorboard") == "pip install tensorboard"  # a dependency: no extra to name
+
+
+# ------------------------------------------------------------------ missing local inputs fail before any Hub call
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Make any Hub lookup (a config, a tokenizer, a data set by name) fail the test."""
+    import datasets
+    from transformers import AutoConfig, AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    for owner, name in (
+        (AutoConfig, "from_pretrained"),
+        (AutoTokenizer, "from_pretrained"),
+        (datasets, "load_dataset"),
+    ):
+        monkeypatch.setattr(owner, name, refuse)
+    monkeypatch.setattr(data_module, "load_dataset", refuse)
+
+
+def test_the_quickstart_without_its_model_names_prepare_model(train, tmp_path, monkeypatch, no_model, no_hub):
+    monkeypatch.chdir(tmp_path)  # an empty folder, as after `pip install otpo-trl`
+    message = cli_error(train, ["--config", QUICKSTART, "--report_to", "none"])
+    assert "`model_name_or_path` 'models/SmolLM2-135M-Instruct': no such folder" in message
+    assert "`otpo-trl prepare-model` writes it" in message and "HuggingFaceTB/SmolLM2-135M-Instruct" in message
+    message = cli_error(train, ["--config", QUICKSTART, "--model_name_or_path", "my/models/SmolLM2-135M-Instruct"])
+    assert "`otpo-trl prepare-model --output_dir my/models/SmolLM2-135M-Instruct` writes it" in message
+    assert list(tmp_path.iterdir()) == []  # no out/quickstart left behind
+
+
+def test_the_quickstart_without_its_data_says_where_it_comes_from(train, tiny_model_dir, tmp_path, monkeypatch,
+                                                                  no_model, no_hub):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    message = cli_error(train, ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--report_to", "none"])
+    assert "`dataset_name` '../shared/data/ultrafeedback': no such file or folder" in message
+    assert (
+        "beside a clone of the repository" in message and "--dataset_name trl-lib/ultrafeedback_binarized" in message
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_models_path_is_never_a_hub_id(tmp_path, monkeypatch):
+    from otpo_trl.loading import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_local_path("models/SmolLM2-135M-Instruct")  # `models` is a page of the Hub, not an organisation
+    assert not looks_like_local_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "HuggingFaceTB").mkdir()  # a local folder of that name: the path is local
+    assert looks_like_local_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_the_quickstart_from_an_empty_folder_fails_at_once(tmp_path):
+    """As a new user with the package and no model: the script stops naming the command that makes the model."""
+    code, output = script("--config", QUICKSTART, cwd=tmp_path)
+    assert code == 1, output[-3000:]
+    assert "`otpo-trl prepare-model` writes it" in output and "Traceback" not in output
+    assert "Retrying" not in output and list(tmp_path.iterdir()) == []
+
+
+def test_the_model_skeleton_is_plain_under_zero3(train, tiny_model_dir, tmp_path, monkeypatch):
+    """Under a ZeRO-3 launch `from_config` would build the skeleton inside `deepspeed.zero.Init` (which partitions it
+    across the processes): the preflight checks build it outside."""
+    from transformers import modeling_utils
+
+    from otpo_trl.cli import preflight
+
+    monkeypatch.setattr(modeling_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    args = train.parse_args(tiny_argv(tiny_model_dir, tmp_path, tmp_path / "out", *LORA, "q_proj"))
+    skeleton = preflight.model_skeleton(args[2], args[1])
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert not any(hasattr(p, "ds_id") for p in skeleton.parameters())  # no DeepSpeed partitioning
+
+
+def conversation(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.mark.parametrize("case", ["backup_file", "prompts_differ"])
+def test_ambiguous_data_stops_the_script_naming_files_or_row(tiny_model_dir, tmp_path, case):
+    """Through scripts/train.py: a backup beside the split was read as a shard; chosen and rejected with different
+    user turns ended in an IndexError traceback naming no row."""
+    data = tmp_path / "data"
+    rows = [{"chosen": conversation(f"Q{i}?", "Yes."), "rejected": conversation(f"Q{i}?", "No.")} for i in range(8)]
+    if case == "backup_file":
+        write_jsonl(data / "train-backup.jsonl", rows)
+        expected = f"error: {data}: ['train-backup.jsonl'] look like files of split 'train'"
+    else:
+        rows[5]["rejected"] = conversation("Another question?", "No.")
+        expected = "[train]: row 5: 'chosen' and 'rejected' differ from their first turn"
+    write_jsonl(data / "train.jsonl", rows)
+    code, output = script(*tiny_argv(tiny_model_dir, data, tmp_path / "out"))
+    assert code == 1, output[-3000:]
+    assert expected in output and "Traceback" not in output
+    assert not (tmp_path / "out" / "run_args.json").exists()

@@ -242,9 +242,15 @@ def test_no_test_module_imports_another():
 
 # The package's own entry point (`python -m otpo_trl`) is the one module outside `cli/` that may import it.
 CLI_ENTRY_POINTS = ("otpo_trl.__main__",)
-# The training command line: only these CLI modules may import it (the launcher `otpo-trl train` starts it).
-TRAINING_COMMAND = ("otpo_trl.cli.train", "otpo_trl.cli.arguments")
-TRAINING_COMMAND_USERS = ("otpo_trl.cli.train", "otpo_trl.cli.arguments", "otpo_trl.cli.launch")
+# The training command line: only these CLI modules may import it (the launcher `otpo-trl train` starts it; `preflight`
+# holds the command's checks before writing).
+TRAINING_COMMAND = ("otpo_trl.cli.train", "otpo_trl.cli.arguments", "otpo_trl.cli.preflight")
+TRAINING_COMMAND_USERS = (
+    "otpo_trl.cli.train",
+    "otpo_trl.cli.arguments",
+    "otpo_trl.cli.preflight",
+    "otpo_trl.cli.launch",
+)
 
 
 def cli_importers(imports, package: str = PACKAGE) -> set[tuple[str, str]]:

@@ -7,7 +7,7 @@ import pytest
 import tomllib
 from setuptools import find_packages
 
-from studies import dpo_vs_otpo, length_study
+from studies import dpo_vs_otpo, length_study, planted_tokens
 
 from .conftest import REPO_ROOT
 
@@ -17,6 +17,7 @@ REPORTS = {
     "reports/length_study_reg0.1/length_study.md": length_study,
     "reports/length_study_reg0.02/length_study.md": length_study,
     "reports/dpo_vs_otpo/dpo_vs_otpo.md": dpo_vs_otpo,
+    "reports/planted_tokens/planted_tokens.md": planted_tokens,
 }
 
 
@@ -34,7 +35,7 @@ def test_the_committed_report_re_renders_identically_from_its_json(report, tmp_p
 
 
 def test_render_only_needs_the_json(tmp_path):
-    for study in (length_study, dpo_vs_otpo):
+    for study in (length_study, dpo_vs_otpo, planted_tokens):
         with pytest.raises(ValueError, match="--render_only: no"):
             study.main(["--render_only", "--report", str(tmp_path / "none" / "report.md")])
 

@@ -2,6 +2,7 @@
 names the problem."""
 
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -90,7 +91,9 @@ def test_numpy_numbers_are_numbers(tmp_path):
 def test_ot_numbers_from_the_recipe(train, tmp_path):
     path = tmp_path / "r.yaml"
     for line, message in (("ot_reg: .inf", "`ot_reg` must be a finite number"), ("ot_max_iter: 10.5", "an int")):
-        path.write_text(QUICKSTART.read_text() + line + "\n")
+        key = line.split(":")[0]  # the recipe's own line goes: a key set twice is an error of its own
+        kept = [kept for kept in QUICKSTART.read_text().splitlines() if not kept.startswith(f"{key}:")]
+        path.write_text("\n".join([*kept, line]) + "\n")
         with pytest.raises(ValueError, match=message):
             train.parse_args(["--config", str(path)])
 
@@ -111,6 +114,47 @@ def test_bf16_without_a_gpu_says_what_to_set(train, monkeypatch):
     ):
         train.parse_args(argv)
     train.parse_args([*argv, "--bf16", "false", "--use_cpu", "true"])  # what it says works
+
+
+def test_a_key_set_twice_in_a_recipe_names_both_lines(train, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("beta: 0.1\nmodel_init_kwargs:\n  dtype: float32\n  dtype: bfloat16\nbeta: 0.2\n")
+    with pytest.raises(ValueError, match=r"r.yaml` sets `dtype` twice, at lines 3 and 4"):
+        train.parse_args(["--config", str(path)])
+    lines = QUICKSTART.read_text().splitlines()
+    path.write_text("\n".join([*lines, "beta: 0.5"]) + "\n")
+    first = 1 + next(i for i, line in enumerate(lines) if line.startswith("beta:"))
+    with pytest.raises(
+        ValueError, match=rf"sets `beta` twice, at lines {first} and {len(lines) + 1}; YAML would keep"
+    ):
+        train.parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_steps", "0"], "`max_steps` is 0: no step would run"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "`num_train_epochs` is 0.0 (and `max_steps` unset)"),
+        (["--max_steps", "-1", "--num_train_epochs", "-2"], "`num_train_epochs` is -2.0"),
+    ],
+    ids=["steps", "epochs", "negative_epochs"],
+)
+def test_zero_steps_or_epochs_are_refused(train, argv, message):
+    with pytest.raises(ValueError) as err:
+        train.parse_args(["--config", str(QUICKSTART), *argv])
+    assert message in str(err.value)
+    train.parse_args(["--config", str(QUICKSTART), "--max_steps", "-1", "--num_train_epochs", "0.5"])  # a share: fine
+
+
+def test_ot_flags_with_the_dpo_trainer_are_warned(train, caplog):
+    dpo_recipe = REPO_ROOT / "configs" / "llama-3.2-3b-instruct" / "dpo_full.yaml"  # its own ot_reg: 0.1
+    with caplog.at_level(logging.WARNING, logger="otpo_trl.cli.arguments"):
+        train.parse_args(["--config", str(dpo_recipe), "--use_cpu", "true"])
+        train.parse_args(["--config", str(QUICKSTART), "--ot_reg", "0.5"])  # trainer otpo: used
+    assert not caplog.records  # the recipe's own ot_* keys are not warned about
+    with caplog.at_level(logging.WARNING, logger="otpo_trl.cli.arguments"):
+        train.parse_args(["--config", str(QUICKSTART), "--trainer", "dpo", "--ot_reg", "1.0", "--ot_cost=cosine"])
+    assert "trainer 'dpo' ignores --ot_reg, --ot_cost: the `ot_*` settings are OTPO's" in caplog.text
 
 
 # ------------------------------------------------------------------ output_dir and checkpoints
@@ -181,6 +225,16 @@ def test_fewer_pairs_than_one_batch_with_drop_last(train, tiny_model_dir, tmp_pa
         run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))  # batch 2, dataloader_drop_last
 
 
+def test_fewer_eval_pairs_than_one_eval_batch_with_drop_last(train, tiny_model_dir, tmp_path, no_model):
+    """transformers drops the last short batch of the evaluation dataloader too: no eval_loss, without a word."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", pairs(8))
+    write_jsonl(tmp_path / "data" / "test.jsonl", pairs(3))
+    argv = tiny_argv(tiny_model_dir, tmp_path / "data", tmp_path / "out", "--do_eval", "true")
+    with pytest.raises(train.InputError, match=r"Only 3 eval pair\(s\) .*per_device_eval_batch_size 4 x 1 process"):
+        run(train, [*argv, "--per_device_eval_batch_size", "4"])  # dataloader_drop_last
+
+
 def test_every_prompt_longer_than_max_length(train, tiny_model_dir, tmp_path, no_model):
     data = write_jsonl(tmp_path / "train.jsonl", pairs(4, prompt="Please explain the answer step by step. " * 20))
     with pytest.raises(train.InputError, match=r"4 of the 4 train pairs have a prompt of at least max_length \(64\)"):
@@ -189,7 +243,7 @@ def test_every_prompt_longer_than_max_length(train, tiny_model_dir, tmp_path, no
 
 def test_single_file_with_do_eval_needs_a_held_out_split(train, tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", pairs(10))
-    argv = tiny_argv(tiny_model_dir, data, tmp_path / "out", "--do_eval", "true")
+    argv = tiny_argv(tiny_model_dir, data, tmp_path / "out", "--do_eval", "true", "--per_device_eval_batch_size", "3")
     forbid_models(monkeypatch, train)
     with pytest.raises(train.InputError, match="single file, so a single split.*`eval_split_size`"):
         run(train, argv)
@@ -251,11 +305,12 @@ def test_adapter_from_a_relative_model_path_loads_from_elsewhere(train, tiny_mod
     policy, reference, _ = load_model_and_tokenizer(str(work / "out"), device="cpu")
     assert reference is policy
 
-    # An adapter saved elsewhere with a relative base: the error suggests --ref. (Offline, as in CI: "models/tiny" may
-    # be a Hub id, and online lookups would retry for a minute.)
+    # An adapter saved elsewhere with a relative base: the error suggests --ref, for a path (`models/...` is never a
+    # Hub id) as for a name the Hub cannot give. (Offline, as in CI: online lookups would retry for a minute.)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    config["base_model_name_or_path"] = "models/tiny"
-    (work / "out" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(FileNotFoundError, match=r"records this base .*Pass `ref` \(`--ref`\)"):
-        load_model_and_tokenizer(str(work / "out"), device="cpu")
+    for recorded in ("models/tiny", "tiny-base"):
+        config["base_model_name_or_path"] = recorded
+        (work / "out" / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(FileNotFoundError, match=rf"'{recorded}'.* records this base .*Pass `ref` \(`--ref`\)"):
+            load_model_and_tokenizer(str(work / "out"), device="cpu")
     load_model_and_tokenizer(str(work / "out"), ref=str(Path(tiny_model_dir)), device="cpu")

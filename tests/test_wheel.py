@@ -85,7 +85,7 @@ def test_the_wheel_trains_one_step_through_otpo_trl_train(tiny_model_dir, sample
 
     command = [str(bin_dir / "otpo-trl"), "train", "--config", "quickstart", "--model_name_or_path", tiny_model_dir]
     command += ["--dataset_name", str(sample_data_dir), "--max_steps", "1", "--max_train_samples", "4"]
-    command += ["--max_eval_samples", "2", "--report_to", "none"]
+    command += ["--max_eval_samples", "4", "--report_to", "none"]  # 3 fit max_length: one eval batch of 2
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]

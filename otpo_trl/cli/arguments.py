@@ -9,6 +9,7 @@ reads the data or the model: those checks are `otpo_trl.cli.train`'s.
 
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -20,9 +21,11 @@ import yaml
 from trl import ModelConfig, TrlParser
 
 from ..loading import read_chat_template
-from ..otpo_config import OTPOConfig
+from ..otpo_config import OT_FIELDS, OTPOConfig
 from .upstream import check_launch, launch_defaults, lora_target_modules, split_config_flag
 
+
+logger = logging.getLogger(__name__)
 
 # The trainers `trainer` chooses between (`train.TRAINERS` maps them to their classes).
 TRAINER_NAMES = ("otpo", "dpo")
@@ -170,6 +173,33 @@ def check_config_file(argv: list[str]) -> None:
         raise ValueError(f"`--config {path}` is not valid YAML{where}: {problem}.") from err
     if not isinstance(recipe, dict):
         raise ValueError(f"`--config {path}` must hold a YAML mapping (key: value lines), not {type(recipe).__name__}")
+    duplicate = _duplicate_key(yaml.compose(path.read_text(), Loader=yaml.SafeLoader))
+    if duplicate is not None:
+        key, first, second = duplicate
+        raise ValueError(
+            f"`--config {path}` sets `{key}` twice, at lines {first} and {second}; YAML would keep the last without a "
+            "word. Keep one."
+        )
+
+
+def _duplicate_key(node) -> tuple[str, int, int] | None:
+    """The first key set twice in one mapping of the YAML node tree `node`: (key, first line, second line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                return name, seen[name], key.start_mark.line + 1
+            seen.setdefault(name, key.start_mark.line + 1)
+            found = _duplicate_key(value)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found is not None:
+                return found
+    return None
 
 
 def _unknown_keys(strings: list[str]) -> list[str]:
@@ -204,7 +234,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, OTPOConf
     if errors:
         raise ValueError(f"Unknown argument(s): {'; '.join(errors)}. See `{command_name()} --help`.")
     check_parsed(*parsed)
+    flags = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    warn_unused_ot_flags(parsed[0], [key for key in flags if key in OT_FIELDS])
     return tuple(parsed)
+
+
+def warn_unused_ot_flags(script_args: ScriptArguments, given: list[str]) -> None:
+    """Warn that `trainer: dpo` ignores the `ot_*` flags `given` on the command line. A recipe's own `ot_*` keys are
+    not warned about: the DPO baselines carry their OTPO twin's keys on purpose."""
+    if script_args.trainer == "dpo" and given:
+        logger.warning(
+            f"trainer 'dpo' ignores {', '.join(f'--{key}' for key in given)}: the `ot_*` settings are OTPO's. Use "
+            "`--trainer otpo` to train with them."
+        )
 
 
 def check_parsed(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
@@ -221,6 +263,17 @@ def check_parsed(script_args: ScriptArguments, training_args: OTPOConfig, model_
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise ValueError(f"`{f.name}` must be one of {list(choices)}, got {wrong[0]!r}{hint}.")
     model_args.lora_target_modules = lora_target_modules(model_args.lora_target_modules)
+    # transformers trains `max_steps` steps when it is > 0, else `num_train_epochs` epochs: zero of either trains
+    # nothing, and the run would save the untouched model as finished.
+    if training_args.max_steps == 0:
+        raise ValueError(
+            "`max_steps` is 0: no step would run. Set a number of steps, or -1 to train `num_train_epochs`."
+        )
+    if training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
+        raise ValueError(
+            f"`num_train_epochs` is {training_args.num_train_epochs} (and `max_steps` unset): no step would run. Set a "
+            "number of epochs > 0 (a share such as 0.5 is fine), or `max_steps`."
+        )
     if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise ValueError(
             "`use_liger_kernel` is true, but the liger-kernel package is not installed: `pip install liger-kernel` "

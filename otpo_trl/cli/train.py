@@ -49,6 +49,7 @@ from ..runs import (
 )
 from ..tokenization import tokenize_pair
 from .arguments import ScriptArguments, parse_args
+from .preflight import check_before_writing
 from .upstream import (
     DEPRECATED_TRAINING_ARGS,
     end_processes,
@@ -146,11 +147,12 @@ def plan_output_dir(script_args: ScriptArguments, training_args: OTPOConfig, mod
 def _check_enough_pairs(dataset, name: str, training_args: OTPOConfig, tokenizer=None) -> None:
     """Fail when `dataset` cannot fill one batch: fewer pairs than a global batch with `dataloader_drop_last` (else
     one), or, with a `tokenizer`, fewer whose prompt is shorter than `max_length` (TRL drops the others)."""
-    drop_last = training_args.dataloader_drop_last and name == "train"
-    batch = training_args.per_device_train_batch_size * training_args.world_size if drop_last else 1
+    drop_last = training_args.dataloader_drop_last  # transformers drops the last short batch of both dataloaders
+    per_device = getattr(training_args, f"per_device_{name}_batch_size")  # `name` is "train" or "eval"
+    batch = per_device * training_args.world_size if drop_last else 1
     why = (
-        f"one batch (per_device_train_batch_size {training_args.per_device_train_batch_size} x "
-        f"{training_args.world_size} process(es), with dataloader_drop_last)"
+        f"one batch (per_device_{name}_batch_size {per_device} x {training_args.world_size} process(es), with "
+        "dataloader_drop_last)"
         if drop_last
         else "one pair"
     )
@@ -247,6 +249,7 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
         `(plan, train_dataset, eval_dataset, tokenizer)`; only the plan when it is "finished" (the rest None). The
         plan holds the lock of `output_dir` (`plan.release()` gives it back; so does the end of the process).
     """
+    check_before_writing(script_args, training_args, model_args)  # every check that can fail on the arguments
     check_inputs(script_args, training_args, model_args)
     check_output_dir(
         training_args.output_dir,
