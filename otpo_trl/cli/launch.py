@@ -247,7 +247,7 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         check_local_paths_early(argv)
         args = launch_args_for(argv)
-    except (ValueError, OSError) as err:  # OSError: a missing or misplaced path (FileNotFoundError, NotADirectoryError)
+    except (ValueError, OSError) as err:  # OSError: a path missing, or a file for a folder
         sys.exit(f"error: {err}")
 
     from accelerate.commands.launch import launch_command
