@@ -1,4 +1,5 @@
-"""Loading: the one rule for "Hub id or local path", the tokenizer setup, and models for analysis.
+"""Loading: models and tokenizers by the one rule for "Hub id or local path" (`otpo_trl.local_paths`), the tokenizer
+setup, and models for analysis.
 
 `scripts/train.py` (through `otpo_trl.cli.train`) and the analysis tools load through here, so that a model path is
 checked, and a tokenizer set up, the same way everywhere.
