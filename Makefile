@@ -39,7 +39,7 @@ prepare-data:
 		echo "With Hub access, use the full set: make quickstart ARGS=\"--dataset_name trl-lib/ultrafeedback_binarized\""; \
 		exit 1; }
 
-# OTPO + LoRA on SmolLM2-135M-Instruct on CPU: 10 steps, then an evaluation of 8 pairs (3 min 7 s on 2 shared cores once
+# OTPO + LoRA on SmolLM2-135M-Instruct on CPU: 10 steps, then an evaluation of 8 pairs (3 min 7 s on 2 cores at load 3.3 once
 # installed, bench/RESULTS.md); extra trainer flags: make quickstart ARGS="..."
 # accelerate launch gives a process 1 CPU thread unless told otherwise (or OMP_NUM_THREADS is set): use every core.
 CPU_THREADS := $(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(shell nproc))
