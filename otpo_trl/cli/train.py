@@ -34,6 +34,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantiz
 
 from ..data import data_fingerprint, load_preference_dataset, split_off_eval
 from ..loading import check_not_adapter, from_pretrained, resolve_model_path, setup_tokenizer
+from ..model_card import CheckpointCardCallback
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from ..runs import (
@@ -56,12 +57,10 @@ from .upstream import (
     end_processes,
     fix_local_model_card,
     keep_tensorboard_logs_with_run,
-    silence_cpu_notices,
-    silence_repeated_deprecations,
 )
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("otpo_trl.cli.train")  # by name: `otpo-trl train` runs this module as `__main__`
 
 TRAINERS = {"otpo": OTPOTrainer, "dpo": DPOTrainer}  # the classes of `trainer`'s choices (`arguments.TRAINER_NAMES`)
 
@@ -85,8 +84,6 @@ def setup_logging(training_args: OTPOConfig) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    silence_repeated_deprecations()
-    silence_cpu_notices()
 
 
 def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
@@ -322,6 +319,8 @@ def make_trainer(
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
+    if script_args.trainer == "dpo":  # OTPOTrainer adds it itself: checkpoints carry no card (otpo_trl.model_card)
+        trainer.add_callback(CheckpointCardCallback())
     keep_tensorboard_logs_with_run(trainer, training_args.output_dir)
     for name, loaded, prepared in (
         ("train", train_dataset, trainer.train_dataset),
