@@ -10,6 +10,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
+from .model_card import CheckpointCardCallback
+
 
 logger = logging.get_logger(__name__)
 
@@ -80,8 +82,8 @@ class OTWeightHistogramCallback(TrainerCallback):
 
 
 def install_otpo_callbacks(handler: CallbackHandler) -> OTWeightHistogramCallback | None:
-    """Swap transformers' console callback for its OTPO version, and add a weight histogram beside a TensorBoard
-    callback if there is one (returned, for the trainer to feed with `keep`).
+    """Swap transformers' console callback for its OTPO version, leave checkpoints without a card, and add a weight
+    histogram beside a TensorBoard callback if there is one (returned, for the trainer to feed with `keep`).
 
     The console then shows DPOTrainer's per-step line plus three `ot/*` values. Targets transformers 5's
     callbacks, which print every logged key."""
@@ -89,6 +91,7 @@ def install_otpo_callbacks(handler: CallbackHandler) -> OTWeightHistogramCallbac
         if type(callback) in _CONSOLE_CALLBACKS:
             handler.remove_callback(callback)
             handler.add_callback(_CONSOLE_CALLBACKS[type(callback)]())
+    handler.add_callback(CheckpointCardCallback())  # checkpoints carry no card (`otpo_trl.model_card`)
     tensorboard = next((c for c in handler.callbacks if isinstance(c, TensorBoardCallback)), None)
     if tensorboard is None:
         return None

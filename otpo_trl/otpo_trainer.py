@@ -18,6 +18,7 @@ from trl.trainer.utils import get_config_model_id
 
 from . import forward
 from .callbacks import install_otpo_callbacks
+from .model_card import save_model_card
 from .ot import ot_token_weights, token_weight_stats
 from .otpo_config import OTPOConfig, ot_kwargs
 
@@ -268,28 +269,14 @@ class OTPOTrainer(DPOTrainer):
         sums = forward.sum_log_probs(ref[:, : mask.size(1)].to(weights.device) * weights, mask, self.ld_alpha)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
 
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-    ) -> None:
-        """Save `output_dir/README.md`, a model card that can be published as it is (see `otpo_trl.model_card`).
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:  # PEFT rewrote the folder's card, naming the base by its path: `otpo_trl.model_card`
+            save_model_card(self, folder=output_dir)
 
-        Overrides TRL 1.16's `BaseTrainer.create_model_card` (same signature; called at each checkpoint by
-        `DPOTrainer._save_checkpoint`, by `push_to_hub` and by the training script), whose card links a local base
-        model as "None", writes `licence: license` and leaves "Training procedure" empty. `dataset_name` may be a
-        Hub id or a local path (shown by its name only; only a Hub id enters the metadata). `license` (an addition
-        to TRL's arguments, as in `transformers.Trainer.create_model_card`; `push_to_hub(license=...)` passes it)
-        replaces the license read from the base model's card.
-        """
-        from .model_card import otpo_model_card
-
-        if not self.is_world_process_zero():
-            return
-        card = otpo_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
-        card.save(f"{self.args.output_dir}/README.md")
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None) -> None:
+        """TRL 1.16's `create_model_card` (and transformers' `license`): the card of `otpo_trl.model_card`."""
+        save_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
 
 
 __all__ = ["OTPOTrainer"]

@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -223,30 +222,6 @@ def test_missing_model_path_fails_naming_it(train, tmp_path, sample_data_dir):
     )
     with pytest.raises(FileNotFoundError, match=f"`model_name_or_path` '{missing}': no such folder"):
         train.main(*args)
-
-
-def test_cpu_notices_are_silenced_and_nothing_else():
-    """The training CLI drops torch's per-DataLoader `pin_memory` UserWarning and DeepSpeed's "Setting accelerator to
-    CPU" notice, and only those messages."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    deepspeed_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            upstream.silence_cpu_notices()
-            message = "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory"
-            warnings.warn(message + " won't be used.", UserWarning, stacklevel=1)
-            warnings.warn("another warning", UserWarning, stacklevel=1)
-        deepspeed_logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
-        deepspeed_logger.warning("another DeepSpeed message")
-    finally:
-        deepspeed_logger.removeHandler(handler)
-        deepspeed_logger.filters.clear()
-    assert [str(w.message) for w in caught] == ["another warning"]
-    assert [r.getMessage() for r in records] == ["another DeepSpeed message"]
 
 
 def test_the_tensorboard_message_names_what_the_trainer_logs(tmp_path, caplog):
