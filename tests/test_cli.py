@@ -14,8 +14,7 @@ from trl import DPOConfig
 from otpo_trl import OTPOConfig
 from otpo_trl.cli import upstream
 
-from .conftest import REPO_ROOT
-from .testing_utils import CONFIGS, RECIPES, forbid_models, recipe_argv
+from .testing_utils import CONFIGS, RECIPES, REPO_ROOT, forbid_models, recipe_argv
 
 
 ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))

@@ -10,8 +10,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from otpo_trl.cli import launch, main
 
-from .conftest import REPO_ROOT
-from .testing_utils import child_env
+from .testing_utils import REPO_ROOT, child_env
 
 
 # runpy re-runs a module the test session already imported (as `python -m` would run it fresh): expected here.

@@ -58,10 +58,12 @@ def test_a_folder_given_with_results_is_refused_unless_overwrite(tiny_model_dir,
     out.mkdir()
     (out / "eval.md").write_text("an earlier evaluation")
     (out / "notes.txt").write_text("mine")
+    refusal = (
+        r"--output_dir .*eval holds the results of an earlier evaluation \(eval.md\).*--overwrite to replace them"
+    )
     with monkeypatch.context() as patched:
         patched.setattr(evaluate_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before refusing"))
-        with pytest.raises(ValueError, match=r"--output_dir .*eval holds the results of an earlier evaluation \(eval.md\)"
-                           r".*--overwrite to replace them"):  # fmt: skip
+        with pytest.raises(ValueError, match=refusal):
             run(tiny_model_dir, data_file, "--output_dir", str(out))
         with pytest.raises(SystemExit, match="error: --output_dir .*holds the results"):  # the command's exit
             evaluate_cli.cli(["--model", tiny_model_dir, "--data", str(data_file), "--output_dir", str(out)])

@@ -15,8 +15,7 @@ import math
 import pytest
 import yaml
 
-from .conftest import make_tiny_model_dir
-from .testing_utils import CONFIGS, RECIPES, recipe_argv
+from .testing_utils import CONFIGS, RECIPES, make_tiny_model_dir, recipe_argv
 
 
 # What a recipe may name and still run from `pip install otpo-trl` alone (no extras): no tracker, torch's own attention.

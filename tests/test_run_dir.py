@@ -24,8 +24,7 @@ from otpo_trl import runs
 from otpo_trl.runs import plan as run_plan
 from otpo_trl.runs import record as run_record
 
-from .conftest import REPO_ROOT, make_tiny_model_dir
-from .testing_utils import child_env, forbid_models, logged, record, tiny_argv
+from .testing_utils import REPO_ROOT, child_env, forbid_models, logged, make_tiny_model_dir, record, tiny_argv
 
 
 @pytest.fixture(scope="module")

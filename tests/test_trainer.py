@@ -16,7 +16,7 @@ from otpo_trl import OTPOConfig, OTPOTrainer, callbacks, ot_token_weights
 from otpo_trl.callbacks import console_logs
 from otpo_trl.otpo_config import LOSS_TYPES
 
-from .testing_utils import config, conversational_pairs, losses, train_pair
+from .testing_utils import config, conversational_pairs, losses, make_tiny_tokenizer, train_pair
 
 
 def standard_pairs(n=8):
@@ -309,8 +309,6 @@ def test_moe_router_aux_loss_is_kept(tmp_path):
     """A Mixture-of-Experts policy with `output_router_logits`: TRL adds the router's load-balancing loss; OTPO keeps
     it (near-uniform weights reproduce DPO's loss, aux term included)."""
     from transformers import MixtralConfig
-
-    from .conftest import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
     config = MixtralConfig(

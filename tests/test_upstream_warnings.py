@@ -10,7 +10,7 @@ import warnings
 
 from otpo_trl.upstream_warnings import filter_upstream_warnings
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 def test_the_filters_drop_those_messages_and_nothing_else():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 pytestmark = pytest.mark.slow
