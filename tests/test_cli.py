@@ -151,9 +151,10 @@ def test_unknown_key_message_names_the_command_used(train, monkeypatch, argv0, e
     assert str(error.value).endswith(f"See `{command} --help`.")
 
 
-def test_otpo_trl_train_tells_its_processes_the_command(monkeypatch):
+def test_otpo_trl_train_tells_its_processes_the_command(monkeypatch, tiny_model_dir, sample_data_dir):
     """`otpo-trl train` starts the training through `accelerate launch -m`: it names itself in the environment the
-    processes inherit, for their messages."""
+    processes inherit, for their messages. (The model and data are given: the launcher checks that local paths exist,
+    and a clean checkout has no prepared quickstart model.)"""
     import accelerate.commands.launch
 
     from otpo_trl.cli import launch
@@ -164,7 +165,8 @@ def test_otpo_trl_train_tells_its_processes_the_command(monkeypatch):
     monkeypatch.setattr(
         accelerate.commands.launch, "launch_command", lambda args: seen.append(os.environ[COMMAND_ENV])
     )
-    launch.cli(["--config", "quickstart", "--max_steps", "1"])
+    inputs = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(sample_data_dir)]
+    launch.cli(["--config", "quickstart", "--max_steps", "1", *inputs])
     assert seen == ["otpo-trl train"]
 
 
