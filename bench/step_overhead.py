@@ -1,7 +1,10 @@
-"""OTPOTrainer vs DPOTrainer: seconds per training step and peak memory, side by side.
+"""OTPOTrainer vs DPOTrainer: seconds per training step and peak memory, side by side; and what the check of the token
+weights (finite, >= 0, the right shape: one host sync per batch) costs.
 
-Both trainers are built on the same model folder, batch and sequence length. Timing alternates their steps in one
-process (A B A B ...) after warm-up, on the same pre-collated batches, so drift in machine load hits both alike. Peak
+The trainers are built on the same model folder, batch and sequence length. Timing alternates their steps in one
+process (A B C A B C ...) after warm-up, on the same pre-collated batches, so drift in machine load hits all alike: DPO,
+OTPO, and OTPO with the weight check switched off ("otpo_unchecked"), whose difference to OTPO is the check's cost; the
+check's own time is also measured on each call (on a GPU that includes waiting for the work queued before it). Peak
 memory is measured per trainer: CUDA's peak allocation on a GPU; on CPU the peak resident set size of a child process
 that runs only that trainer, with the high-water mark reset after warm-up (so model loading does not set it).
 
@@ -10,8 +13,8 @@ that runs only that trainer, with the high-water mark reset after warm-up (so mo
 On a GPU, offline, use bench/gpu/run.sh: the same alternating comparison on 1B- and 8B-shaped models built from
 configs (bench/RESULTS.md).
 
-Prints the median seconds per step, the OTPO/DPO ratio, the time spent in the OT weights, the peak memory of each
-and its ratio, and writes the same to JSON.
+Prints the median seconds per step, the OTPO/DPO ratio, the time spent in the OT weights and in the weight check, the
+peak memory of each and its ratio, and writes the same to JSON.
 """
 
 import argparse
@@ -30,6 +33,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
+import otpo_trl.forward as forward_helpers
 from otpo_trl import OTPOConfig, OTPOTrainer
 
 
@@ -52,7 +56,7 @@ def parse_args(argv=None):
 
 
 def build(kind, args, dataset, tokenizer):
-    cfg_cls, trainer_cls = (OTPOConfig, OTPOTrainer) if kind == "otpo" else (DPOConfig, DPOTrainer)
+    cfg_cls, trainer_cls = (DPOConfig, DPOTrainer) if kind == "dpo" else (OTPOConfig, OTPOTrainer)
     cfg = cfg_cls(
         output_dir=f"/tmp/step_overhead_{kind}",
         per_device_train_batch_size=args.batch,
@@ -112,6 +116,23 @@ def time_ot(trainer):
     return spent
 
 
+def time_weight_check():
+    """Time every call of the token-weight check (`otpo_trl.forward.token_weight_problems`, which the trainer calls
+    once per batch); `switch["on"] = False` skips it, for the "otpo_unchecked" arm. Returns (switch, seconds)."""
+    check, switch, spent = forward_helpers.token_weight_problems, {"on": True}, []
+
+    def timed(*a, **k):
+        if not switch["on"]:
+            return None
+        t = time.perf_counter()
+        out = check(*a, **k)  # ends in the host sync (`.any()` read on the host)
+        spent.append(time.perf_counter() - t)
+        return out
+
+    forward_helpers.token_weight_problems = timed
+    return switch, spent
+
+
 def _proc_status_bytes(field):
     """`VmRSS` / `VmHWM` of this process from /proc/self/status, in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -148,21 +169,26 @@ def main(argv=None):
     if args.only:
         return peak_memory_child(args.only, args, dataset, tokenizer)
 
-    trainers = {kind: build(kind, args, dataset, tokenizer) for kind in ("dpo", "otpo")}
+    kinds = ("dpo", "otpo", "otpo_unchecked")
+    trainers = {kind: build(kind, args, dataset, tokenizer) for kind in kinds}
     data = {kind: batches(t, args.warmup + args.steps) for kind, t in trainers.items()}
     ot_seconds = time_ot(trainers["otpo"])
-    times = {"dpo": [], "otpo": []}
+    check, check_seconds = time_weight_check()
+    times = {kind: [] for kind in kinds}
     for i in range(args.warmup + args.steps):
-        for kind in ("dpo", "otpo"):  # A B A B ...
+        for kind in kinds:  # A B C A B C ...
+            check["on"] = kind != "otpo_unchecked"
             seconds = step(trainers[kind], data[kind][i])
             if i >= args.warmup:
                 times[kind].append(seconds)
     ot_seconds = ot_seconds[args.warmup :]
+    check_seconds = check_seconds[args.warmup :]
     tokens = int(sum(b["attention_mask"].sum() for b in data["dpo"][args.warmup :])) // args.steps
 
     memory, step_growth = {}, {}  # step_growth: CPU only, peak RSS of the steps above the RSS before them
     if torch.cuda.is_available():
-        for kind, trainer in trainers.items():  # peak of one more step each, measured alone
+        for kind in ("dpo", "otpo"):  # peak of one more step each, measured alone
+            trainer = trainers[kind]
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             step(trainer, data[kind][-1])
@@ -196,6 +222,10 @@ def main(argv=None):
         "time_ratio_otpo_over_dpo": median["otpo"] / median["dpo"],
         "ot_weights_seconds_per_step": statistics.median(ot_seconds),
         "ot_share_of_otpo_step": statistics.median(ot_seconds) / median["otpo"],
+        "weight_check_seconds_per_step": statistics.median(check_seconds),
+        "weight_check_share_of_otpo_step": statistics.median(check_seconds) / median["otpo"],
+        "time_ratio_otpo_over_otpo_unchecked": median["otpo"] / median["otpo_unchecked"],
+        "load_average_at_end": list(os.getloadavg()),  # 1, 5, 15 min, read after the memory runs
         "memory_kind": memory_kind,
         "peak_memory_bytes": memory,
         "memory_ratio_otpo_over_dpo": memory["otpo"] / memory["dpo"],
@@ -208,8 +238,14 @@ def main(argv=None):
     print(f"model {args.model}  batch {args.batch} pairs  max_length {args.max_length}  {tokens} tokens/step")
     print(f"DPO  median {median['dpo']:.3f} s/step   peak {memory['dpo'] / 2**20:.0f} MiB ({memory_kind})")
     print(f"OTPO median {median['otpo']:.3f} s/step   peak {memory['otpo'] / 2**20:.0f} MiB")
+    print(f"OTPO without the weight check: median {median['otpo_unchecked']:.3f} s/step")
     print(
         f"OT weights {result['ot_weights_seconds_per_step'] * 1e3:.1f} ms/step ({result['ot_share_of_otpo_step']:.2%})"
+    )
+    print(
+        f"weight check {result['weight_check_seconds_per_step'] * 1e3:.3f} ms/step "
+        f"({result['weight_check_share_of_otpo_step']:.4%}); OTPO / OTPO unchecked "
+        f"{result['time_ratio_otpo_over_otpo_unchecked']:.3f}"
     )
     if step_growth:
         growth = "   ".join(f"{k.upper()} {v / 2**20:.0f} MiB" for k, v in step_growth.items())

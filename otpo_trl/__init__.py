@@ -6,9 +6,11 @@
 - `otpo_trainer`: `OTPOTrainer`, the one seam with TRL 1.16 (hooks on its fused forwards).
 - `forward`: the fused forward and the last-layer hidden states; `tokenization`: pairs and prompts tokenised as
   `DPOTrainer` does. Both sit below the trainer and the evaluation code.
-- `data`: preference data sets (Hub or local files), checked and filtered; `loading`: the Hub-id-or-path rule, the
-  tokenizer setup, models for analysis; `inspection`: one pair's per-token log-probs, OT weights and implicit rewards;
+- `local_paths`: the Hub-id-or-path rule and the quickstart's paths, pure; `data`: preference data sets (Hub or local
+  files), checked and filtered; `loading`: models and tokenizers, the tokenizer setup, models for analysis; `inspection`: one pair's per-token log-probs, OT weights and implicit rewards;
   `evaluation`: scoring and generation with a trained model; `plotting`: the pictures (matplotlib).
+- `model_card`: the card a run saves; `upstream_warnings`: the upstream warnings that say nothing a user can act on,
+  filtered on import.
 - `cli`: the command lines of `scripts/*.py` (thin wrappers), the run directory included.
 
 `import otpo_trl` itself imports neither torch nor TRL: `OTPOConfig`, `OTPOTrainer` and `ot_token_weights` are loaded
@@ -18,8 +20,12 @@ on first use (PEP 562), so that `otpo-trl --help` answers at once. `from otpo_tr
 import importlib
 from typing import TYPE_CHECKING
 
+from .upstream_warnings import filter_upstream_warnings
+
 
 __version__ = "0.1.0"
+
+filter_upstream_warnings()  # for the Python API and every command alike
 
 # The public names, each with the module that defines it; a module is imported when one of its names is first used.
 _LAZY = {"OTPOConfig": "otpo_config", "OTPOTrainer": "otpo_trainer", "ot_token_weights": "ot"}

@@ -29,7 +29,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import is_conversational
 
-from .loading import looks_like_local_path
+from .local_paths import DATA_FILE_BUILDERS, looks_like_data_path
 
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 # (chosen score, rejected score) column names: TRL / H4 UltraFeedback, then Argilla's cleaned UltraFeedback.
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
-# Local file extension -> `datasets` builder.
-DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def validate_columns(column_names, name: str = "dataset") -> None:
@@ -260,12 +258,6 @@ def drop_empty_pairs(dataset: Dataset, name: str = "dataset") -> Dataset:
         logger.warning(f"Dropped {len(dataset) - len(keep)} of {len(dataset)} pairs of {name}: {counts}.")
         dataset = dataset.select(keep)
     return dataset
-
-
-def looks_like_data_path(name_or_path: str) -> bool:
-    """True for a `dataset_name` that cannot be a Hub id: a local-looking path
-    (`otpo_trl.loading.looks_like_local_path`) or a name ending in a data file's extension (`.jsonl`, ...)."""
-    return looks_like_local_path(name_or_path) or Path(name_or_path).suffix in DATA_FILE_BUILDERS
 
 
 def _holds_no_rows(file: Path) -> bool:

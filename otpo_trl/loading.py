@@ -1,4 +1,5 @@
-"""Loading: the one rule for "Hub id or local path", the tokenizer setup, and models for analysis.
+"""Loading: models and tokenizers by the one rule for "Hub id or local path" (`otpo_trl.local_paths`), the tokenizer
+setup, and models for analysis.
 
 `scripts/train.py` (through `otpo_trl.cli.train`) and the analysis tools load through here, so that a model path is
 checked, and a tokenizer set up, the same way everywhere.
@@ -18,6 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import add_fused_lm_head
 
+from .local_paths import HUB_PAGES, looks_like_local_path, read_chat_template, resolve_model_path
+
 
 logger = logging.getLogger(__name__)
 
@@ -28,35 +31,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-# The Hub's own top-level pages (huggingface.co/models, /datasets, /spaces): no user or organisation can take these
-# names, so `models/<name>` (where `otpo-trl prepare-model` writes) is a path, never a Hub id.
-HUB_PAGES = ("models", "datasets", "spaces")
-
-
-def looks_like_local_path(name_or_path: str) -> bool:
-    """True for a name that cannot be a Hub id ("name" or "org/name"): one that starts with `.`, `/` or `~`, has more
-    than one `/`, or is "org/name" where `org` is one of the Hub's own pages ([`HUB_PAGES`]) or a local folder. Where
-    such a path does not exist, the scripts say so instead of asking the Hub (which, without network, retries for
-    about a minute and a half)."""
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        return True
-    first = name_or_path.split("/")[0] if "/" in name_or_path else None
-    return first is not None and (first in HUB_PAGES or Path(first).is_dir())
-
-
-def resolve_model_path(name_or_path: str, what: str, hint: str = "") -> str:
-    """`name_or_path` as given if it is a local folder or may be a Hub id; a clear error for a missing path."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{what} {name_or_path!r} is a file; expected a model or adapter folder.")
-        return str(path)
-    parent_exists = path.parent != Path(".") and path.parent.is_dir()
-    if looks_like_local_path(name_or_path) or parent_exists:
-        raise FileNotFoundError(f"{what} {name_or_path!r}: no such folder (relative to {Path.cwd()}).{hint}")
-    return name_or_path
 
 
 def check_not_adapter(name_or_path: str, what: str) -> None:
@@ -79,29 +53,6 @@ def check_not_adapter(name_or_path: str, what: str) -> None:
         f"as {what} ({base or 'its base_model_name_or_path'}), with `use_peft: true` to train a new adapter on it; "
         "to train on from this adapter's weights, merge it into its base first (peft's `merge_and_unload()`, then "
         f"`save_pretrained`) and pass the merged folder.{resume}"
-    )
-
-
-def read_chat_template(chat_template: str) -> str:
-    """The Jinja chat template `chat_template` names: the text of the file of that path, or `chat_template` itself
-    when it is a template (holds `{{` or `{%`).
-
-    Raises:
-        ValueError: it is neither a file nor a template (a mistyped path would be used as the template's text, and
-            every prompt and completion would render as that text).
-    """
-    path = Path(chat_template).expanduser()
-    if path.is_file():
-        try:
-            return path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"`chat_template` {chat_template} cannot be read: {err}.") from err
-    if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
-    what = "is a folder" if path.is_dir() else f"is not a file (relative to {Path.cwd()})"
-    raise ValueError(
-        f"`chat_template` {chat_template!r} {what} and not a Jinja template (no `{{{{` or `{{%`). Give the path of a "
-        "file holding the template, or the template itself; leave it unset to use the tokenizer's."
     )
 
 

@@ -1,9 +1,16 @@
 """The model card (`README.md`) that `OTPOTrainer.create_model_card` saves: a card that can be published as it is.
 
-It names the base model as the user gave it (a Hub id, or a local folder's name, never a path of this machine), takes
-the license from the base model's own card when one can be read (its folder's README.md, the Hub cache, or the Hub),
-fills "Training procedure" from the trainer's settings and state (method, `ot_*`, beta, loss, data, steps, precision,
-LoRA or full), shows how to load the result (transformers, or peft for an adapter), and cites OTPO and TRL.
+It names the base model by its Hub id when it has one (a Hub model, or a local folder whose own card says that it is a
+Hub model in another format: `base_model_relation: quantized`, as `otpo-trl prepare-model` writes), else by the local
+folder's name, never by a path of this machine; takes the license from the base model's own card when one can be read
+(its folder's README.md, the Hub cache, or the Hub); fills "Training procedure" from the trainer's settings and state
+(method, `ot_*`, beta, loss, data, steps, precision, LoRA or full); shows how to load the result with code that runs as
+written (the Hub ids, or the folders relative to the directory the run was started from); and cites OTPO and TRL.
+
+Checkpoint folders get no card ([`CheckpointCardCallback`]): a checkpoint is for resuming; the run's card is at the top
+of `output_dir`. A LoRA adapter's `adapter_config.json` keeps PEFT's `base_model_name_or_path`, the base model's folder
+on the training machine (so that the adapter loads from any directory there); the card says to load the base by
+its Hub id or folder instead.
 """
 
 import enum
@@ -13,6 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .otpo_config import OT_FIELDS
 
@@ -43,27 +52,58 @@ def public_name(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def _card_data(name_or_path: str) -> dict:
+    """The metadata of a base model's card: its folder's README.md, else the Hub cache, else the Hub (not at all
+    with `HF_HUB_OFFLINE=1`); raises when there is none."""
+    if is_local(name_or_path):
+        readme = Path(os.path.expanduser(name_or_path)) / "README.md"
+        if not readme.is_file():
+            raise FileNotFoundError(readme)
+        return ModelCard.load(readme).data.to_dict()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "README.md")
+    return ModelCard.load(cached if isinstance(cached, str) else name_or_path).data.to_dict()
+
+
 @functools.lru_cache(maxsize=16)
 def base_model_license(name_or_path: str | None) -> tuple[tuple[str, str], ...]:
     """The `license` (and `license_name`, `license_link`) of the base model's card, as `(key, value)` pairs; empty
-    when no card can be read. Looked up once per process: the Hub is asked only for a Hub id whose card is not cached,
-    and not at all with `HF_HUB_OFFLINE=1`."""
+    when no card can be read. Looked up once per process."""
     if not name_or_path:
         return ()
     try:
-        if is_local(name_or_path):
-            readme = Path(os.path.expanduser(name_or_path)) / "README.md"
-            if not readme.is_file():
-                return ()
-            data = ModelCard.load(readme).data
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name_or_path, "README.md")
-            data = ModelCard.load(cached if isinstance(cached, str) else name_or_path).data
+        data = _card_data(name_or_path)
     except Exception:  # no card, offline, private or gated repository: the card says that the license is unknown
         return ()
     return tuple((key, str(data.get(key))) for key in _LICENSE_KEYS if data.get(key))
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id of a base model: `name_or_path` itself when it is not local; for a local folder, the `base_model`
+    of its card when the card says the folder is that model in another format (`base_model_relation: quantized`,
+    as `otpo-trl prepare-model` writes); else None (a local model of unknown origin)."""
+    if not name_or_path:
+        return None
+    if not is_local(name_or_path):
+        return name_or_path
+    try:
+        data = _card_data(name_or_path)
+    except Exception:  # no card, or an unreadable one: the origin is unknown
+        return None
+    base = data.get("base_model")
+    base = base[0] if isinstance(base, list) and len(base) == 1 else base
+    return base if data.get("base_model_relation") == "quantized" and isinstance(base, str) else None
+
+
+def shown_path(path: str) -> tuple[str, bool]:
+    """`(text, runs)`: a local folder as code in a card may load it: relative to the current directory when inside it
+    (`runs`: the code runs as written from there), else by its name only (`runs` False). Never absolute."""
+    folder = Path(os.path.expanduser(path)).resolve()
+    try:
+        return folder.relative_to(Path.cwd().resolve()).as_posix() or ".", True
+    except ValueError:
+        return folder.name, False
 
 
 def _version(package: str) -> str | None:
@@ -82,14 +122,16 @@ def _value(value) -> str:
 
 
 def _loading_snippet(model_id: str, base: str, adapter: bool) -> str:
+    """Code that loads the model (`model_id`: a Hub id or a folder) and answers one question; for an adapter, the base
+    (`base`: a Hub id or a folder) first."""
     if adapter:
         return f"""\
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base}")  # the base model (its Hub id or local folder)
-model = PeftModel.from_pretrained(base, "{model_id}")  # this adapter (model.merge_and_unload() merges it)
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "{model_id}")  # model.merge_and_unload() merges the adapter
 tokenizer = AutoTokenizer.from_pretrained("{model_id}")
 
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
@@ -179,33 +221,54 @@ def training_procedure(trainer, dataset_name: str | None) -> list[tuple[str, str
     return rows
 
 
+def default_model_name(trainer) -> str:
+    """The card's `model_name` when none is given: the Hub repository's name when pushing, else the base model's name
+    and the method (`SmolLM2-135M-Instruct-OTPO`)."""
+    hub_model_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
+    if hub_model_id:
+        return hub_model_id.split("/")[-1]
+    from trl.trainer.utils import get_config_model_id
+
+    base_path = get_config_model_id(trainer.model.config)
+    base = (hub_id(base_path) or public_name(base_path) or "model").split("/")[-1]
+    return f"{base}-{trainer._name}"
+
+
 def otpo_model_card(
     trainer,
     model_name: str | None = None,
     dataset_name: str | None = None,
     tags: str | list[str] | None = None,
     license: str | None = None,
+    folder: str | None = None,
 ) -> ModelCard:
-    """The model card of `trainer`'s model (an `OTPOTrainer`), trained on `dataset_name` (a Hub id or a local path).
+    """The model card of `trainer`'s model (an `OTPOTrainer`), trained on `dataset_name` (a Hub id or a local path),
+    for the model saved in `folder` (default: `output_dir`).
 
-    `model_name` defaults to the name of `output_dir`; `tags` are added to the trainer's `_tag_names` (and `hf_jobs`
-    in a Hugging Face job, as TRL does); `license` replaces the one read from the base model's card."""
+    `model_name` defaults to [`default_model_name`]; TRL 1.16's `_save_checkpoint` passes the name of `output_dir`,
+    which is taken as no name given (it is TRL's default). `tags` are added to the trainer's `_tag_names` (and
+    `hf_jobs` in a Hugging Face job, as TRL does); `license` replaces the one read from the base model's card."""
     from trl.trainer.utils import get_comet_experiment_url, get_config_model_id, get_trackio_space_url
 
     args = trainer.args
+    folder = str(folder or args.output_dir)
+    if model_name is None or model_name == Path(str(args.output_dir)).name:
+        model_name = default_model_name(trainer)
     tags = [tags] if isinstance(tags, str) else list(tags or [])
     tags = list(dict.fromkeys([*tags, *trainer._tag_names, *(["hf_jobs"] if "JOB_ID" in os.environ else [])]))
     base_path = get_config_model_id(trainer.model.config)
-    base = public_name(base_path) or "the base model"
+    base_id = hub_id(base_path)
     adapter = bool(getattr(trainer.model, "peft_config", None))
-    hub_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
-    output_dir = str(args.output_dir)
-    model_id = hub_id or (output_dir if not os.path.isabs(output_dir) else Path(output_dir).name)
-    model_name = model_name or Path(output_dir).name
+    pushed_to = getattr(trainer, "hub_model_id", None) or args.hub_model_id
+    model_id, model_loads = (pushed_to, True) if pushed_to else shown_path(folder)
+    if base_id or not base_path:
+        base, base_loads = base_id or "the base model", bool(base_id)
+    else:
+        base, base_loads = shown_path(base_path)
     license_info = {"license": license} if license else dict(base_model_license(base_path))
 
     card_data = ModelCardData(
-        base_model=None if is_local(base_path) or not base_path else base_path,
+        base_model=base_id,
         datasets=[dataset_name] if dataset_name and not is_local(dataset_name) else None,
         library_name="peft" if adapter else "transformers",
         model_name=model_name,
@@ -214,10 +277,12 @@ def otpo_model_card(
         **license_info,
     )
 
-    if is_local(base_path):
-        base_text = f"`{base}` (a local model folder)"
+    if base_id:
+        base_text = f"[{base_id}](https://huggingface.co/{base_id})"
+        if is_local(base_path):
+            base_text += f" (its local copy `{public_name(base_path)}`)"
     else:
-        base_text = f"[{base}](https://huggingface.co/{base})"
+        base_text = f"`{public_name(base_path) or base}` (a local model folder)"
     what = "a LoRA adapter for" if adapter else "a fine-tuned version of"
     license_text = (
         f"License: `{license_info['license']}`" + ("." if license else ", that of the base model.")
@@ -239,10 +304,14 @@ def otpo_model_card(
         _loading_snippet(model_id, base, adapter),
         "",
     ]
+    needed = [("this model", model_loads)] + ([("the base model", base_loads)] if adapter else [])
+    unresolved = [what for what, loads in needed if not loads]
+    if unresolved:
+        lines += [f"Give the folder (or Hub id) of {' and '.join(unresolved)} where the code names it.", ""]
     if adapter and is_local(base_path):
         lines += [
             "`adapter_config.json` records the base model as the folder it was trained from on the training machine: "
-            "load the base yourself, as above, rather than with `AutoPeftModelForCausalLM`.",
+            "load the base as above rather than with `AutoPeftModelForCausalLM`.",
             "",
         ]
     lines += ["## Training procedure", ""]
@@ -270,6 +339,27 @@ def otpo_model_card(
     lines += ["", "## Citations", "", f"Cite {trainer._name} as:", "", "```bibtex", trainer._paper["citation"], "```"]
     lines += ["", "Cite TRL as:", "", "```bibtex", TRL_CITATION, "```", ""]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def save_model_card(trainer, folder: str | None = None, **kwargs) -> None:
+    """Save [`otpo_model_card`]`(trainer, folder=folder, **kwargs)` as `<folder>/README.md` (default: `output_dir`),
+    on the main process only: the body of `OTPOTrainer.create_model_card` and `save_model`."""
+    if trainer.is_world_process_zero():
+        folder = str(folder or trainer.args.output_dir)
+        otpo_model_card(trainer, folder=folder, **kwargs).save(os.path.join(folder, "README.md"))
+
+
+class CheckpointCardCallback(TrainerCallback):
+    """Leaves checkpoint folders without a card: removes the README.md that PEFT's `save_pretrained` (peft 0.18+)
+    writes into each checkpoint of an adapter, a template that names the base model by its path on this machine. The
+    run's card is the one at the top of `output_dir`."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        readme = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "README.md"
+        if readme.is_file() and ModelCard.load(readme).data.get("library_name") == "peft":
+            readme.unlink()  # PEFT's template, written by this save: this run's own file
 
 
 def _wandb_url() -> str | None:

@@ -1,159 +1,60 @@
-"""OTPOTrainer: TRL's DPOTrainer with optimal-transport token weights.
-
-The seam, in one place: TRL 1.16's `DPOTrainer._compute_loss` runs the policy and then the reference through the
-models' fused LM head (`model(..., labels=..., fused_lm_head=True)`) and sums the returned per-token `log_probs`.
-`OTPOTrainer` sets one `_OTStep` per batch (`_ot_step`, a context manager) and registers forward hooks on its policy
-and reference models. The hook of the policy call captures the last-layer hidden states, computes the token weights
-(`compute_token_weights`, OT by default) and weights the policy's per-token log-probs; the hook of the reference call
-weights the reference's with the same weights. Everything downstream (every `loss_type` and their mixtures, LD,
-f-divergences, MoE aux loss, metrics) is TRL's own code, run on OTPO's weighted sums. Hooks, not a patched `forward`:
-the models' `forward` (and so `generate`) stay TRL's, and several trainers may share a model.
-"""
+"""`OTPOTrainer`: TRL 1.16's `DPOTrainer` with token weights on the policy's and the reference's per-token log-probs,
+by one forward hook per model on the batch in progress (`_BatchHookState`). Manual: docs/otpo_trainer.md."""
 
 import contextlib
 import math
 import textwrap
 import warnings
 import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
-from transformers import TrainerCallback
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.utils import logging
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
+from trl.trainer.utils import get_config_model_id
 
-from .forward import backbone, fused_forward, last_hidden_state, predicting_states
-from .ot import ot_token_weights
+from . import forward
+from .callbacks import install_otpo_callbacks
+from .model_card import save_model_card
+from .ot import ot_token_weights, token_weight_stats
 from .otpo_config import OTPOConfig, ot_kwargs
 
 
-logger = logging.get_logger(__name__)
-
-
 @dataclass
-class _OTStep:
-    """The state of one batch, shared by its fused forwards: set by `OTPOTrainer._ot_step`, read by the hooks."""
+class _BatchHookState:
+    """What the hooks share during one batch's fused forwards (a batch, not a step: a step may hold several batches,
+    and evaluation and `concatenated_forward` batches belong to none). Made by `OTPOTrainer._hooked_batch`."""
 
-    trainer: "OTPOTrainer"
     inputs: dict[str, Any]  # the collated batch; precomputed per-token reference values are replaced by weighted sums
     shift_mask: torch.Tensor  # (2B, T-1) bool: the completion tokens of [chosen; rejected], aligned with log_probs
-    reference_only: bool = False  # precomputing reference log-probs: every fused call is the reference
-    role: str | None = None  # of the fused call in progress: "policy" or "reference"
-    hidden: torch.Tensor | None = None  # (2B, P+T, H) detached last-layer states of the policy call
-    weights: torch.Tensor | None = None  # (2B, T-1) token weights, set by the policy call
+    hidden: torch.Tensor | None = None  # (2B, P+T, H) detached last-layer states of the backbone's latest call
+    weights: torch.Tensor | None = None  # (2B, T-1) checked token weights (0 outside the completions), by the policy
     policy_log_probs: torch.Tensor | None = None  # (2B, P+T-1) the policy's unweighted per-token log-probs
-    ref_log_probs: torch.Tensor | None = None  # (2B, P+T-1) unweighted, kept by a `reference_only` call
-
-
-# The batch in progress (None outside `compute_loss` / `compute_ref_log_probs`): a context variable, not a trainer
-# field, so that hooks of several trainers on a shared model act only for the trainer whose batch it is.
-_ACTIVE_STEP: ContextVar[_OTStep | None] = ContextVar("otpo_active_step", default=None)
-
-
-def _call_weakly(method):
-    """A hook calling `method` (a bound method) through a weak reference; a no-op once its object is gone."""
-    ref = weakref.WeakMethod(method)
-
-    def hook(*args, **kwargs):
-        bound = ref()
-        return None if bound is None else bound(*args, **kwargs)
-
-    return hook
-
-
-def _remove_hooks(handles) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-def console_logs(logs: dict[str, Any], max_iter: int) -> dict[str, Any]:
-    """The logs as the console shows them: `ot/fallbacks` only when a pair fell back, `ot/solver_iters` only when the
-    solver stopped at `ot_max_iter` (it did not converge). Every key still reaches the loggers and `log_history`."""
-    quiet = {}
-    for key, value in logs.items():
-        if key.endswith("ot/fallbacks") and value == 0:
-            continue
-        if key.endswith("ot/solver_iters") and value < max_iter:
-            continue
-        quiet[key] = value
-    return quiet
-
-
-class _ConsoleLogs:
-    """Prints [`console_logs`] of the logs (the training arguments are OTPOConfig's: `ot_max_iter`)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return super().on_log(args, state, control, logs=console_logs(logs or {}, args.ot_max_iter), **kwargs)
-
-
-class OTPOProgressCallback(_ConsoleLogs, ProgressCallback):
-    """transformers' `ProgressCallback`, printing [`console_logs`]."""
-
-
-class OTPOPrinterCallback(_ConsoleLogs, PrinterCallback):
-    """transformers' `PrinterCallback` (with `disable_tqdm`), printing [`console_logs`]."""
-
-
-_CONSOLE_CALLBACKS = {ProgressCallback: OTPOProgressCallback, PrinterCallback: OTPOPrinterCallback}
-
-
-def _quiet_console_logs(trainer: "OTPOTrainer") -> None:
-    """Swap transformers' console callback for its OTPO version, which prints [`console_logs`]: OTPO's per-step line
-    then has the length of DPOTrainer's plus three `ot/*` values. Targets transformers 5.24's callbacks, which print
-    every logged key."""
-    for callback in list(trainer.callback_handler.callbacks):
-        if type(callback) in _CONSOLE_CALLBACKS:
-            trainer.callback_handler.remove_callback(callback)
-            trainer.callback_handler.add_callback(_CONSOLE_CALLBACKS[type(callback)]())
-
-
-class OTWeightHistogramCallback(TrainerCallback):
-    """Writes a histogram of the OT token weights (completion tokens of the last training batch) to TensorBoard at
-    every logging step, beside the `ot/*` scalars. Added by `OTPOTrainer` when `report_to` includes tensorboard."""
-
-    def __init__(self, trainer: "OTPOTrainer"):
-        self.trainer = trainer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        weights = self.trainer._ot_last_weights
-        if weights is None or "loss" not in (logs or {}):  # training logs only
-            return
-        for callback in self.trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                callback.tb_writer.add_histogram("ot/token_weights", weights, state.global_step)
 
 
 class OTPOTrainer(DPOTrainer):
     """
     Trainer for Optimal-Transport token-weighted preference optimisation (OTPO).
 
-    A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same data formats, same `loss_type`s. For each
-    preference pair, the policy's (detached) last-layer hidden states of the chosen and rejected completion tokens
-    define an unbalanced OT problem (see [`ot_token_weights`]); the plan's marginals weight the per-token log-probs of
-    both the policy and the reference before TRL sums them into the DPO loss. Another token weighting: subclass and
-    override [`compute_token_weights`].
+    A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, data formats and `loss_type`s. The only change:
+    before TRL sums the policy's and the reference's per-token log-probs, both are multiplied by the batch's token
+    weights from [`compute_token_weights`] (OTPO's: the marginals of an unbalanced OT plan between the chosen and the
+    rejected completion's last-layer states, [`ot_token_weights`]). For another weighting, override that method (and
+    set `allow_negative_token_weights = True` if it means to return negative weights).
 
-    Notes:
-        - WPO (`use_weighting=True`) keeps weighting pairs by the policy's *unweighted* sequence probability.
-        - The `sft` loss term averages the OT-weighted chosen log-probs.
-        - `precompute_ref_log_probs=True` stores per-token reference log-probs (width `max_length`, rounded up to
-          `pad_to_multiple_of`), since the weights depend on the current policy and can only be applied at train time.
-
-    What this relies on in TRL 1.16 (`trl>=1.16,<1.17`, checked by `tests/test_trainer.py`):
+    What this relies on in TRL 1.16 (`trl>=1.16,<1.17`, checked by `tests/test_trainer.py`) and PEFT:
         - `DPOTrainer._compute_loss` calls the policy, then (unless precomputed) the reference, each once per batch as
           `model(..., labels=..., fused_lm_head=True)`, and sums `outputs.log_probs[:, -(T-1):]` (with `ld_alpha`,
-          shared and tail parts); with PEFT and no `ref_model`, the reference is the policy under TRL's
-          `use_adapter` (adapters disabled, or the adapter named "ref" active). A reference call without a policy
-          call before it is an error here, not a silent unweighted loss.
+          shared and tail parts). With PEFT and no `ref_model`, the reference is the policy under TRL's `use_adapter`:
+          adapters disabled (PEFT's public `PeftModel.has_active_enabled_adapter`, PEFT >= 0.18) or the adapter
+          named "ref" active.
         - WPO reads `outputs.log_sum_sq_probs` (`FusedCausalLMOutput`); `_metrics[mode]` collects the logged metrics.
-        - `DPOTrainer.__init__` calls `_precompute_ref_logps` → `compute_ref_log_probs` (before our `__init__`
-          resumes), and `_compute_loss` reads `inputs["ref_chosen_logps"]` / `["ref_rejected_logps"]` after the policy
-          call; `self._precompute_model_hash` keys the cache of those values.
+        - With `precompute_ref_log_probs`: `_precompute_ref_logps` stores what `compute_ref_log_probs` returns, in a
+          cache keyed by `self._precompute_model_hash`, and `_compute_loss` reads it from `inputs["ref_chosen_logps"]`
+          / `["ref_rejected_logps"]` after the policy call.
     """
 
     _tag_names = ["trl", "dpo", "otpo"]
@@ -172,170 +73,123 @@ class OTPOTrainer(DPOTrainer):
                 eprint       = {arXiv:2505.18720},
             }"""),
     }
+    allow_negative_token_weights = False  # a negative weight reverses that token's preference: refused unless True
 
     def __init__(self, model, ref_model=None, args: OTPOConfig | None = None, *pargs, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            # DPOConfig's default bf16 fails without a bf16-capable GPU (unless use_cpu); fp32 runs well on any CPU.
+        if args is None:  # named as DPOTrainer names its; fp32 unless a GPU does bf16 (DPOConfig's bf16 fails there)
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            if not bf16:
-                logger.info("No bf16-capable GPU: the default OTPOConfig trains in fp32 (bf16=False).")
             args = OTPOConfig(f"{name.split('/')[-1]}-OTPO", bf16=bf16)
         elif not isinstance(args, OTPOConfig):
-            if not isinstance(args, DPOConfig):
-                raise TypeError(f"`args` must be an `OTPOConfig`, got {type(args).__name__}.")
             raise TypeError(
-                "`args` is a `DPOConfig`; OTPOTrainer needs an `OTPOConfig` (same fields plus the `ot_*` ones): "
-                "replace `DPOConfig(...)` with `OTPOConfig(...)`."
+                f"`args` must be an `OTPOConfig` (a `DPOConfig` with the `ot_*` fields), got {type(args).__name__}: "
+                "build it as `OTPOConfig(...)`, with the same arguments."
             )
         if args.precompute_ref_log_probs and args.max_length is None:
             raise ValueError(
                 "`precompute_ref_log_probs=True` needs `max_length`: OTPO stores per-token reference log-probs "
                 "(the OT weights are only known at train time), padded to `max_length`."
             )
-        self._ot_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._ot_policy: torch.nn.Module | None = None  # the unwrapped policy (a PeftModel with PEFT), hooked
-        self._ot_reference: torch.nn.Module | None = None  # the unwrapped reference model, if any, hooked
-        self._ot_warned_fallback = False
         self._ot_hash_tagged = False
-        self._ot_last_weights: torch.Tensor | None = None  # (n_tokens,) of the last training batch, for TensorBoard
-        self._ot_histogram = False
-        self._ot_eval_prefix: str | None = None  # `metric_key_prefix` of the evaluation in progress, for `log`
+        self._ot_batch: _BatchHookState | None = None  # the batch in progress, for the hooks (`_hooked_batch`)
+        self._ot_sampled: tuple[tuple, int] = ((), -1)  # the phase of the latest sampling generator, and its number
         super().__init__(model, ref_model, args, *pargs, **kwargs)
+        self._weight_histogram = install_otpo_callbacks(self.callback_handler)  # None without TensorBoard
         self._install_ot_hooks()
-        self._ot_histogram = "tensorboard" in (self.args.report_to or [])
-        if self._ot_histogram:
-            self.add_callback(OTWeightHistogramCallback(self))
-        _quiet_console_logs(self)
 
     # ------------------------------------------------------------------ the seam with TRL's fused forwards
 
     def _install_ot_hooks(self) -> None:
-        """Hook the policy, its backbone and the reference (once; TRL's `__init__` may need them before ours runs)."""
-        if self._ot_hooks:
-            return
-        self._ot_policy = self.accelerator.unwrap_model(self.model)
-        modules = [self._ot_policy]
-        if self.ref_model is not None:
-            self._ot_reference = self.accelerator.unwrap_model(self.ref_model)
-            modules.append(self._ot_reference)
-        # The hooks hold the trainer weakly and go with it: a model outliving its trainer (a sweep, a policy handed to
-        # the next trainer) neither keeps the trainer's optimizer state alive nor runs its hooks.
-        for module in modules:
-            pre, post = _call_weakly(self._ot_pre_forward), _call_weakly(self._ot_post_forward)
-            self._ot_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            self._ot_hooks.append(module.register_forward_hook(post, with_kwargs=True))
-        self._ot_hooks.append(backbone(self._ot_policy).register_forward_hook(_call_weakly(self._ot_capture_hidden)))
-        weakref.finalize(self, _remove_hooks, list(self._ot_hooks))
+        """Hook the policy, its backbone and the reference. The hooks hold the trainer weakly and go with it: a model
+        outliving its trainer (a sweep, a policy handed on) neither keeps the trainer alive nor runs its hooks."""
+        policy = self.accelerator.unwrap_model(self.model)
+        self._ot_reference = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+        capture, weigh = weakref.WeakMethod(self._ot_capture_hidden), weakref.WeakMethod(self._ot_weigh)
+        hooks = [forward.backbone(policy).register_forward_hook(lambda *a: capture() and capture()(*a))]
+        for module in (m for m in (policy, self._ot_reference) if m is not None):
+            hooks.append(module.register_forward_hook(lambda *a, **k: weigh() and weigh()(*a, **k), with_kwargs=True))
+        weakref.finalize(self, lambda handles: [handle.remove() for handle in handles], hooks)
 
     @contextlib.contextmanager
-    def _ot_step(self, inputs: dict[str, Any], reference_only: bool = False):
-        """Make `inputs` the batch of the fused forwards run inside; yields its `_OTStep`."""
-        step = _OTStep(self, inputs, inputs["completion_mask"][:, 1:].bool(), reference_only)
-        token = _ACTIVE_STEP.set(step)
+    def _hooked_batch(self, inputs: dict[str, Any]):
+        """Make `inputs` the batch that this trainer's hooks act on, while inside; yields its `_BatchHookState`."""
+        self._ot_batch = _BatchHookState(inputs, inputs["completion_mask"][:, 1:].bool())
         try:
-            yield step
+            yield self._ot_batch
         finally:
-            _ACTIVE_STEP.reset(token)
-
-    def _my_step(self, kwargs: dict[str, Any]) -> _OTStep | None:
-        step = _ACTIVE_STEP.get()
-        return step if step is not None and step.trainer is self and kwargs.get("fused_lm_head") else None
-
-    def _ot_pre_forward(self, module, args, kwargs):
-        """Decide, before a fused forward of this trainer's batch, whether it is the policy's or the reference's."""
-        step = self._my_step(kwargs)
-        if step is None:
-            return
-        if step.reference_only or module is self._ot_reference:
-            step.role = "reference"
-        elif getattr(module, "_adapters_disabled", False) or getattr(module, "active_adapter", None) == "ref":
-            step.role = "reference"  # PEFT: TRL's `use_adapter` runs the reference on the policy's backbone
-        else:
-            step.role = "policy"
+            self._ot_batch = None
 
     def _ot_capture_hidden(self, module, args, output):
-        step = _ACTIVE_STEP.get()
-        if step is not None and step.trainer is self and step.role == "policy":
-            step.hidden = last_hidden_state(output)
+        if self._ot_batch is not None:
+            self._ot_batch.hidden = forward.last_hidden_state(output)
 
-    def _ot_post_forward(self, module, args, kwargs, outputs):
-        """Weight the per-token log-probs of a fused forward of this trainer's batch (see the module docstring)."""
-        step = self._my_step(kwargs)
-        if step is None or step.role is None:
+    def _ot_weigh(self, module, args, kwargs, outputs):
+        """After a fused forward of this trainer's batch: compute the weights (policy) and weight the log-probs."""
+        if (batch := self._ot_batch) is None or not kwargs.get("fused_lm_head"):
             return None
-        role, step.role = step.role, None
-        if step.reference_only:
-            step.ref_log_probs = outputs.log_probs
-            return None
-        if role == "policy":
-            seq_len = step.shift_mask.size(1)
-            hidden = predicting_states(step.hidden, seq_len)
-            step.weights = self.compute_token_weights(*hidden.chunk(2), *step.shift_mask.chunk(2))
-            step.policy_log_probs = outputs.log_probs
+        # The reference: the reference model, or the PEFT policy under TRL's `use_adapter` (adapters disabled or "ref")
+        peft_ref = is_peft_model(module) and (not module.has_active_enabled_adapter or module.active_adapter == "ref")
+        if not (module is self._ot_reference or peft_ref):
+            hidden = forward.predicting_states(batch.hidden, batch.shift_mask.size(1))
+            weights = self.compute_token_weights(*hidden.chunk(2), *batch.shift_mask.chunk(2))
+            batch.weights, batch.policy_log_probs = self._checked(weights, batch.shift_mask), outputs.log_probs
             if self.precompute_ref_logps:
-                self._weight_precomputed_ref(step)
-        elif step.weights is None:
+                self._weight_precomputed_ref(batch.inputs, batch.weights, batch.shift_mask)
+            if self._weight_histogram is not None and self.model.training:
+                self._weight_histogram.keep(batch.weights, batch.shift_mask)
+        elif batch.weights is None:
             raise RuntimeError(
                 "OTPOTrainer: a reference forward ran before the policy forward of its batch, so there are no token "
                 "weights for it. OTPOTrainer relies on TRL 1.16's order (policy first); check the installed TRL."
             )
-        self._apply_weights(outputs, step.weights)
+        forward.weight_log_probs(outputs, batch.weights)
         return outputs
 
+    def _checked(self, weights, mask: torch.Tensor) -> torch.Tensor:
+        """`compute_token_weights`' weights where they enter the loss (one host sync), returned 0 outside `mask`."""
+        if problem := forward.token_weight_problems(weights, mask, self.allow_negative_token_weights):
+            mode = "training" if self.model.training else "evaluation"
+            fix = "; if you mean negative weights, set `allow_negative_token_weights = True` on the trainer class"
+            raise ValueError(
+                f"{type(self).compute_token_weights.__qualname__} returned token weights with {problem} (global_step "
+                f"{self.state.global_step}, {mode}). They must be one (2B, T-1) tensor, finite and >= 0 at the "
+                f"completion tokens{fix if 'negative' in problem else ''}."  # listed only when not allowed
+            )
+        return weights.masked_fill(~mask, 0)  # values outside the completions are not read
+
+    def _sampling_generator(self) -> torch.Generator:
+        """A fresh CPU generator for a weighting that samples (SamPO), seeded from `seed`, the process and: in
+        training, `global_step` and the generators made before in that step (a resumed run draws what the
+        uninterrupted one drew); in evaluation, those made before in that evaluation (each evaluation draws alike)."""
+        phase = (0, self.state.global_step) if self.model.training else (1,)
+        self._ot_sampled = (phase, self._ot_sampled[1] + 1 if self._ot_sampled[0] == phase else 0)
+        words = [self.args.seed, self.accelerator.process_index, *phase, self._ot_sampled[1]]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The policy's forward of a concatenated [chosen; rejected] batch, through the same hooks as training.
+        """The policy's (`model`, possibly wrapped) forward of a collated [chosen; rejected] batch (`input_ids`,
+        `attention_mask`, `completion_mask`, each (2B, T)) through the hooks of training, to inspect what a training
+        step sees. Under TRL 1.16 training does not call it: `_compute_loss` calls the policy itself, so the hooks do
+        the work (routing that call here would mean copying the method or calling the policy twice).
 
-        Training does not call this method: TRL 1.16's `_compute_loss` makes the policy call itself, and routing it
-        through here would mean copying that method (~250 lines: every loss type, LD, f-divergences, metrics) or
-        calling the (DDP / DeepSpeed-wrapped) policy twice per batch. So the work of a training step is in the hooks
-        (`_ot_post_forward` → `compute_token_weights`), and this method runs the same forward through the same hooks
-        to inspect what a training step sees.
-
-        Args:
-            model: the policy (possibly wrapped by accelerate / PEFT).
-            inputs: a collated batch: `input_ids`, `attention_mask`, `completion_mask`, each (2B, T).
-
-        Returns:
-            dict with `per_token_logps` (2B, T-1), unweighted log-prob of token t+1; `weights` (2B, T-1), the token
-            weights; `completion_mask` (2B, T-1) bool, the completion tokens among them; `hidden_states`
-            (2B, T-1, H), the detached last-layer state at position t, the one predicting token t+1.
-        """
-        with self._ot_step(inputs) as step:
-            fused_forward(model, inputs)  # the hooks capture, weight and keep what is returned below
-        seq_len = step.shift_mask.size(1)
+        Returns a dict of `per_token_logps` (2B, T-1), the unweighted log-prob of token t+1 at position t; `weights`
+        (2B, T-1), the checked token weights; `completion_mask` (2B, T-1) bool; `hidden_states` (2B, T-1, H), the
+        detached last-layer state at position t, the one predicting token t+1."""
+        with self._hooked_batch(inputs) as batch:
+            forward.fused_forward(model, inputs)  # the hooks capture, weight and keep what is returned below
+        seq_len = batch.shift_mask.size(1)
         return {
-            "per_token_logps": step.policy_log_probs[:, -seq_len:],
-            "weights": step.weights,
-            "completion_mask": step.shift_mask,
-            "hidden_states": predicting_states(step.hidden, seq_len),
+            "per_token_logps": batch.policy_log_probs[:, -seq_len:],
+            "weights": batch.weights,
+            "completion_mask": batch.shift_mask,
+            "hidden_states": forward.predicting_states(batch.hidden, seq_len),
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self._ot_step(inputs):
+        with self._hooked_batch(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    @staticmethod
-    def _apply_weights(outputs, weights: torch.Tensor) -> None:
-        """Multiply the last `T-1` positions of `outputs.log_probs` (2B, P+T-1) by `weights` (2B, T-1) in place of
-        the output field. Prompt-learning PEFT prepends P virtual positions; those keep weight 1 (their label is -100).
-        """
-        log_probs = outputs.log_probs
-        full = torch.ones_like(log_probs, dtype=weights.dtype)
-        full[:, -weights.size(1) :] = weights
-        weighted = log_probs * full.to(log_probs.dtype)
-        if outputs.log_sum_sq_probs is not None:
-            # WPO reads `log_probs - log_sum_sq_probs`: shift the latter so WPO still sees unweighted probabilities.
-            outputs.log_sum_sq_probs = outputs.log_sum_sq_probs + (weighted - log_probs).detach()
-        outputs.log_probs = weighted
-
-    def compute_token_weights(
-        self,
-        chosen_hidden: torch.Tensor,
-        rejected_hidden: torch.Tensor,
-        chosen_mask: torch.Tensor,
-        rejected_mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def compute_token_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask) -> torch.Tensor:
         """The token weights of a batch; override this method for another token weighting.
 
         Args:
@@ -343,98 +197,56 @@ class OTPOTrainer(DPOTrainer):
                 position t-1 being the one that predicts token t.
             chosen_mask, rejected_mask: (B, T-1) bool, True at the completion tokens.
 
-        Returns:
-            (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
-            log-probs (values at masked positions are not read). OTPO's: the OT plan's marginals (`ot_*` settings),
-            with their `ot/*` metrics logged.
+        Returns (2B, T-1) weights of [chosen; rejected], multiplied into the policy's and the reference's per-token
+        log-probs: finite and >= 0 at the completion tokens (checked; `allow_negative_token_weights` lifts the
+        latter), not read elsewhere. OTPO's: the OT plan's marginals (`ot_*` settings), with `ot/*` metrics logged.
         """
-        with warnings.catch_warnings():  # a fallback is logged once below and counted in `ot/fallbacks`
+        options = dict(ot_kwargs(self.args), return_info=True, return_plan=False)
+        options["generator"] = self._sampling_generator() if self.args.ot_weighting == "sampo" else None
+        with warnings.catch_warnings():  # a fallback is counted in `ot/fallbacks` (the console explains it once)
             warnings.filterwarnings("ignore", message="OT weights: ", category=UserWarning)
             chosen_w, rejected_w, info = ot_token_weights(
-                chosen_hidden,
-                rejected_hidden,
-                chosen_mask,
-                rejected_mask,
-                **ot_kwargs(self.args),
-                return_info=True,
-                return_plan=False,
+                chosen_hidden, rejected_hidden, chosen_mask, rejected_mask, **options
             )
-        weights = torch.cat([chosen_w, rejected_w], dim=0)
-        shift_mask = torch.cat([chosen_mask, rejected_mask], dim=0)
-        self._log_ot_metrics(weights, shift_mask, info)
-        if self._ot_histogram and self.model.training:
-            self._ot_last_weights = weights[shift_mask].cpu()
+        weights = torch.cat([chosen_w, rejected_w])
+        self._log_ot_metrics(weights, torch.cat([chosen_mask, rejected_mask]), info)
         return weights
 
-    # ------------------------------------------------------------------ OT metrics
-
     def _log_ot_metrics(self, weights: torch.Tensor, mask: torch.Tensor, info) -> None:
-        mode = "train" if self.model.training else "eval"
-        lengths = mask.sum(dim=1)
-        has_tokens = lengths > 0
-        p = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
-        # Entropy normalised by log(length): 1 for uniform weights, lower as the weights concentrate.
-        norm_entropy = torch.where(lengths > 1, entropy / lengths.clamp_min(2).log(), torch.ones_like(entropy))
-        stats = torch.stack(
-            [
-                info.plan_mass.float().mean(),
-                weights.max(),
-                norm_entropy[has_tokens].mean() if has_tokens.any() else weights.new_tensor(1.0),
-                info.fallback.float().sum(),
-            ]
-        ).float()
-        stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).view(-1, 4)
-        metrics = self._metrics[mode]
-        metrics["ot/plan_mass"].append(stats[:, 0].mean().item())
-        metrics["ot/weight_max"].append(stats[:, 1].max().item())
-        metrics["ot/weight_entropy"].append(stats[:, 2].mean().item())
-        metrics["ot/fallbacks"].append(stats[:, 3].sum().item())
+        stats = token_weight_stats(weights, mask)  # per completion; NaN for one without tokens
+        entropy, weight_max = stats.entropy.nanmean().nan_to_num(1), stats.max.nan_to_num(0).max()
+        local = torch.stack([info.plan_mass.double().mean(), weight_max, entropy, info.fallback.double().sum()])
+        rows = self.accelerator.gather_for_metrics(local.float()[None]).view(-1, 4)  # one row per process
+        values = torch.stack([rows[:, 0].mean(), rows[:, 1].max(), rows[:, 2].mean(), rows[:, 3].sum()]).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, value in zip(("plan_mass", "weight_max", "weight_entropy", "fallbacks"), values):
+            metrics[f"ot/{key}"].append(value)
         metrics["ot/solver_iters"].append(float(info.n_iter))
-        if stats[:, 3].sum() > 0 and not self._ot_warned_fallback:
-            self._ot_warned_fallback = True
-            logger.warning(
-                "Non-finite hidden states or OT costs in a preference pair: that pair falls back to uniform token "
-                "weights. The count is logged as `ot/fallbacks`. (Shown once.)"
-            )
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
-        self._ot_eval_prefix = metric_key_prefix  # `evaluate` logs this loop's metrics next, in `log`
-        return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """TRL's `log`, with the `ot/*` metrics of an evaluation under its `metric_key_prefix`: `eval_a_ot/*` for the
-        set "a" of `evaluate({"a": ..., "b": ...})`, as transformers names that set's loss (TRL 1.16 logs its own
-        metrics of every set as `eval_*`)."""
-        prefix, self._ot_eval_prefix = self._ot_eval_prefix, None
-        if not self.model.training and prefix not in (None, "eval"):
-            metrics = self._metrics["eval"]
-            for key in [key for key in metrics if key.startswith("ot/")]:
-                values = metrics.pop(key)
-                logs[f"{prefix}_{key}"] = sum(values) / len(values)
-        super().log(logs, start_time)
+        """transformers' loop; the `ot/*` metrics of a set `a` of `evaluate({"a": ..., "b": ...})` are returned as
+        `eval_a_ot/*`, as transformers names that set's loss (TRL 1.16 logs its own metrics of every set as `eval_*`)."""
+        self._ot_sampled = ((), -1)  # every evaluation draws the same samples
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if metric_key_prefix != "eval":  # with "eval", TRL's `log` adds them as `eval_ot/*`
+            for key in [key for key in self._metrics["eval"] if key.startswith("ot/")]:
+                values = self._metrics["eval"].pop(key)
+                output.metrics[f"{metric_key_prefix}_{key}"] = sum(values) / len(values)
+        return output
 
     # ------------------------------------------------------------------ precomputed (per-token) reference log-probs
-
-    def _ref_width(self) -> int:
-        """Width of the stored per-token reference log-probs: the longest padded batch, minus the shifted token."""
-        multiple = self.args.pad_to_multiple_of or 1
-        return math.ceil(self.args.max_length / multiple) * multiple
+    # Only with `precompute_ref_log_probs=True`, where TRL stores the reference's log-probs in the data set (in its
+    # `__init__`, and in `evaluate` given a new data set). OTPO stores them per token, since the weights that sum them
+    # are known only at train time, and sums them with the batch's weights after the policy forward.
 
     def compute_ref_log_probs(self, model, inputs):
-        """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected.
-
-        TRL 1.16 returns the summed log-probs here; OTPO keeps them per token (zero-padded to a fixed width,
-        `max_length` rounded up to `pad_to_multiple_of`, so that TRL's `_precompute_ref_logps` can concatenate
-        batches) and weights them at train time.
-        """
-        self._install_ot_hooks()  # TRL's __init__ precomputes before ours resumes
-        with self._ot_step(inputs, reference_only=True) as step:
+        """Per-token reference log-probs of one padded batch, (B, width) each for chosen and rejected, where TRL 1.16
+        returns their sums; zero-padded to `max_length` rounded up to `pad_to_multiple_of`, one width for all."""
+        with forward.capture_log_probs(model) as box:
             super().compute_ref_log_probs(model, inputs)  # TRL's adapter, no-grad and autocast handling
-        seq_len = step.shift_mask.size(1)
-        per_token = step.ref_log_probs[:, -seq_len:].float()
-        per_token = torch.nn.functional.pad(per_token, (0, self._ref_width() - seq_len))
-        return per_token.chunk(2, dim=0)
+        seq_len, multiple = inputs["completion_mask"].size(1) - 1, self.args.pad_to_multiple_of or 1
+        width = math.ceil(self.args.max_length / multiple) * multiple  # the longest padded batch - 1, at most
+        return torch.nn.functional.pad(box["log_probs"][:, -seq_len:].float(), (0, width - seq_len)).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # Per-token values are stored under TRL's column names: keep their cache apart from DPOTrainer's sums, and
@@ -445,50 +257,26 @@ class OTPOTrainer(DPOTrainer):
             self._ot_hash_tagged = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def _weight_precomputed_ref(self, step: _OTStep) -> None:
-        """Replace the batch's per-token reference log-probs (B, width) by their weighted sums (B,), which TRL 1.16's
-        `_compute_loss` reads after the policy forward."""
-        inputs, mask = step.inputs, step.shift_mask
-        seq_len = mask.size(1)
-        ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=0)
-        if ref.dim() != 2 or ref.size(1) < seq_len:
+    def _weight_precomputed_ref(self, inputs: dict[str, Any], weights: torch.Tensor, mask: torch.Tensor) -> None:
+        """Replace the batch's per-token reference log-probs (B, width) by their sums with `weights` (B,), which TRL
+        1.16's `_compute_loss` reads after the policy forward."""
+        ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        if ref.dim() != 2 or ref.size(1) < mask.size(1):  # e.g. DPOTrainer's sums, in the data set
             raise ValueError(
-                f"Precomputed reference log-probs have shape {tuple(ref.shape)}; OTPO needs per-token values of width "
-                f">= {seq_len}. Were they computed by DPOTrainer? Recompute them with OTPOTrainer."
+                f"Precomputed reference log-probs of shape {tuple(ref.shape)}, not per-token values of "
+                f"width >= {mask.size(1)}: recompute them with OTPOTrainer."
             )
-        ref = ref[:, :seq_len].to(step.weights.device) * step.weights * mask
-        if self.ld_alpha is None:
-            ref_logps = ref.sum(dim=1)
-        else:  # LD-DPO, as in TRL 1.16: tokens past the shorter completion count ld_alpha times
-            pos = mask.cumsum(dim=1)
-            shared = torch.minimum(*mask.sum(dim=1).chunk(2)).repeat(2).unsqueeze(1)
-            ref_logps = (ref * (pos <= shared)).sum(dim=1) + self.ld_alpha * (ref * (pos > shared)).sum(dim=1)
-        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2, dim=0)
+        sums = forward.sum_log_probs(ref[:, : mask.size(1)].to(weights.device) * weights, mask, self.ld_alpha)
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
 
-    # ------------------------------------------------------------------ the model card
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:  # PEFT rewrote the folder's card, naming the base by its path: `otpo_trl.model_card`
+            save_model_card(self, folder=output_dir)
 
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-    ) -> None:
-        """Save `output_dir/README.md`, a model card that can be published as it is (see `otpo_trl.model_card`).
-
-        Overrides TRL 1.16's `BaseTrainer.create_model_card` (same signature; called at each checkpoint by
-        `DPOTrainer._save_checkpoint`, by `push_to_hub` and by the training script), whose card links a local base
-        model as "None", writes `licence: license` and leaves "Training procedure" empty. `dataset_name` may be a
-        Hub id or a local path (shown by its name only; only a Hub id enters the metadata). `license` (an addition
-        to TRL's arguments, as in `transformers.Trainer.create_model_card`; `push_to_hub(license=...)` passes it)
-        replaces the license read from the base model's card.
-        """
-        from .model_card import otpo_model_card
-
-        if not self.is_world_process_zero():
-            return
-        card = otpo_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
-        card.save(f"{self.args.output_dir}/README.md")
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None) -> None:
+        """TRL 1.16's `create_model_card` (and transformers' `license`): the card of `otpo_trl.model_card`."""
+        save_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
 
 
-__all__ = ["OTPOPrinterCallback", "OTPOProgressCallback", "OTPOTrainer", "OTWeightHistogramCallback"]
+__all__ = ["OTPOTrainer"]

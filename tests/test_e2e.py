@@ -11,8 +11,7 @@ import sys
 import pytest
 import yaml
 
-from .conftest import REPO_ROOT
-from .testing_utils import ACCELERATE, child_env, logged, tiny_recipe
+from .testing_utils import ACCELERATE, REPO_ROOT, child_env, logged, tiny_recipe
 
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from otpo_trl.inspection import DEFAULT_MAX_LENGTH
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.runs import run_settings
 
-from .conftest import make_tiny_model_dir
+from .testing_utils import make_tiny_model_dir
 
 
 LONG_PROMPT = "Please explain the answer step by step, with an example. " * 12  # far over 40 tokens, under 1024

@@ -12,16 +12,20 @@ from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 
 
-ROWS = [("What is 2 + 2?", "Four.", "Five, I think."), ("Name a colour.", "Blue.", "A cat."),
-        ("Say hello.", "Hello!", "Go away, please, I am busy today.")]  # fmt: skip
+ROWS = [
+    ("What is 2 + 2?", "Four.", "Five, I think."),
+    ("Name a colour.", "Blue.", "A cat."),
+    ("Say hello.", "Hello!", "Go away, please, I am busy today."),
+]
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(path)
     return str(path)
 
@@ -35,8 +39,11 @@ def layouts(tmp_path):
     with conversational.open("w") as f:
         for p, c, r in ROWS:
             user = {"role": "user", "content": p}
-            f.write(json.dumps({"chosen": [user, {"role": "assistant", "content": c}],
-                                "rejected": [user, {"role": "assistant", "content": r}]}) + "\n")  # fmt: skip
+            row = {
+                "chosen": [user, {"role": "assistant", "content": c}],
+                "rejected": [user, {"role": "assistant", "content": r}],
+            }
+            f.write(json.dumps(row) + "\n")
     return {"standard": standard, "conversational": conversational}
 
 
@@ -45,15 +52,21 @@ def test_evaluate_scores_every_pair_of_a_file(adapter, tmp_path, option):
     policy, reference, tokenizer = load_model_and_tokenizer(adapter, device="cpu")
     for name, path in layouts(tmp_path).items():
         out = tmp_path / f"eval-{name}"
-        argv = ["--model", adapter, option, str(path), "--split", "validation", "--num_generations", "0",
-                "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
+        argv = ["--model", adapter, option, str(path), "--split", "validation", "--num_generations", "0"]
+        argv += ["--output_dir", str(out), "--device", "cpu"]
         result = evaluate_cli.main(argv)
         assert result["preference"]["n_pairs"] == len(ROWS) and result["data"] == str(path)
         if name == "standard":
             examples = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in ROWS]
         else:
-            examples = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-                         "rejected": [{"role": "assistant", "content": r}]} for p, c, r in ROWS]  # fmt: skip
+            examples = [
+                {
+                    "prompt": [{"role": "user", "content": p}],
+                    "chosen": [{"role": "assistant", "content": c}],
+                    "rejected": [{"role": "assistant", "content": r}],
+                }
+                for p, c, r in ROWS
+            ]
         direct = score_preferences(policy, reference, tokenizer, examples, progress=False)
         assert [p["margin_unweighted"] for p in result["pairs"]] == pytest.approx(
             [p["margin_unweighted"] for p in direct["pairs"]], rel=1e-5, abs=1e-7

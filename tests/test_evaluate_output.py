@@ -5,7 +5,7 @@ written by another evaluation is refused, and nothing else in the folder is touc
 import json
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from otpo_trl.cli import evaluate as evaluate_cli
 
@@ -25,6 +25,16 @@ def run(model, data_file, *flags):
     return evaluate_cli.main([*argv, "--device", "cpu", "--disable_tqdm", *flags])
 
 
+def lock_is_free(path) -> bool:
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    lock.release()
+    return True
+
+
 def test_the_default_folder_takes_the_next_number(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run(tiny_model_dir, data_file)
@@ -33,7 +43,7 @@ def test_the_default_folder_takes_the_next_number(tiny_model_dir, data_file, tmp
     assert "Wrote out/eval-2/eval.json" in capsys.readouterr().out
     assert {name: (tmp_path / "out/eval" / name).read_text() for name in evaluate_cli.RESULT_FILES} == first
     assert json.loads((tmp_path / "out/eval-2/eval.json").read_text())["preference"]["n_pairs"] == 1
-    assert not list(tmp_path.glob("out/eval*/.evaluate.lock"))  # the locks are gone with their evaluations
+    assert all(lock_is_free(path) for path in tmp_path.glob("out/eval*/.evaluate.lock"))  # released at the end
 
     # --overwrite without --output_dir replaces out/eval's results, and only those files.
     (tmp_path / "out/eval/notes.txt").write_text("mine")
@@ -48,10 +58,12 @@ def test_a_folder_given_with_results_is_refused_unless_overwrite(tiny_model_dir,
     out.mkdir()
     (out / "eval.md").write_text("an earlier evaluation")
     (out / "notes.txt").write_text("mine")
+    refusal = (
+        r"--output_dir .*eval holds the results of an earlier evaluation \(eval.md\).*--overwrite to replace them"
+    )
     with monkeypatch.context() as patched:
         patched.setattr(evaluate_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before refusing"))
-        with pytest.raises(ValueError, match=r"--output_dir .*eval holds the results of an earlier evaluation \(eval.md\)"
-                           r".*--overwrite to replace them"):  # fmt: skip
+        with pytest.raises(ValueError, match=refusal):
             run(tiny_model_dir, data_file, "--output_dir", str(out))
         with pytest.raises(SystemExit, match="error: --output_dir .*holds the results"):  # the command's exit
             evaluate_cli.cli(["--model", tiny_model_dir, "--data", str(data_file), "--output_dir", str(out)])
@@ -60,7 +72,13 @@ def test_a_folder_given_with_results_is_refused_unless_overwrite(tiny_model_dir,
     # A folder without results is used as it is; with --overwrite the results are replaced, the rest kept.
     run(tiny_model_dir, data_file, "--output_dir", str(out), "--overwrite")
     assert (out / "eval.md").read_text().startswith("# Evaluation of") and (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "generations.jsonl", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".evaluate.lock",
+        "eval.json",
+        "eval.md",
+        "generations.jsonl",
+        "notes.txt",
+    ]
 
 
 def test_a_failed_overwrite_keeps_the_old_results(tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -74,7 +92,7 @@ def test_a_failed_overwrite_keeps_the_old_results(tiny_model_dir, data_file, tmp
     monkeypatch.setattr(evaluate_cli, "evaluate", fails)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(tiny_model_dir, data_file, "--output_dir", str(out), "--overwrite")
-    assert json.loads((out / "eval.json").read_text()) == {"old": True} and not (out / ".evaluate.lock").exists()
+    assert json.loads((out / "eval.json").read_text()) == {"old": True} and lock_is_free(out / ".evaluate.lock")
 
 
 def test_a_folder_another_evaluation_writes_to_is_not_shared(tmp_path, monkeypatch):

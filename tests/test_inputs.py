@@ -1,6 +1,6 @@
 """A run never destroys its inputs, never trains on nothing, and stops on bad input before any model loads, saying what
-to do (issue 17, items 1-7 and 9). The command-line cases run `scripts/train.py` in a subprocess, or its entry point
-`otpo_trl.cli.train.cli` in this process with model loading forbidden."""
+to do. The command-line cases run `scripts/train.py` in a subprocess, or its entry point `otpo_trl.cli.train.cli` in
+this process with model loading forbidden."""
 
 import json
 import os
@@ -16,8 +16,7 @@ from otpo_trl import data as data_module
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
 from otpo_trl.runs import run_settings
 
-from .conftest import REPO_ROOT
-from .testing_utils import child_env, forbid_models, record, tiny_argv
+from .testing_utils import REPO_ROOT, child_env, forbid_models, record, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -30,10 +29,8 @@ def no_model(train, monkeypatch):
 
 def script(*argv, cwd=REPO_ROOT):
     """Run `python scripts/train.py *argv` offline: (returncode, combined output)."""
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *map(str, argv)],
-        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *map(str, argv)]
+    result = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -53,11 +50,13 @@ def write_jsonl(path, rows):
 
 
 def pairs(n, tag=""):
-    return [{"prompt": f"What is {i} + 2?{tag}", "chosen": f"It is {i + 2}.", "rejected": f"It is {i + 3}."}
-            for i in range(n)]  # fmt: skip
+    return [
+        {"prompt": f"What is {i} + 2?{tag}", "chosen": f"It is {i + 2}.", "rejected": f"It is {i + 3}."}
+        for i in range(n)
+    ]
 
 
-# ------------------------------------------------------------------ item 1: inputs are never deleted
+# ------------------------------------------------------------------ inputs are never deleted
 
 
 def test_overwrite_into_the_model_folder_is_refused_and_deletes_nothing(tiny_model_dir, sample_data_dir, tmp_path):
@@ -97,11 +96,12 @@ def test_output_dir_overlapping_an_input_is_refused(train, tiny_model_dir, tmp_p
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == snapshot  # nothing created, changed, deleted
 
 
-# ------------------------------------------------------------------ item 2: a chat_template that is no file
+# ------------------------------------------------------------------ a chat_template that is no file
 
 
-def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny_model_dir, sample_data_dir, tmp_path,
-                                                                     no_model):  # fmt: skip
+def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(
+    train, tiny_model_dir, sample_data_dir, tmp_path, no_model
+):
     typo = tmp_path / "chatml.jnja"
     message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "out", "--chat_template", typo))
     assert f"`chat_template` '{typo}' is not a file" in message and "not a Jinja template" in message
@@ -109,12 +109,13 @@ def test_a_chat_template_that_is_no_file_and_no_template_is_an_error(train, tiny
     # A file and a template itself are both taken.
     (tmp_path / "chatml.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for template in (tmp_path / "chatml.jinja", "{{ messages[0]['content'] }}"):
-        script_args, *_ = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--chat_template",
-                                                     str(template)))  # fmt: skip
+        script_args, *_ = train.parse_args(
+            tiny_argv(tiny_model_dir, sample_data_dir, tmp_path, "--chat_template", str(template))
+        )
         assert script_args.chat_template == str(template)
 
 
-# ------------------------------------------------------------------ item 3: data folders are read at their own level
+# ------------------------------------------------------------------ data folders are read at their own level
 
 
 def test_a_data_folder_is_not_searched_recursively(tmp_path, caplog):
@@ -143,7 +144,7 @@ def test_the_h4_folder_without_its_split_names_says_which_to_set(train, tiny_mod
     assert "--dataset_train_split train_prefs --dataset_test_split test_prefs" in message
 
 
-# ------------------------------------------------------------------ item 4: the data's fingerprint in the run record
+# ------------------------------------------------------------------ the data's fingerprint in the run record
 
 
 def test_data_fingerprint_is_cheap_and_sees_an_edit(tmp_path):
@@ -189,8 +190,9 @@ def finished_run(train, tiny_model_dir, sample_data_dir, tmp_path_factory):
     return out
 
 
-def test_the_record_holds_the_data_fingerprint_beside_the_settings(train, finished_run, tiny_model_dir,
-                                                                    sample_data_dir):  # fmt: skip
+def test_the_record_holds_the_data_fingerprint_beside_the_settings(
+    train, finished_run, tiny_model_dir, sample_data_dir
+):
     saved = record(finished_run)
     assert saved["data"] == data_fingerprint(str(sample_data_dir), "train")
     # Not among the settings: the length study compares run_settings() of finished runs to reuse them.
@@ -205,8 +207,11 @@ def test_a_hub_data_set_is_fingerprinted_by_datasets(monkeypatch):
     loaded = Dataset.from_list(pairs(2))
     monkeypatch.setattr(data_module, "load_raw_split", lambda name, split, config: loaded)
     assert data_fingerprint("org/prefs", "train_prefs") == {
-        "hub": "org/prefs", "config": None, "split": "train_prefs", "fingerprint": loaded._fingerprint
-    }  # fmt: skip
+        "hub": "org/prefs",
+        "config": None,
+        "split": "train_prefs",
+        "fingerprint": loaded._fingerprint,
+    }
 
 
 def test_resuming_on_changed_data_is_refused_naming_it(train, tiny_model_dir, interrupted_on_own_data, no_model):
@@ -227,8 +232,9 @@ def test_resuming_on_changed_data_is_refused_naming_it(train, tiny_model_dir, in
     assert list(change["changes"]) == [f"data {data}"]
 
 
-def test_a_record_without_a_fingerprint_resumes_with_a_warning(train, tiny_model_dir, interrupted_on_own_data,
-                                                               no_model, caplog):  # fmt: skip
+def test_a_record_without_a_fingerprint_resumes_with_a_warning(
+    train, tiny_model_dir, interrupted_on_own_data, no_model, caplog
+):
     out, data = interrupted_on_own_data
     saved = record(out)
     del saved["data"]  # written by an older version, whose checkpoints carry no record
@@ -241,7 +247,7 @@ def test_a_record_without_a_fingerprint_resumes_with_a_warning(train, tiny_model
     assert plan.record["data"] == data_fingerprint(str(data))  # recorded from now on
 
 
-# ------------------------------------------------------------------ item 5: --resume_from_checkpoint true, nothing there
+# ------------------------------------------------------------------ --resume_from_checkpoint true, nothing there
 
 
 def test_resume_true_with_nothing_to_resume_is_an_error(train, tiny_model_dir, sample_data_dir, tmp_path, no_model):
@@ -254,12 +260,13 @@ def test_resume_true_with_nothing_to_resume_is_an_error(train, tiny_model_dir, s
     assert f"nothing to resume: {tmp_path / 'empty'} holds no run" in cli_error(train, argv)
 
 
-# ------------------------------------------------------------------ item 6: save_only_model checkpoints
+# ------------------------------------------------------------------ save_only_model checkpoints
 
 
 @pytest.mark.parametrize("flag", [[], ["--save_only_model", "true"], ["--resume_from_checkpoint", "<checkpoint>"]])
-def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(train, tiny_model_dir, sample_data_dir,
-                                                                   finished_run, tmp_path, no_model, flag):  # fmt: skip
+def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(
+    train, tiny_model_dir, sample_data_dir, finished_run, tmp_path, no_model, flag
+):
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     shutil.rmtree(out / "checkpoint-2")
     (out / "run_args.json").write_text(json.dumps({**record(out), "status": "started"}))
@@ -271,7 +278,7 @@ def test_a_save_only_model_checkpoint_is_refused_not_resumed_afresh(train, tiny_
     assert "restart the schedule with a fresh optimizer" in message and "cut short" not in message
 
 
-# ------------------------------------------------------------------ item 7: LoRA target modules, --config=
+# ------------------------------------------------------------------ LoRA target modules, --config=
 
 
 @pytest.mark.parametrize("how", ["yaml_scalar", "one_flag"])
@@ -307,14 +314,17 @@ def test_command_line_spellings_through_the_script(tmp_path, argv, expected):
     assert "Traceback" not in output and "bf16" not in output  # the recipe's `bf16: false` was read
 
 
-# ------------------------------------------------------------------ item 9: late tracebacks, now early messages
+# ------------------------------------------------------------------ early messages, not late tracebacks
 
 
 def test_a_recipe_value_outside_its_choices_lists_them(train, tmp_path):
     recipe = {**yaml.safe_load(QUICKSTART.read_text()), "dtype": "bf16"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ValueError, match=r"`dtype` must be one of \['auto', 'bfloat16', 'float16', 'float32'\], "
-                                         r"got 'bf16' \(did you mean 'bfloat16'\?\)"):  # fmt: skip
+    expected = (
+        r"`dtype` must be one of \['auto', 'bfloat16', 'float16', 'float32'\], "
+        r"got 'bf16' \(did you mean 'bfloat16'\?\)"
+    )
+    with pytest.raises(ValueError, match=expected):
         train.parse_args(["--config", str(tmp_path / "r.yaml")])
 
 
@@ -356,8 +366,13 @@ def test_a_truncated_jsonl_line_names_file_and_line(tiny_model_dir, tmp_path):
 
 
 def test_a_row_without_the_prompt_of_the_others_says_two_layouts(tmp_path):
-    rows = [*pairs(10), {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]  # fmt: skip
+    rows = [
+        *pairs(10),
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        },
+    ]
     with pytest.raises(ValueError, match="row 10 has no 'prompt' but row 0 has one: the rows mix two layouts"):
         load_preference_dataset(str(write_jsonl(tmp_path / "train.jsonl", rows)))
 
@@ -411,9 +426,9 @@ LORA = ["--use_peft", "true", "--lora_target_modules"]
         "eval_on_train",
     ],
 )
-def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_run, tiny_model_dir, sample_data_dir,
-                                                               tmp_path, no_model, monkeypatch, extra, missing,
-                                                               expected):  # fmt: skip
+def test_a_late_failure_stops_the_run_before_overwrite_deletes(
+    train, finished_run, tiny_model_dir, sample_data_dir, tmp_path, no_model, monkeypatch, extra, missing, expected
+):
     """With `--overwrite_output_dir` on a finished run, each of these failed only after the run was deleted."""
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -425,12 +440,14 @@ def test_a_late_failure_stops_the_run_before_overwrite_deletes(train, finished_r
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing deleted, written or touched
 
 
-def test_a_lora_typo_through_the_script_leaves_the_previous_run(finished_run, tiny_model_dir, sample_data_dir,
-                                                                tmp_path):  # fmt: skip
+def test_a_lora_typo_through_the_script_leaves_the_previous_run(
+    finished_run, tiny_model_dir, sample_data_dir, tmp_path
+):
     out = Path(shutil.copytree(finished_run, tmp_path / "out"))
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    code, output = script(*tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *LORA,
-                                     "q_proj", "v_prj"))  # fmt: skip
+    code, output = script(
+        *tiny_argv(tiny_model_dir, sample_data_dir, out, "--overwrite_output_dir", "true", *LORA, "q_proj", "v_prj")
+    )
     assert code == 1, output[-3000:]
     assert "error: `lora_target_modules`: the name 'v_prj' (closest: 'v_proj'" in output and "Traceback" not in output
     assert "PEFT would leave it out without a word" in output
@@ -489,8 +506,9 @@ def test_the_quickstart_without_its_model_names_prepare_model(train, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no out/quickstart left behind
 
 
-def test_the_quickstart_without_its_data_says_where_it_comes_from(train, tiny_model_dir, tmp_path, monkeypatch,
-                                                                  no_model, no_hub):  # fmt: skip
+def test_the_quickstart_without_its_data_says_where_it_comes_from(
+    train, tiny_model_dir, tmp_path, monkeypatch, no_model, no_hub
+):
     monkeypatch.chdir(tmp_path)
     message = cli_error(train, ["--config", QUICKSTART, "--model_name_or_path", tiny_model_dir, "--report_to", "none"])
     assert "`dataset_name` '../shared/data/ultrafeedback': no such file or folder" in message

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 PACKAGE = "otpo_trl"
@@ -26,6 +26,7 @@ TRAINING = (
     "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",
+    "otpo_trl.callbacks",
     "otpo_trl.forward",
     "otpo_trl.tokenization",
     "otpo_trl.cli.train",
@@ -228,10 +229,11 @@ def test_no_script_imports_another():
     assert found == set()
 
 
-def test_no_test_module_imports_another():
-    """Shared helpers live in `tests/testing_utils.py` (fixtures in `conftest.py`), not in a test module."""
+def imports_of_test_modules(tests: Path) -> set[tuple[str, str]]:
+    """(file name, imported module) for each import in a module of `tests`, the module's last part kept for a relative
+    import (`from .conftest import X` -> `conftest`; `from . import test_x` -> `test_x`)."""
     found = set()
-    for path in (REPO_ROOT / "tests").glob("*.py"):
+    for path in tests.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
                 targets = [node.module or ""] + [alias.name for alias in node.names if node.level and not node.module]
@@ -239,8 +241,23 @@ def test_no_test_module_imports_another():
                 targets = [alias.name for alias in node.names]
             else:
                 continue
-            found |= {(path.name, t) for t in targets if t.split(".")[-1].startswith("test_")}
-    assert found == set()
+            found |= {(path.name, t) for t in targets}
+    return found
+
+
+TEST_IMPORTS = imports_of_test_modules(REPO_ROOT / "tests")
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in `tests/testing_utils.py` (fixtures in `conftest.py`), not in a test module."""
+    assert {(name, t) for name, t in TEST_IMPORTS if t.split(".")[-1].startswith("test_")} == set()
+
+
+def test_helpers_come_from_testing_utils_never_from_conftest():
+    """`conftest.py` holds pytest's hooks and fixtures only; a helper that a test module imports is in
+    `testing_utils.py` (which the fixtures use too)."""
+    assert ("test_layout.py", "testing_utils") in TEST_IMPORTS  # the relative import is read
+    assert {(name, t) for name, t in TEST_IMPORTS if t.split(".")[-1] == "conftest"} == set()
 
 
 # The package's own entry point (`python -m otpo_trl`) is the one module outside `cli/` that may import it.

@@ -15,7 +15,7 @@ from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 from studies import length_study
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 # ------------------------------------------------------------------ statistics

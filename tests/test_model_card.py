@@ -1,7 +1,11 @@
 """The saved model card (README.md) of a tiny run: publishable as it is (no path of this machine, the license, a filled
 training procedure, how to load it, the citations)."""
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -12,12 +16,13 @@ from otpo_trl import OTPOConfig, OTPOTrainer
 from otpo_trl import model_card as model_card_module
 from otpo_trl.cli import upstream
 
-from .testing_utils import config, conversational_pairs
+from .testing_utils import config, conversational_pairs, tiny_argv
 
 
-def trained(model_dir, tmp_path, **kwargs):
-    """An OTPOTrainer after one step on `model_dir`, writing to tmp_path/out."""
-    args = config(OTPOConfig, tmp_path, max_steps=1, beta=0.25, ot_reg=0.5, ot_normalization="mean")
+def trained(model_dir, tmp_path, settings=None, **kwargs):
+    """An OTPOTrainer after one step (or as `settings` say) on `model_dir`, writing to tmp_path/out."""
+    settings = {"max_steps": 1, "beta": 0.25, "ot_reg": 0.5, "ot_normalization": "mean", **(settings or {})}
+    args = config(OTPOConfig, tmp_path, **settings)
     trainer = OTPOTrainer(
         model=model_dir,
         args=args,
@@ -126,3 +131,84 @@ def test_the_dpo_baseline_card_names_no_path_of_this_machine(tmp_path, base_card
     assert str(tmp_path) not in text and "None" not in text and "licence" not in text
     assert "fine-tuned version of `MyBase`." in text and 'model="out/run"' in text
     assert ModelCard(text).data.get("license") == ("apache-2.0" if base_card else None)
+
+
+def _hub_cache(root, repo_id, model_dir):
+    """A Hub cache (`HF_HUB_CACHE`) in which `repo_id` resolves offline to a copy of `model_dir`."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+def _snippet(card_text: str) -> str:
+    return card_text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_cards_of_the_prepared_model_name_its_hub_id_and_their_code_runs_as_written(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A run on the folder `otpo-trl prepare-model` writes (a Hub model in another format, by its card): the card's
+    `base_model` is the Hub id, the name says what the model is, no path of this machine is in any card, checkpoints
+    carry no card, and the loading code of the adapter and of a full fine-tune runs as written from the directory the
+    run was started in (the base model from an offline Hub cache)."""
+    from otpo_trl.cli.prepare_model import HUB_ID
+    from otpo_trl.cli.prepare_model import README as PREPARED_README
+
+    base = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text(PREPARED_README)
+    monkeypatch.chdir(tmp_path)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    checkpoints = {"max_steps": 2, "save_strategy": "steps", "save_steps": 1}
+    adapter = trained(str(base.resolve()), tmp_path / "a", checkpoints, peft_config=lora)
+    adapter.save_model()  # PEFT rewrites the folder's card with the base model's path; the card is saved over it
+    adapter_dir = tmp_path / "a" / "out"
+    text, meta = (adapter_dir / "README.md").read_text(), ModelCard.load(adapter_dir / "README.md").data
+    assert meta.base_model == HUB_ID and meta.license == "apache-2.0"
+    assert meta.model_name == "SmolLM2-135M-Instruct-OTPO"  # not TRL's default, the folder's name "out"
+    assert f"[{HUB_ID}](https://huggingface.co/{HUB_ID}) (its local copy `SmolLM2-135M-Instruct`)" in text
+    assert "Give the folder" not in text  # every name in the code loads as written
+    assert sorted(p.name for p in adapter_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(adapter_dir.glob("checkpoint-*/README.md"))
+    files = [p for p in adapter_dir.rglob("*") if p.suffix in (".md", ".json")]
+    with_path = {p.relative_to(adapter_dir).as_posix() for p in files if str(tmp_path) in p.read_text()}
+    # PEFT's own record of the base's folder, documented in the card, and nothing else
+    assert with_path == {"adapter_config.json", "checkpoint-1/adapter_config.json", "checkpoint-2/adapter_config.json"}
+    assert "`adapter_config.json` records the base model as the folder" in text
+
+    full = trained(str(base.resolve()), tmp_path / "f")
+    full.save_model()
+    full_text, full_meta = saved_card(full, dataset_name="trl-lib/ultrafeedback_binarized")
+    assert full_meta.base_model == HUB_ID and full_meta.datasets == ["trl-lib/ultrafeedback_binarized"]
+    assert str(tmp_path) not in full_text
+
+    code = _snippet(text) + _snippet(full_text)
+    assert 'from_pretrained(base, "a/out")' in code and 'model="f/out"' in code
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(_hub_cache(tmp_path / "hub", HUB_ID, tiny_model_dir))}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("trainer", ["otpo", "dpo"])
+def test_a_lora_run_of_the_training_script_leaves_no_path_in_its_cards(
+    train, tiny_model_dir, sample_data_dir, tmp_path, trainer
+):
+    """Both trainers through scripts/train.py: PEFT's template (the base by its absolute path) is removed from each
+    checkpoint, and the run's card names no path; `adapter_config.json` alone keeps the base's folder."""
+    out = tmp_path / "out"
+    extra = ["--trainer", trainer, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, out, *extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(out.glob("checkpoint-*/README.md"))
+    files = [p for p in out.rglob("*") if p.suffix == ".md" or p.name == "adapter_config.json"]
+    with_path = {p.relative_to(out).as_posix() for p in files if str(tiny_model_dir) in p.read_text()}
+    assert with_path == {"adapter_config.json", "checkpoint-1/adapter_config.json", "checkpoint-2/adapter_config.json"}
+    if trainer == "otpo":  # the script passes the folder's name, TRL's default: the card names the model instead
+        name = Path(tiny_model_dir).name
+        assert ModelCard.load(out / "README.md").data.model_name == f"{name}-OTPO"

@@ -19,8 +19,17 @@ from otpo_trl import OTPOConfig
 from otpo_trl.ot import DenseKernel, costs, ot_token_weights
 from otpo_trl.ot import sinkhorn as S
 
-from .conftest import REPO_ROOT, SAMPLE_DATA_DIR
-from .testing_utils import REG_M, config, conversational_pairs, losses, official_weights, padded_batch, worst_error
+from .testing_utils import (
+    REG_M,
+    REPO_ROOT,
+    SAMPLE_DATA_DIR,
+    config,
+    conversational_pairs,
+    losses,
+    official_weights,
+    padded_batch,
+    worst_error,
+)
 
 
 ot = pytest.importorskip("ot")

@@ -45,9 +45,9 @@ def direct(model_dir, data_dir, n, **options):
 
 def test_spread_numbers_match_a_direct_computation(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "spread"
-    argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--split", "test", "--num_pairs", "8",
-            "--max_length", str(MAX_LENGTH), "--ot_reg", "1e6", "0.01", "--ot_cost_scale", "official", "minmax",
-            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--split", "test", "--num_pairs", "8"]
+    argv += ["--max_length", str(MAX_LENGTH), "--ot_reg", "1e6", "0.01", "--ot_cost_scale", "official", "minmax"]
+    argv += ["--out", str(out), "--device", "cpu"]
     summary = ot_spread.main(argv)
     saved = json.loads((out / "ot_spread.json").read_text())
     assert saved["results"] == summary["results"] and (out / "ot_spread.png").read_bytes().startswith(b"\x89PNG")
@@ -86,8 +86,13 @@ def test_spread_checks_options_and_out_before_loading(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(ot_spread, "load_model_and_tokenizer", refuse)
     monkeypatch.setattr(ot_spread, "load_preference_dataset", refuse)
     base = ["--model", tiny_model_dir, "--data", "x.jsonl", "--out", str(tmp_path / "o")]
-    for bad in (["--ot_reg", "1.0", "-0.5"], ["--ot_cost_scale", "minmax", "max"], ["--ot_tol", "0"],
-                ["--ot_max_iter", "0"], ["--num_pairs", "0"]):  # fmt: skip
+    for bad in (
+        ["--ot_reg", "1.0", "-0.5"],
+        ["--ot_cost_scale", "minmax", "max"],
+        ["--ot_tol", "0"],
+        ["--ot_max_iter", "0"],
+        ["--num_pairs", "0"],
+    ):
         with pytest.raises(SystemExit):
             ot_spread.parse_args(base + bad)
     blocker = tmp_path / "file"
@@ -95,8 +100,8 @@ def test_spread_checks_options_and_out_before_loading(tmp_path, tiny_model_dir, 
     with pytest.raises(SystemExit):
         ot_spread.parse_args([*base[:-1], str(blocker)])
     args = ot_spread.parse_args(base + ["--ot_reg", "1", "0.1", "--ot_cost_scale", "official", "minmax"])
-    assert [(s["cost_scale"], s["reg"]) for s in ot_spread.settings(args)] == [
-        ("official", 1.0), ("official", 0.1), ("minmax", 1.0), ("minmax", 0.1)]  # fmt: skip
+    every_pair = [("official", 1.0), ("official", 0.1), ("minmax", 1.0), ("minmax", 0.1)]
+    assert [(s["cost_scale"], s["reg"]) for s in ot_spread.settings(args)] == every_pair
 
 
 def test_the_per_completion_measures_are_token_weight_stats():

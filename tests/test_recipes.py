@@ -1,4 +1,5 @@
-"""Every shipped training recipe runs one optimizer step through scripts/train.py on the CPU.
+"""Every shipped training recipe needs no optional package, and runs one optimizer step through scripts/train.py on
+the CPU.
 
 Only what a CPU test must change is changed: the model id becomes a tiny Llama with the same tokenizer setup, the data
 set becomes the UltraFeedback sample in ../shared (same schema as trl-lib/ultrafeedback_binarized), the run stops after
@@ -14,11 +15,22 @@ import math
 import pytest
 import yaml
 
-from .conftest import make_tiny_model_dir
-from .testing_utils import CONFIGS, RECIPES, recipe_argv
+from .testing_utils import CONFIGS, RECIPES, make_tiny_model_dir, recipe_argv
 
 
-pytestmark = pytest.mark.slow
+# What a recipe may name and still run from `pip install otpo-trl` alone (no extras): no tracker, torch's own attention.
+CORE_ATTENTION = (None, "sdpa", "eager")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIGS)) for p in RECIPES])
+def test_recipe_needs_no_optional_package(train, path):
+    """A tracker (tensorboard, wandb, ...), flash-attention or bitsandbytes would make the recipe fail on a plain
+    install: they are one flag away (`--report_to tensorboard`), not in the recipe."""
+    script_args, training_args, model_args = train.parse_args(recipe_argv(path))
+    assert training_args.report_to in ([], ["none"]), training_args.report_to
+    assert model_args.attn_implementation in CORE_ATTENTION
+    assert not (model_args.load_in_4bit or model_args.load_in_8bit)
+    assert "bnb" not in str(training_args.optim) and "8bit" not in str(training_args.optim)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +39,7 @@ def recipe_model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("recipe-llama"), max_position_embeddings=2048)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIGS)) for p in RECIPES])
 def test_recipe_runs_one_step_on_cpu(train, recipe_model_dir, sample_data_dir, tmp_path, path):  # noqa: F811
     recipe = yaml.safe_load(path.read_text())

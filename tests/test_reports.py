@@ -9,7 +9,7 @@ from setuptools import find_packages
 
 from studies import dpo_vs_otpo, length_study, planted_tokens
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 REPORTS = {

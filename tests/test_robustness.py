@@ -1,10 +1,14 @@
-"""Degenerate pairs, non-finite OT inputs, and interruption: nothing gives a NaN loss, nothing trained is lost."""
+"""Degenerate pairs, non-finite OT inputs, bad token weights, and interruption: nothing gives a NaN loss, nothing
+trained is lost."""
 
 import math
+import re
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 
@@ -71,6 +75,98 @@ def test_non_finite_hidden_states_fall_back_to_uniform_weights(trainer, caplog):
     torch.testing.assert_close(weights[2], torch.ones(6))
     assert trainer._metrics["train"]["ot/fallbacks"][-1] == 1
     assert not torch.allclose(weights[1], torch.ones(6))
+
+
+class BadWeightsTrainer(OTPOTrainer):
+    """OTPO's weights, spoilt from the second step on (global_step 1) by `spoil(weights, mask)`."""
+
+    spoil = None
+
+    def compute_token_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask):
+        weights = super().compute_token_weights(chosen_hidden, rejected_hidden, chosen_mask, rejected_mask)
+        if self.state.global_step < 1:
+            return weights
+        return type(self).spoil(weights, torch.cat([chosen_mask, rejected_mask]))
+
+
+def at_a_completion_token(value):
+    def spoil(weights, mask):
+        weights = weights.clone()
+        row, pos = mask.nonzero()[-1].tolist()  # the last completion token of the last rejected completion
+        weights[row, pos] = value
+        return weights
+
+    return spoil
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (at_a_completion_token(float("nan")), r"1 NaN among the \d+ completion tokens \(the first: the rejected"),
+        (at_a_completion_token(float("inf")), r"1 infinite among"),
+        (at_a_completion_token(-0.5), r"1 negative among .*weight -0.5\).*allow_negative_token_weights = True"),
+        (lambda weights, mask: weights[: len(weights) // 2], r"shape \(2, \d+\) where the masks' shape is \(4, \d+\)"),
+        (lambda weights, mask: weights.chunk(2), r"type tuple where the masks' shape is \(4, \d+\)"),
+    ],
+    ids=["nan", "inf", "negative", "wrong_shape", "not_a_tensor"],
+)
+def test_bad_token_weights_stop_training_naming_the_method_and_step(tiny_model_dir, tmp_path, spoil, message):
+    """Weights that are not finite, negative (without the opt-in) or of the wrong shape stop training at the step
+    they appear, naming the method, the step and what is wrong, before any parameter moves on them (NaN weights used
+    to turn every parameter into NaN while the logged loss read 0.0)."""
+    cls = type("Spoilt", (BadWeightsTrainer,), {"spoil": staticmethod(spoil)})
+    trainer = cls(model=tiny_model_dir, args=config(OTPOConfig, tmp_path), train_dataset=conversational_pairs())
+    with pytest.raises(
+        ValueError, match=r"^BadWeightsTrainer\.compute_token_weights returned token weights with "
+    ) as error:
+        trainer.train()
+    assert "(global_step 1, training)" in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_masked_positions_of_the_weights_are_not_read(tiny_model_dir, tmp_path):
+    """Garbage (NaN, inf, negative) outside the completion tokens neither stops training nor reaches the loss."""
+
+    def garbage_outside(weights, mask):
+        junk = torch.tensor([float("nan"), float("inf"), -3.0]).repeat(mask.numel())[: mask.numel()].view(mask.shape)
+        return torch.where(mask, weights, junk.to(weights))
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    runs = []
+    for cls in (OTPOTrainer, type("Garbage", (BadWeightsTrainer,), {"spoil": staticmethod(garbage_outside)})):
+        args = config(OTPOConfig, tmp_path / cls.__name__, max_steps=3)
+        trainer = cls(model=tiny_model_dir, args=args, train_dataset=conversational_pairs(), processing_class=tok)
+        trainer.train()
+        runs.append(losses(trainer))
+    assert all(math.isfinite(x) for x in runs[1])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-6)
+
+
+class NegatedTrainer(OTPOTrainer):
+    """Weight -1 on every token: the preference of each pair reversed, on purpose."""
+
+    allow_negative_token_weights = True
+
+    def compute_token_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask):
+        return -torch.cat([chosen_mask, rejected_mask]).float()
+
+
+def test_negative_weights_train_when_the_trainer_says_it_means_them(tiny_model_dir, tmp_path):
+    """With `allow_negative_token_weights = True`, weight -1 everywhere trains, and is DPO on the swapped pairs: both
+    log-ratios change sign, so the margin does."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = conversational_pairs()
+    swapped = Dataset.from_dict({"prompt": pairs["prompt"], "chosen": pairs["rejected"], "rejected": pairs["chosen"]})
+    runs = []
+    for cls, cfg_cls, data in ((NegatedTrainer, OTPOConfig, pairs), (DPOTrainer, DPOConfig, swapped)):
+        args = config(cfg_cls, tmp_path / cls.__name__, max_steps=3)
+        trainer = cls(model=tiny_model_dir, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+        runs.append(losses(trainer))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+    assert runs[0][0] != pytest.approx(runs[0][-1], rel=1e-3)  # it trained
 
 
 class StopAfter(TrainerCallback):

@@ -24,8 +24,7 @@ from otpo_trl import runs
 from otpo_trl.runs import plan as run_plan
 from otpo_trl.runs import record as run_record
 
-from .conftest import REPO_ROOT, make_tiny_model_dir
-from .testing_utils import child_env, forbid_models, logged, record, tiny_argv
+from .testing_utils import REPO_ROOT, child_env, forbid_models, logged, make_tiny_model_dir, record, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +216,9 @@ def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run
     for resume in ("true", str(run_copy / "checkpoint-1")):
         args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
                                           "--resume_from_checkpoint", resume))  # fmt: skip
-        with pytest.raises(ValueError, match="cannot be combined"):
+        with pytest.raises(ValueError, match="cannot be combined") as err:
             plan_for(args)
+        assert "To continue that run, leave `--overwrite_output_dir` out; to replace it" in str(err.value)
 
 
 def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, tiny_model_dir, sample_data_dir):
@@ -228,13 +228,26 @@ def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, ti
         plan_for(args)
 
 
-def test_files_a_run_would_overwrite_make_a_folder_used(tmp_path):
-    """A folder with a user's model card or config (no record) is not trained into: the save would overwrite them."""
-    (tmp_path / "notes.txt").write_text("mine")  # not something a run writes: the folder is still unused
-    assert runs.plan_run(tmp_path, {"max_steps": 2}).action == "train"
-    (tmp_path / "README.md").write_text("mine")
+def test_a_folder_of_a_users_files_is_not_trained_into(train, run_copy, tiny_model_dir, sample_data_dir, tmp_path,
+                                                      no_model):  # fmt: skip
+    """A folder that holds no run but a user's files (other models, notes) is refused before the lock, naming them: the
+    run's weights, checkpoints and logs would be mixed with them. With `--overwrite_output_dir` they stay where they
+    are; a file a run would overwrite (a model card) makes the folder a run without a record."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models / "other-model")  # a parent of someone's model, not this run's input
+    (models / "notes.txt").write_text("mine")
+    (models / ".hidden").write_text("")  # hidden files do not count
+    before = sorted(str(p.relative_to(models)) for p in models.rglob("*"))
+    for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"]):
+        message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, models, *resume))
+        assert f"{models} holds files that no run wrote (notes.txt, other-model): a run would write" in message
+        assert f"{models / '<run-name>'}" in message and "add `--overwrite_output_dir` to train there" in message
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == before  # not even the lock's file
+    plan = runs.plan_run(models, {"max_steps": 2}, overwrite_output_dir=True)
+    assert plan.action == "train" and not plan.clear
+    (models / "README.md").write_text("mine")
     with pytest.raises(ValueError, match=r"holds checkpoints, results or model files \(README.md\) but no"):
-        runs.plan_run(tmp_path, {"max_steps": 2})
+        runs.plan_run(models, {"max_steps": 2})
 
 
 # ------------------------------------------------------------------ resuming
@@ -315,11 +328,41 @@ def test_a_continuation_is_resumed_from_its_own_checkpoint_not_the_branch_it_lef
     )
 
 
-def test_a_kill_during_the_final_save_is_not_stepped_again(train, run_copy, tiny_model_dir, sample_data_dir):
+def test_a_run_stopped_in_its_final_save_saves_again_without_a_step(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                     monkeypatch, caplog):  # fmt: skip
+    """Killed while it saved the model (its record says "started", model.safetensors cut short, no card yet), the run
+    run again trains no step: it saves the last checkpoint's weights, keeps its train metrics, and finishes."""
+    from otpo_trl import OTPOTrainer
+
     set_records(run_copy, status="started")
-    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy))
-    plan = plan_for(args)
-    assert plan.action == "finished" and "the trained weights are in" in plan.message
+    (run_copy / "model.safetensors").write_bytes(b"cut sh")
+    (run_copy / "README.md").unlink()
+    train_results = (run_copy / "train_results.json").read_text()
+    monkeypatch.setattr(OTPOTrainer, "training_step", lambda *a, **k: pytest.fail("a step was trained"))
+    with caplog.at_level(logging.INFO):
+        train.main(*train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy)))
+    assert (
+        f"{run_copy / 'checkpoint-2'} is at step 2, the last of this run, but the run's final save did not complete: "
+        "saving the trained model from it (no training)." in caplog.text
+    )
+    saved, last = (load_file(folder / "model.safetensors") for folder in (run_copy, run_copy / "checkpoint-2"))
+    assert saved.keys() == last.keys() and all(saved[k].equal(last[k]) for k in saved)
+    assert (run_copy / "README.md").exists() and (run_copy / "train_results.json").read_text() == train_results
+    assert record(run_copy)["status"] == "finished" and record(run_copy)["global_step"] == 2 == global_step(run_copy)
+
+
+def test_resuming_another_runs_last_step_into_a_new_folder_fails(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                 tmp_path, no_model):  # fmt: skip
+    """Nothing to train and nothing to save: an error that says how to train it further, not an exit 0 that did
+    nothing (the same run's finished checkpoint is reported finished)."""
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint",
+                     run_copy / "checkpoint-2")  # fmt: skip
+    message = cli_error(train, argv)
+    assert (
+        f"`--resume_from_checkpoint` {run_copy / 'checkpoint-2'} is at step 2, where training with these " in message
+    )
+    assert "To train it further, raise `--max_steps`" in message and "its trained weights are in" in message
+    assert not (tmp_path / "new" / runs.RUN_FILE).exists()
 
 
 def test_continuing_a_finished_run_further_follows_the_new_schedule(train, run_copy, tiny_model_dir,
@@ -378,6 +421,24 @@ def test_a_checkpoint_is_never_the_output_dir_of_its_own_resume(train, run_copy,
     assert contents(run_copy) == before and not out.with_name("more").exists()
 
 
+@pytest.mark.parametrize("where", ["is", "inside"])
+def test_a_checkpoint_of_another_run_is_never_an_output_dir(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                            no_model, where):  # fmt: skip
+    """A checkpoint carries its run's record: taken for a run folder, the same arguments would train afresh into it
+    (over its weights and optimizer), and an overwrite would move it out of its run. Refused with or without the flag,
+    before anything is written; so is a folder inside one (an overwrite of its run would delete it)."""
+    checkpoint = run_copy / "checkpoint-1"
+    out = checkpoint if where == "is" else checkpoint / "more"
+    before = contents(run_copy)
+    for overwrite in ([], ["--overwrite_output_dir", "true"]):
+        message = cli_error(train, tiny_argv(tiny_model_dir, sample_data_dir, out, *overwrite))
+        relation = "is" if where == "is" else "lies inside"
+        assert f"`output_dir` {out} {relation} {checkpoint}, a checkpoint of the run in {run_copy}" in message
+        assert f"`--output_dir {run_copy}`" in message and f"`--resume_from_checkpoint {checkpoint}`" in message
+    assert contents(run_copy) == before and not out.with_name("more").exists()
+    assert not list(run_copy.glob("checkpoint-1.replaced-*"))
+
+
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
     """A tiny Llama like the fixture's, with other random weights (seed 1)."""
@@ -420,9 +481,15 @@ def test_changed_inputs_between_an_interruption_and_its_resume_are_refused(train
         template = model / "chat_template.jinja"
         template.write_text(template.read_text().replace("<|im_start|>", "<|im_begin|>"))
         named = ["chat_template chat_template.jinja"]
-    for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"]):
-        message = cli_error(train, [*argv, *resume])
+    messages = [
+        cli_error(train, [*argv, *resume]) for resume in ([], ["--resume_from_checkpoint", run_copy / "checkpoint-1"])
+    ]
+    for message in messages:
         assert all(f"{name}: '" in message for name in named), message
+        assert "trained from other inputs than these" in message
+    # The ways on that the folder's refusal names leave out a resume of its checkpoints, refused for the same reason.
+    ways = messages[0].rsplit("): ", 1)[1]
+    assert "give it those, unchanged" in ways and "--resume_from_checkpoint" not in ways
     assert record(run_copy)["status"] == "started"
 
 
@@ -465,6 +532,30 @@ def test_a_failed_resume_never_rewrites_a_finished_runs_record(train, run_copy, 
     with pytest.raises(Exception, match="(?i)safetensor|header"):
         train.main(*train.parse_args([str(a) for a in argv]))
     assert contents(run_copy) == before and record(run_copy)["status"] == "finished"
+
+
+def test_ctrl_c_says_how_to_go_on_without_a_traceback(train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch,
+                                                      capsys):  # fmt: skip
+    """Ctrl-C in a step (after checkpoint-1): exit 130 and one line that says the run goes on when run again; it
+    does, from checkpoint-1."""
+    from otpo_trl import OTPOTrainer
+
+    interrupted(run_copy)
+    argv = [str(a) for a in tiny_argv(tiny_model_dir, sample_data_dir, run_copy)]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OTPOTrainer, "training_step", ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(argv)
+    assert exit_info.value.code == 130
+    error = capsys.readouterr().err
+    assert f"interrupted: the run in {run_copy} stopped. Run the same command again to go on from its last" in error
+    assert "Traceback" not in error and record(run_copy)["status"] == "started"
+    plan, *_ = train.prepare_run(*train.parse_args(argv))
+    plan.release()
+    assert plan.checkpoint == str(run_copy / "checkpoint-1")
 
 
 # ------------------------------------------------------------------ finished means finished
@@ -568,9 +659,70 @@ def test_overwrite_moves_a_run_whose_record_lists_no_outputs(tmp_path):
     assert record(out)["settings"] == {"max_steps": 3}
 
 
+def test_overwrite_never_follows_a_link_nor_deletes_a_users_file_inside_a_listed_folder(run_copy, tmp_path):
+    """The previous run's record lists checkpoint-1, checkpoint-2 and README.md, but since it ended the user saved an
+    evaluation into checkpoint-1 and replaced checkpoint-2 and README.md by links to their own folder and file: those
+    three are moved aside (the links as links), the rest of the run is deleted, the user's files are untouched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (run_copy / "checkpoint-1" / "eval").mkdir()
+    (run_copy / "checkpoint-1" / "eval" / "eval.json").write_text("{}")
+    shutil.rmtree(run_copy / "checkpoint-2")
+    (run_copy / "checkpoint-2").symlink_to(mine, target_is_directory=True)
+    (run_copy / "README.md").unlink()
+    (run_copy / "README.md").symlink_to(mine / "notes.txt")
+    assert {"checkpoint-1", "checkpoint-2", "README.md"} <= set(record(run_copy)["outputs"])
+    runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
+    [aside] = tmp_path.glob("out.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["README.md", "checkpoint-1", "checkpoint-2"]
+    assert (aside / "checkpoint-2").is_symlink() and (aside / "README.md").is_symlink()
+    assert (aside / "checkpoint-1" / "eval" / "eval.json").exists()
+    assert (aside / "checkpoint-1" / "optimizer.pt").exists()  # moved whole
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in run_copy.iterdir()) == ["run.lock", runs.RUN_FILE]  # the rest was deleted
+
+
+def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(train, run_copy, tiny_model_dir, sample_data_dir,
+                                                                   monkeypatch):  # fmt: skip
+    """Killed while it deletes the previous run's outputs, an overwrite leaves a folder that no record calls finished:
+    the same command again is not told "finished" beside missing weights (its leftovers are refused, or moved aside
+    by the next overwrite)."""
+    deleted, rmtree, unlink = [], shutil.rmtree, Path.unlink
+
+    def killed_after_one(path, *args, **kwargs):
+        if deleted:
+            raise KeyboardInterrupt  # the kill, at the second deletion
+        deleted.append(path)
+        rmtree(path) if Path(path).is_dir() else unlink(Path(path))
+
+    monkeypatch.setattr(run_plan.shutil, "rmtree", killed_after_one)
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
+    monkeypatch.undo()
+    assert not (run_copy / runs.RUN_FILE).exists()
+    with pytest.raises(ValueError, match="no run_args.json: the arguments of that run are unknown"):
+        plan_for(train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy)))
+
+
+def test_overwrite_of_a_linked_output_dir_moves_aside_beside_the_folder_it_links_to(tmp_path):
+    """`output_dir` is a link to a folder elsewhere (maybe on another file system): entries move beside that folder,
+    where the check of the parent's file system was made, not beside the link."""
+    real = tmp_path / "elsewhere" / "real"
+    real.mkdir(parents=True)
+    (real / "model.safetensors").write_bytes(b"weights")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    runs.start_run(runs.plan_run(link, {"max_steps": 2}, overwrite_output_dir=True), link)
+    [aside] = (tmp_path / "elsewhere").glob("real.replaced-*")
+    assert (aside / "model.safetensors").read_bytes() == b"weights"
+    assert not list(tmp_path.glob("link.replaced-*"))
+
+
 def test_a_checkpoint_is_listed_as_the_runs_before_it_is_written(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    recorder = runs.start_run(runs.plan_run(tmp_path, {"max_steps": 2}), tmp_path)
+    recorder = runs.start_run(runs.plan_run(tmp_path, {"max_steps": 2}, overwrite_output_dir=True), tmp_path)
     recorder.will_write("checkpoint-1")
     assert record(tmp_path)["outputs"] == ["checkpoint-1"] and not (tmp_path / "checkpoint-1").exists()
     (tmp_path / "checkpoint-1").mkdir()

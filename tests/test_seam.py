@@ -1,12 +1,14 @@
 """The seam with TRL, as users meet it: several trainers sharing a reference model (a sweep), a policy reused by
-sequential trainers, `generate` after training, and a custom token weighting through `compute_token_weights`."""
+sequential trainers, `generate` after training, a custom token weighting through `compute_token_weights`, and a random
+one (SamPO): one draw per batch for policy and reference, afresh every step, reproducible."""
 
 import inspect
+import math
 
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
@@ -122,7 +124,7 @@ def test_a_trainer_is_freed_with_its_hooks(tiny_model_dir, tmp_path):
 
     shared = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = make(tiny_model_dir, tmp_path, "gone", shared)
-    assert len(shared._forward_hooks) == 1 and len(shared._forward_pre_hooks) == 1
+    assert len(shared._forward_hooks) == 1 and not shared._forward_pre_hooks
     alive = weakref.ref(trainer)
     del trainer
     gc.collect()
@@ -130,3 +132,98 @@ def test_a_trainer_is_freed_with_its_hooks(tiny_model_dir, tmp_path):
     assert not shared._forward_hooks and not shared._forward_pre_hooks
     dpo = make(tiny_model_dir, tmp_path, "after", shared, cls=DPOTrainer)
     assert batch_loss(dpo) > 0  # the model still works
+
+
+# ------------------------------------------------------------------ SamPO (`ot_weighting: sampo`): a random weighting
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class RecordingTrainer(OTPOTrainer):
+    """Keeps (training?, global_step, weights) of every batch."""
+
+    def compute_token_weights(self, chosen_hidden, rejected_hidden, chosen_mask, rejected_mask):
+        weights = super().compute_token_weights(chosen_hidden, rejected_hidden, chosen_mask, rejected_mask)
+        self.seen.append((self.model.training, self.state.global_step, weights.clone()))
+        return weights
+
+
+def sampo(tiny_model_dir, out, dataset, **overrides):
+    args = config(OTPOConfig, out, ot_weighting="sampo", **overrides)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = RecordingTrainer(model=tiny_model_dir, args=args, train_dataset=dataset, processing_class=tok)
+    trainer.seen = []
+    return trainer
+
+
+def one_pair(n=8):
+    """The first pair of `conversational_pairs`, n times: every batch holds the same tokens."""
+    return conversational_pairs(1).select([0] * n)
+
+
+def test_sampo_policy_and_reference_sum_over_the_same_sampled_tokens(tiny_model_dir, tmp_path):
+    """At step 1 the policy is the reference, so the loss is ln 2 and the rewards 0 exactly when the policy's and the
+    reference's log-probs are summed over the same sampled tokens (a second draw for the reference breaks it)."""
+    trainer = sampo(tiny_model_dir, tmp_path, conversational_pairs(), max_steps=1)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logs["rewards/chosen"] == 0.0 and logs["rewards/rejected"] == 0.0
+    (_, _, weights), batch = trainer.seen[0], trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = batch["completion_mask"][:, 1:].bool()
+    chosen, rejected = mask.chunk(2)
+    assert (chosen.sum(1) != rejected.sum(1)).all()  # the longer side of each pair is down-sampled
+    kept = (weights > 0) & mask
+    assert torch.equal(kept[: len(chosen)].sum(1), kept[len(chosen) :].sum(1))  # min(n, m) tokens on each side
+    assert (kept.sum(1) < mask.sum(1)).any() and set(weights[mask].tolist()) == {0.0, 1.0}
+
+
+def test_sampo_draws_afresh_every_step_and_alike_for_a_seed_and_on_resume(tiny_model_dir, tmp_path):
+    """Every batch the same pair: each step draws other tokens; a run cut at step 2 and resumed draws what the
+    uninterrupted run drew (same losses too), and another seed draws otherwise."""
+    steps = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    full = sampo(tiny_model_dir, tmp_path / "full", one_pair(), **steps)
+    full.train()
+    drawn = [weights for _, _, weights in full.seen]
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
+
+    cut = sampo(tiny_model_dir, tmp_path / "cut", one_pair(), **steps)
+    cut.add_callback(StopAfter(2))
+    cut.train()
+    resumed = sampo(tiny_model_dir, tmp_path / "cut", one_pair(), **steps)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-2"))
+    assert [step for _, step, _ in resumed.seen] == [2, 3]
+    for (_, _, again), first in zip(cut.seen + resumed.seen, drawn):
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert losses(resumed)[-2:] == pytest.approx(losses(full)[-2:], rel=1e-6)
+
+    other = sampo(tiny_model_dir, tmp_path / "other", one_pair(), max_steps=1, seed=7)
+    other.train()
+    assert not torch.equal(other.seen[0][2], drawn[0])
+
+
+def test_sampo_evaluation_draws_alike_each_time(tiny_model_dir, tmp_path):
+    """`evaluate()` twice gives the same numbers: each evaluation draws the same samples, batch by batch (and
+    different ones for different batches of the same tokens)."""
+    trainer = sampo(tiny_model_dir, tmp_path, one_pair(), max_steps=2)
+    trainer.eval_dataset = trainer.train_dataset
+    trainer.train()  # policy != reference from here on: the numbers depend on the sample
+
+    def evaluated():  # the metrics, without the timings
+        return {k: v for k, v in trainer.evaluate().items() if "runtime" not in k and "_per_second" not in k}
+
+    first, second = evaluated(), evaluated()
+    assert first["eval_loss"] != pytest.approx(math.log(2), abs=1e-3) and "eval_rewards/margins" in first
+    assert first == second
+    evaluated = [weights for training, _, weights in trainer.seen if not training]
+    half = len(evaluated) // 2
+    assert half == 4 and not torch.equal(evaluated[0], evaluated[1])
+    assert all(torch.equal(a, b) for a, b in zip(evaluated[:half], evaluated[half:]))

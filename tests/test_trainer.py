@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
-from otpo_trl import OTPOConfig, OTPOTrainer, ot_token_weights
+from otpo_trl import OTPOConfig, OTPOTrainer, callbacks, ot_token_weights
+from otpo_trl.callbacks import console_logs
 from otpo_trl.otpo_config import LOSS_TYPES
-from otpo_trl.otpo_trainer import console_logs
 
-from .testing_utils import config, conversational_pairs, losses, train_pair
+from .testing_utils import config, conversational_pairs, losses, make_tiny_tokenizer, train_pair
 
 
 def standard_pairs(n=8):
@@ -310,8 +310,6 @@ def test_moe_router_aux_loss_is_kept(tmp_path):
     it (near-uniform weights reproduce DPO's loss, aux term included)."""
     from transformers import MixtralConfig
 
-    from .conftest import make_tiny_tokenizer
-
     tokenizer = make_tiny_tokenizer()
     config = MixtralConfig(
         vocab_size=len(tokenizer),
@@ -340,9 +338,12 @@ def test_moe_router_aux_loss_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("disable_tqdm", [False, True])
-def test_console_shows_the_ot_alarms_only_when_they_ring(tiny_model_dir, tmp_path, disable_tqdm, capsys):
+def test_console_shows_the_ot_alarms_only_when_they_ring(tiny_model_dir, tmp_path, disable_tqdm, capsys, monkeypatch):
     """The per-step console line leaves out `ot/fallbacks` while it is 0 and `ot/solver_iters` while the solver
-    converged; TensorBoard and `log_history` get every key (the callbacks see the logs unchanged)."""
+    converged, and explains a fallback once; TensorBoard and `log_history` get every key (the callbacks see the logs
+    unchanged)."""
+    warned = []
+    monkeypatch.setattr(callbacks.logger, "warning", warned.append)
     trainer = OTPOTrainer(
         model=tiny_model_dir,
         args=config(OTPOConfig, tmp_path, disable_tqdm=disable_tqdm, ot_max_iter=50),
@@ -356,9 +357,10 @@ def test_console_shows_the_ot_alarms_only_when_they_ring(tiny_model_dir, tmp_pat
     state = SimpleNamespace(is_world_process_zero=True, is_local_process_zero=True)
     calm = {"loss": 0.5, "ot/weight_max": 1.1, "ot/fallbacks": 0.0, "ot/solver_iters": 10.0}
     ringing = {"loss": 0.5, "ot/weight_max": 1.1, "ot/fallbacks": 2.0, "ot/solver_iters": 50.0}
-    for logs in (calm, ringing):
+    for logs in (calm, ringing, ringing):
         printer.on_log(trainer.args, state, None, logs=dict(logs))
-    calm_line, ringing_line = capsys.readouterr().out.strip().splitlines()
+    calm_line, ringing_line, _ = capsys.readouterr().out.strip().splitlines()
+    assert len(warned) == 1 and "fell back to uniform token weights" in warned[0]
     assert "ot/weight_max" in calm_line and "ot/fallbacks" not in calm_line and "ot/solver_iters" not in calm_line
     assert "'ot/fallbacks'" in ringing_line and "'ot/solver_iters'" in ringing_line
     assert console_logs({"eval_ot/fallbacks": 0.0, "eval_ot/solver_iters": 3.0, "eval_loss": 1.0}, 50) == {

@@ -16,8 +16,7 @@ import yaml
 from otpo_trl import OTPOConfig
 from otpo_trl.cli import evaluate as evaluate_cli
 
-from .conftest import REPO_ROOT
-from .testing_utils import forbid_models, tiny_argv
+from .testing_utils import REPO_ROOT, forbid_models, tiny_argv
 
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -193,7 +192,7 @@ def test_output_dir_that_is_a_file_or_read_only(
                     "chosen": [{"role": "assistant", "content": "a"}],
                     "rejected": [{"role": "assistant", "content": "b"}],
                 },
-            ],  # fmt: skip
+            ],
             "row 1, column 'chosen' is a list of messages but row 0 is text",
         ),
     ],
@@ -273,8 +272,8 @@ def test_evaluate_checks_its_output_dir_first(tmp_path, tiny_model_dir, monkeypa
 def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "eval"
     # Every prompt is longer than max_length: both pairs are skipped, as DPOTrainer drops them.
-    argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--max_samples", "2", "--max_length", "4",
-            "--num_generations", "0", "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
+    argv = ["--model", tiny_model_dir, "--data", str(sample_data_dir), "--max_samples", "2", "--max_length", "4"]
+    argv += ["--num_generations", "0", "--output_dir", str(out), "--device", "cpu"]
     result = evaluate_cli.main(argv)
     assert math.isnan(result["preference"]["unweighted"]["accuracy"])  # in memory, a mean over nothing
     text = (out / "eval.json").read_text()
@@ -288,8 +287,9 @@ def test_evaluate_with_no_pairs_writes_null_not_nan(tiny_model_dir, sample_data_
 # ------------------------------------------------------------------ adapters record an absolute base path
 
 
-def test_adapter_from_a_relative_model_path_loads_from_elsewhere(train, tiny_model_dir, sample_data_dir, tmp_path,
-                                                                 monkeypatch):  # fmt: skip
+def test_adapter_from_a_relative_model_path_loads_from_elsewhere(
+    train, tiny_model_dir, sample_data_dir, tmp_path, monkeypatch
+):
     from otpo_trl.loading import load_model_and_tokenizer
 
     work = tmp_path / "work"

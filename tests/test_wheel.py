@@ -1,13 +1,16 @@
-"""The wheel as a user gets it: built, installed (not editable) into a fresh venv, trained one step by `otpo-trl train`.
+"""The wheel as a user gets it: built, installed (not editable) into a fresh venv, trained one step by `otpo-trl train`,
+printing the clone's console.
 
 The venv gets the wheel only (`--no-deps`); torch, TRL and the rest come from this interpreter's site-packages through
 a `.pth` line. A path in a `.pth` file is appended to `sys.path` without processing the `.pth` files inside it, so
 this environment's editable `otpo_trl` finder stays inactive there: the package that runs is the installed wheel's.
-About a minute on 2 CPU cores (mostly the two interpreter start-ups of the launcher and the training process).
+About a minute on 2 CPU cores (mostly the two interpreter start-ups of the launcher and the training process). The
+same with torch and the wheel alone (no extras), the package index reachable, is `.ci/fresh_install`.
 """
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
+from .testing_utils import REPO_ROOT
 
 
 pytestmark = pytest.mark.slow
@@ -84,7 +87,19 @@ def test_the_wheel_trains_one_step_through_otpo_trl_train(tiny_model_dir, sample
     command += ["--dataset_name", str(sample_data_dir), "--max_steps", "1", "--max_train_samples", "4"]
     command += ["--max_eval_samples", "4", "--report_to", "none"]  # 3 fit max_length: one eval batch of 2
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    # The clone's console: the training module's logger is named after it (run by `-m`, it is `__main__`), so its
+    # INFO lines reach the console, and no upstream warning does.
+    for line in (
+        " - INFO - otpo_trl.data - Loaded ",
+        " - INFO - otpo_trl.cli.train - Training on 4 pairs, evaluating on ",
+        " - INFO - otpo_trl.cli.train - *** Train with OTPOTrainer ***",
+        " - INFO - otpo_trl.cli.train - Model, tokenizer, metrics, state and model card saved to out/quickstart.",
+        " - INFO - otpo_trl.cli.train - *** Evaluate ***",
+    ):
+        assert line in output, line
+    assert "__main__" not in output and not re.search(r"\w+Warning: ", output), output[-5000:]
 
     out = work / "out" / "quickstart"  # the recipe's output_dir, relative to the current directory
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_args.json"):

@@ -113,7 +113,7 @@ def _finite_or_none(value):
 
 DEFAULT_OUTPUT_DIR = "out/eval"
 RESULT_FILES = ("eval.json", "eval.md", "generations.jsonl")  # what an evaluation writes: all three, every time
-LOCK_FILE = ".evaluate.lock"  # held while an evaluation writes to its folder; removed when it is done
+LOCK_FILE = ".evaluate.lock"  # held while an evaluation writes to its folder; the file stays (see `results_dir`)
 
 
 def _numbered(base: Path) -> Iterator[Path]:
@@ -157,8 +157,9 @@ def results_dir(output_dir: str | None, overwrite: bool = False) -> Iterator[Pat
             yield folder
             return
         finally:
+            # The file stays: deleting it would let an evaluation waiting on the old file and one creating a new
+            # file both hold "the" lock.
             lock.release()
-            (folder / LOCK_FILE).unlink(missing_ok=True)  # the lock file this evaluation made
     raise ValueError(f"No free folder {base}-<n> is left; give --output_dir.")
 
 

@@ -163,6 +163,30 @@ def _has_accelerator() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
+def check_local_paths_early(argv: list[str]) -> None:
+    """Fail at once, before accelerate and torch are imported, when the local model, data or chat template path that
+    the recipe (overridden by `argv`'s flags) names does not exist: the rule and the messages of
+    `otpo_trl.local_paths`, which the training script applies again with everything else (`cli.preflight`). A flag
+    this cannot read here (an unknown recipe, a value it cannot parse) is left to the full checks."""
+    import yaml
+
+    from ..local_paths import check_local_paths, read_chat_template
+
+    _, recipe = _pop_value(argv, "--config")
+    try:
+        values = yaml.safe_load(Path(resolve_recipe(recipe)).read_text()) if recipe else {}
+    except (ValueError, OSError, yaml.YAMLError):  # said by the full checks, with their own message
+        return
+    values = values if isinstance(values, dict) else {}
+    for key in ("model_name_or_path", "dataset_name", "chat_template"):
+        flag = _pop_value(argv, f"--{key}")[1]
+        values[key] = flag if flag is not None else values.get(key)
+    model, data, template = (values[key] for key in ("model_name_or_path", "dataset_name", "chat_template"))
+    check_local_paths(model if isinstance(model, str) else None, data if isinstance(data, str) else None)
+    if isinstance(template, str):
+        read_chat_template(template)
+
+
 def launch_args_for(argv: list[str]):
     """The parsed `accelerate launch` arguments that run `otpo_trl.cli.train` with `argv`'s training arguments."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -221,8 +245,9 @@ def cli(argv: list[str] | None = None) -> None:
         print_help()
         return
     try:
+        check_local_paths_early(argv)
         args = launch_args_for(argv)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a path missing, or a file for a folder
         sys.exit(f"error: {err}")
 
     from accelerate.commands.launch import launch_command

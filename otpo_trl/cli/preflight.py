@@ -14,7 +14,6 @@ import contextlib
 import copy
 import difflib
 import importlib.metadata
-from pathlib import Path
 
 import torch
 from packaging.requirements import Requirement
@@ -24,18 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, modeling_uti
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from ..data import looks_like_data_path
-from ..loading import check_not_adapter, from_pretrained, resolve_model_path
+from ..loading import check_not_adapter, from_pretrained
+from ..local_paths import check_local_paths
 from ..otpo_config import OTPOConfig
 from .arguments import ScriptArguments
 
-
-# The quickstart's model and data, named in the message when their folder is missing, with the way to get them.
-QUICKSTART_MODEL_NAME = "SmolLM2-135M-Instruct"
-QUICKSTART_MODEL_DIR = "models/SmolLM2-135M-Instruct"  # `otpo-trl prepare-model`'s default --output_dir
-QUICKSTART_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SAMPLE_DATA_PARTS = ("shared", "data", "ultrafeedback")  # ../shared/data/ultrafeedback, beside a clone
-SAMPLE_DATA_HUB_ID = "trl-lib/ultrafeedback_binarized"
 
 # The pip package of each tracker of `report_to` (transformers 5's names), where it is not the tracker's own name.
 TRACKER_PACKAGES = {
@@ -156,44 +148,16 @@ def check_quantization(model_args: ModelConfig) -> None:
         ) from err
 
 
-def missing_model_hint(name_or_path: str) -> str:
-    """How to get the model folder `name_or_path` when it is missing ("" when there is nothing to say)."""
-    if Path(name_or_path).name != QUICKSTART_MODEL_NAME:
-        return ""
-    flag = "" if Path(name_or_path) == Path(QUICKSTART_MODEL_DIR) else f" --output_dir {name_or_path}"
-    return (
-        f" It is the quickstart model: `otpo-trl prepare-model{flag}` writes it (`make prepare-model` in a clone); "
-        f"with Hub access, `--model_name_or_path {QUICKSTART_MODEL_HUB_ID}` downloads it instead."
-    )
-
-
-def missing_data_hint(name_or_path: str) -> str:
-    """Where the data `name_or_path` comes from when it is missing ("" when there is nothing to say)."""
-    if Path(name_or_path).parts[-3:] != SAMPLE_DATA_PARTS:
-        return ""
-    return (
-        " It is the UltraFeedback sample (1,000 + 100 pairs), which lies beside a clone of the repository: "
-        "`../shared/data/ultrafeedback` from the clone's root, so run from there. With Hub access, "
-        f"`--dataset_name {SAMPLE_DATA_HUB_ID}` reads the full set (the same schema)."
-    )
-
-
 def check_local_inputs(script_args: ScriptArguments, model_args: ModelConfig) -> None:
     """A model or data path that cannot be a Hub id and does not exist fails now, before any Hub call, saying where
-    it comes from (a `FileNotFoundError`); a model folder that is an adapter is refused
-    (`otpo_trl.loading.check_not_adapter`)."""
-    model = model_args.model_name_or_path
-    if model is not None:
-        try:
-            resolve_model_path(model, "`model_name_or_path`", missing_model_hint(model))
-        except NotADirectoryError as err:
-            raise ValueError(str(err)) from err
-        check_not_adapter(model, "`model_name_or_path`")
-    data = script_args.dataset_name
-    if data is not None and not Path(data).expanduser().exists() and looks_like_data_path(data):
-        raise FileNotFoundError(
-            f"`dataset_name` {data!r}: no such file or folder (relative to {Path.cwd()}).{missing_data_hint(data)}"
-        )
+    it comes from (`otpo_trl.local_paths.check_local_paths`, a `FileNotFoundError`); a model folder that is an
+    adapter is refused (`otpo_trl.loading.check_not_adapter`)."""
+    try:
+        check_local_paths(model_args.model_name_or_path, script_args.dataset_name)
+    except NotADirectoryError as err:
+        raise ValueError(str(err)) from err
+    if model_args.model_name_or_path is not None:
+        check_not_adapter(model_args.model_name_or_path, "`model_name_or_path`")
 
 
 def _outside_zero3():

@@ -8,9 +8,9 @@ accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml scripts/
 
 The recipe gives the defaults and command-line flags override them; the arguments and their checks are in
 `otpo_trl.cli.arguments`. `trainer: dpo` runs TRL's `DPOTrainer` on the same settings (the `ot_*` keys are then
-unused). What a run does with its `output_dir` (the lock, resume, evaluate only, finished, refused, overwrite) is
-stated once, in docs/training.md ("The run directory"), and done by `otpo_trl.runs`. The workarounds for upstream
-libraries are in `otpo_trl.cli.upstream`.
+unused). What a run does with its `output_dir` (the lock, resume, save or evaluate only, finished, refused,
+overwrite) is stated once, in docs/training.md ("The run directory"), and done by `otpo_trl.runs`. The workarounds for
+upstream libraries are in `otpo_trl.cli.upstream`.
 
 [`main`] runs the stages: logging; the checks, the lock of `output_dir`, its plan, the data and tokenizer, all before
 the model loads ([`prepare_run`]); the model and the trainer ([`make_trainer`]); training, resumed from the plan's
@@ -28,11 +28,13 @@ import datasets
 import torch
 import transformers
 from accelerate.utils import broadcast_object_list
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantization_config
 
 from ..data import data_fingerprint, load_preference_dataset, split_off_eval
 from ..loading import check_not_adapter, from_pretrained, resolve_model_path, setup_tokenizer
+from ..model_card import CheckpointCardCallback
 from ..otpo_config import OTPOConfig
 from ..otpo_trainer import OTPOTrainer
 from ..runs import (
@@ -45,6 +47,7 @@ from ..runs import (
     package_versions,
     plan_run,
     run_settings,
+    start_run,
 )
 from ..tokenization import tokenize_pair
 from .arguments import ScriptArguments, parse_args
@@ -54,12 +57,10 @@ from .upstream import (
     end_processes,
     fix_local_model_card,
     keep_tensorboard_logs_with_run,
-    silence_cpu_notices,
-    silence_repeated_deprecations,
 )
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("otpo_trl.cli.train")  # by name: `otpo-trl train` runs this module as `__main__`
 
 TRAINERS = {"otpo": OTPOTrainer, "dpo": DPOTrainer}  # the classes of `trainer`'s choices (`arguments.TRAINER_NAMES`)
 
@@ -83,8 +84,6 @@ def setup_logging(training_args: OTPOConfig) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    silence_repeated_deprecations()
-    silence_cpu_notices()
 
 
 def check_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
@@ -127,8 +126,8 @@ def lock_output_dir(training_args: OTPOConfig) -> RunLock | None:
 
 
 def plan_output_dir(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> RunPlan:
-    """What to do with `output_dir` (train afresh, resume, evaluate only, finished, or a `ValueError`), from the
-    settings and the fingerprints of the data and inputs (`otpo_trl.runs.plan_run`). Nothing is written."""
+    """What to do with `output_dir` (train afresh, resume, save or evaluate only, finished, or a `ValueError`), from
+    the settings and the fingerprints of the data and inputs (`otpo_trl.runs.plan_run`). Nothing is written."""
     with training_args.main_process_first(desc="fingerprinting the data set and the model"):
         # Recorded in run_args.json beside the settings: resuming on other data or inputs is refused.
         data = data_fingerprint(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
@@ -320,6 +319,8 @@ def make_trainer(
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
+    if script_args.trainer == "dpo":  # OTPOTrainer adds it itself: checkpoints carry no card (otpo_trl.model_card)
+        trainer.add_callback(CheckpointCardCallback())
     keep_tensorboard_logs_with_run(trainer, training_args.output_dir)
     for name, loaded, prepared in (
         ("train", train_dataset, trainer.train_dataset),
@@ -350,6 +351,24 @@ def evaluate_trained_run(trainer, plan: RunPlan, training_args, eval_dataset) ->
     evaluate_and_record(trainer, training_args, eval_dataset, RunRecorder(training_args.output_dir, plan.record))
 
 
+def load_last_checkpoint(trainer, plan: RunPlan, training_args) -> RunRecorder | None:
+    """The stage that stands for training in a run stopped in its final save (`plan.action` "save"): load the weights
+    and trainer state of its last checkpoint, at the run's last step, into the trainer, and start the run directory
+    (main process: its recorder; None on the others). No step is trained: HF Trainer's resume would train one more
+    when the last step ends mid-epoch."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise InputError(
+            f"{training_args.output_dir} holds this run, trained, but its final save did not complete; that save is "
+            "not re-done under DeepSpeed or FSDP. Run this command again in one plain process (no DeepSpeed or "
+            f"FSDP), or use the trained weights in {plan.checkpoint}."
+        )
+    logger.info(plan.message)
+    # HF Trainer's (transformers 5.25) loader of a resumed checkpoint's weights (model or adapter), as in a resume.
+    trainer._load_from_checkpoint(plan.checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, TRAINER_STATE_NAME))
+    return start_run(plan, training_args.output_dir) if training_args.should_save else None
+
+
 def evaluate_and_record(trainer, training_args, eval_dataset, recorder: RunRecorder | None) -> None:
     """Evaluate, save the metrics, and only then mark the run finished in its record (main process)."""
     logger.info("*** Evaluate ***")
@@ -364,7 +383,8 @@ def evaluate_and_record(trainer, training_args, eval_dataset, recorder: RunRecor
 def main(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig) -> None:
     """Train, save and evaluate the run the arguments describe ([`parse_args`]); bad input raises [`InputError`]
     before any model loads, a run into an `output_dir` another process writes to stops at once, a finished run says
-    so and trains nothing, and a trained run whose final evaluation did not complete is evaluated only."""
+    so and trains nothing, a run stopped in its final save saves from its last checkpoint, and a trained run whose
+    final evaluation did not complete is evaluated only."""
     ###############
     # Setup logging
     ###############
@@ -406,14 +426,18 @@ def run(plan: RunPlan, script_args, training_args, model_args, train_dataset, ev
     ###########################################################################
     # Training loop (resumed as the plan says; the run directory starts here)
     ###########################################################################
-    run_directory = RunDirectoryCallback(plan, training_args.output_dir)
-    run_directory.insert_into(trainer)
-    logger.info(f"*** Train with {type(trainer).__name__} ***")
-    train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    metrics = train_result.metrics
-    metrics["train_samples"] = len(train_dataset)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
+    if plan.action == "save":
+        recorder = load_last_checkpoint(trainer, plan, training_args)
+    else:
+        run_directory = RunDirectoryCallback(plan, training_args.output_dir)
+        run_directory.insert_into(trainer)
+        logger.info(f"*** Train with {type(trainer).__name__} ***")
+        train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        recorder = run_directory.recorder  # None but on the main process
+        metrics = train_result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
     trainer.save_state()
 
     ###############################
@@ -432,7 +456,6 @@ def run(plan: RunPlan, script_args, training_args, model_args, train_dataset, ev
     if trainer.accelerator.is_main_process and script_args.trainer == "dpo":  # TRL's card; OTPO writes its own
         card = Path(training_args.output_dir) / "README.md"
         fix_local_model_card(card, model_args.model_name_or_path, training_args.output_dir)
-    recorder = run_directory.recorder  # None but on the main process
     if recorder is not None:
         # Finished only once evaluated, when it evaluates: a run stopped in its final evaluation is evaluated again.
         done = {"status": "trained"} if eval_dataset is not None else {"status": "finished", "evaluated": False}
@@ -462,6 +485,13 @@ def cli(argv: list[str] | None = None) -> None:
         main(*arguments)
     except (FileNotFoundError, InputError) as err:  # a missing path, bad input: the message says which
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: what it leaves is resumable, which the user needs to know, not a traceback
+        print(
+            f"\ninterrupted: the run in {arguments[1].output_dir} stopped. Run the same command again to go on from "
+            "its last complete checkpoint (or to finish its final save or evaluation).",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # the shell's status of a process ended by SIGINT
 
 
 if __name__ == "__main__":

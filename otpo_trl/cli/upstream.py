@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,45 +19,6 @@ from ..otpo_trainer import OTPOTrainer
 
 
 logger = logging.getLogger(__name__)
-
-
-# transformers 5.24 deprecates `is_gradient_checkpointing`; TRL 1.16 (`disable_gradient_checkpointing`, around every
-# reference forward) and peft read it, so the FutureWarning is printed at every step and breaks the progress bar.
-GRADIENT_CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
-
-
-def silence_repeated_deprecations() -> None:
-    """Ignore the FutureWarning `is_gradient_checkpointing is deprecated` (that message only), which transformers 5.24
-    prints at every training step because TRL 1.16 and peft 0.18 read the deprecated property. Can go once TRL reads
-    `is_activation_checkpointing`."""
-    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_DEPRECATION, category=FutureWarning)
-
-
-# torch 2.13 warns at every DataLoader made while `pin_memory` is on (transformers' default) and no accelerator is found:
-# once for training, once per evaluation. Pinning does nothing there, and says so; the setting is the user's.
-PIN_MEMORY_WITHOUT_ACCELERATOR = r"'pin_memory' argument is set as true but no accelerator is found"
-# DeepSpeed 0.19 logs this at its first accelerator lookup on a machine without a GPU (transformers makes one whenever
-# DeepSpeed is installed, DeepSpeed run or not).
-DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
-
-
-def silence_cpu_notices() -> None:
-    """Ignore two notices of a run without a GPU, those messages only: torch 2.13's UserWarning that `pin_memory` does
-    nothing without an accelerator (printed by every DataLoader), and DeepSpeed 0.19's "Setting accelerator to CPU"
-    (its logger "DeepSpeed", filtered before DeepSpeed is imported). Can go when they are said once, or not at all."""
-    warnings.filterwarnings("ignore", message=PIN_MEMORY_WITHOUT_ACCELERATOR, category=UserWarning)
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropMessage) for f in deepspeed_logger.filters):
-        deepspeed_logger.addFilter(_DropMessage(DEEPSPEED_CPU_NOTICE))
 
 
 def _launched(variable: str) -> bool:

@@ -49,7 +49,7 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 def _shown(token: str) -> tuple[str, bool, bool]:
     """(label, starts with a space, ends the line): leading spaces become a gap, whitespace-only tokens a symbol."""
     breaks = "\n" in token
-    label = token.replace("\n", "↵").replace("\t", "⇥").lstrip(" ")
+    label = token.replace("\r\n", "\n").replace("\r", "↵").replace("\n", "↵").replace("\t", "⇥").lstrip(" ")
     return label or "␣", token.startswith(" ") and bool(label), breaks
 
 

@@ -28,6 +28,7 @@ from .checkpoints import (
 from .files import write_json
 from .lock import HOLDER_FILE, LOCK_FILE
 from .record import (
+    CHECKPOINT_NAME,
     RUN_FILE,
     SHAPE_ARGS,
     data_changes,
@@ -50,8 +51,17 @@ RUN_WRITES = (
     *("README.md", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*"),
     *("merges.txt", "spiece.model"),
 )
+TRAINER_STATE = "trainer_state.json"  # HF Trainer's, the last file of a checkpoint it saves
 # The lock's files: a run's, but never its output (a folder holding only them is unused).
 LOCK_FILES = (LOCK_FILE, HOLDER_FILE)
+# What a run writes inside the folders it lists (its checkpoints, TensorBoard's `runs`), by file name: HF Trainer's
+# states, DeepSpeed's and FSDP's shards, TensorBoard's event files, the record's temporary file. A listed folder that
+# holds any other file (a user's evaluation saved into a checkpoint), or a symbolic link, is moved aside, not deleted.
+RUN_WRITES_INSIDE = (
+    *RUN_WRITES,
+    *("optimizer*", "scheduler*", "scaler.pt", "rng_state*", "latest", "zero_to_fp32.py", "*.pt"),
+    *("*.distcp", ".metadata", "events.out.tfevents.*", f".{RUN_FILE}.*.tmp"),
+)
 
 
 def _run_entries(folder: Path) -> list[Path]:
@@ -59,6 +69,33 @@ def _run_entries(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if any(fnmatch.fnmatchcase(p.name, w) for w in RUN_WRITES))
+
+
+def _not_run_entries(folder: Path) -> list[Path]:
+    """The entries of `folder` that no run writes (nor its lock), hidden ones aside: a user's; [] when it does not
+    exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.name not in LOCK_FILES
+        and not p.name.startswith(".")
+        and not any(fnmatch.fnmatchcase(p.name, w) for w in RUN_WRITES)
+    )
+
+
+def _check_no_one_elses(out: Path) -> None:
+    """Refuse a new run in a folder that holds no run but other files (a user's models, data, notes): its weights,
+    checkpoints and logs would be mixed with them."""
+    others = _not_run_entries(out)
+    if others:
+        raise ValueError(
+            f"{out} holds files that no run wrote ({', '.join(p.name for p in others[:6])}"
+            f"{f' and {len(others) - 6} more' if len(others) > 6 else ''}): a run would write its weights, "
+            f"checkpoints and logs among them. Use a new or empty `--output_dir` (e.g. {out / '<run-name>'}), or "
+            "add `--overwrite_output_dir` to train there anyway (they are left where they are)."
+        )
 
 
 def _top_names(folder: Path) -> set[str]:
@@ -70,10 +107,11 @@ class RunPlan:
     """What to do with `output_dir`.
 
     Attributes:
-        action: "train" (from `checkpoint`, or afresh when None), "evaluate" (the run is trained: run its final
-            evaluation only) or "finished" (nothing to do: `message` says why).
+        action: "train" (from `checkpoint`, or afresh when None), "save" (`checkpoint` is the run's last step but
+            its final save did not complete: load it, train no step, and save), "evaluate" (the run is
+            trained: run its final evaluation only) or "finished" (nothing to do: `message` says why).
         checkpoint: the checkpoint to resume from.
-        message: why there is nothing to train, for "finished" and "evaluate".
+        message: why there is nothing to train, for "finished", "save" and "evaluate".
         clear: `--overwrite_output_dir`: clear the previous run's outputs when training starts ([`start_run`]).
         record: the run record to write when training starts (for "evaluate": the run's record).
         lock: the lock of `output_dir` held for this run (`otpo_trl.runs.RunLock`), set by the command that holds it.
@@ -137,28 +175,55 @@ def _aside_folder(out: Path) -> Path:
     return aside
 
 
+def _only_run_files(folder: Path) -> bool:
+    """Whether everything under `folder` is a file of a kind a run writes there (`RUN_WRITES_INSIDE`), with no symbolic
+    link: what a listed folder must hold to be deleted rather than moved aside."""
+    for root, dirs, files in os.walk(folder):
+        root = Path(root)
+        if any((root / name).is_symlink() for name in [*dirs, *files]):
+            return False
+        if not all(any(fnmatch.fnmatchcase(name, w) for w in RUN_WRITES_INSIDE) for name in files):
+            return False
+    return True
+
+
+def _is_own(path: Path) -> bool:
+    """Whether a listed entry can be deleted: a plain file, or a folder of run files only ([`_only_run_files`]); a
+    symbolic link (never followed: its target is not the run's) or a folder holding anything else is not."""
+    if path.is_symlink():
+        return False
+    return _only_run_files(path) if path.is_dir() else True
+
+
 def clearing(out: Path, record: dict | None) -> tuple[list[Path], list[Path]]:
-    """What `--overwrite_output_dir` does to `out`: `(delete, move)`. Deleted: the entries the previous run's record
-    lists as its outputs, then the record (moved with the rest if it lists none). Moved aside ([`clear_previous_run`]): any other entry that a run writes, not
-    listed (a record of an older version lists none, a folder without a record has none), which this run cannot tell
-    from the user's.
+    """What `--overwrite_output_dir` does to `out`: `(delete, move)`, as paths in the folder `out` resolves to.
+    Deleted: the previous run's record (moved with the rest if it lists no outputs), then the entries it lists as its
+    outputs that hold only what a run writes (see [`_is_own`]). Moved aside ([`clear_previous_run`]): any
+    other entry that a run writes, not listed (a record of an older version lists none, a folder without a record has
+    none) or holding something else, which this run cannot tell from the user's.
 
     Raises:
-        ValueError: entries must be moved but `out`'s parent folder is not writable or on another file system.
+        ValueError: entries must be moved but the parent folder of `out` (symbolic links resolved) is not writable or
+            on another file system.
     """
     listed = set((record or {}).get("outputs", []))
-    entries = [p for p in _run_entries(out) if p.name != RUN_FILE]
-    delete = [p for p in entries if p.name in listed]
-    move = [p for p in entries if p.name not in listed]
-    if record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
-        (delete if "outputs" in record else move).append(out / RUN_FILE)
+    home = out.expanduser().resolve()  # a linked output_dir: its entries move beside the folder they are in
+    entries = [p for p in _run_entries(home) if p.name != RUN_FILE]
+    delete = [p for p in entries if p.name in listed and _is_own(p)]
+    move = [p for p in entries if p not in delete]
+    if record is not None and "outputs" in record:
+        # First: a clearing cut short (a kill) must not leave a record that calls the rest a finished run.
+        delete.insert(0, home / RUN_FILE)
+    elif record is not None:  # a record that lists no outputs (an older version's) goes with the files it describes
+        move.append(home / RUN_FILE)
     if move:
-        parent = out.resolve().parent
-        if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(out).st_dev:
+        parent = home.parent
+        if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(home).st_dev:
             raise ValueError(
                 f"`--overwrite_output_dir`: {out} holds {', '.join(p.name for p in move[:6])}, which no run record "
-                f"lists as a run's output, so they would be moved aside, to {parent}, rather than deleted; but that "
-                "folder is not writable or on another file system. Move them yourself, or use a new `--output_dir`."
+                f"lists as a run's own output, so they would be moved aside, to {parent}, rather than deleted; but "
+                "that folder is not writable or on another file system. Move them yourself, or use a new "
+                "`--output_dir`."
             )
     return delete, move
 
@@ -167,17 +232,21 @@ def clear_previous_run(out: Path) -> None:
     """`--overwrite_output_dir`, when training starts: delete what the previous run's record lists as its outputs and
     move every other entry a run writes to a sibling `<output_dir>.replaced-<date>-<time>` (see [`clearing`])."""
     delete, move = clearing(out, read_run_record(out))
+    if delete and delete[0].name == RUN_FILE:  # before anything moves: a kill then leaves no stale record
+        delete.pop(0).unlink()  # the previous run's record, which lists its outputs
+        logger.info(f"--overwrite_output_dir: deleted the previous run's record, {out / RUN_FILE}.")
     if move:
-        aside = _aside_folder(out)
+        aside = _aside_folder(out.expanduser().resolve())
         aside.mkdir()
         for path in move:
             path.rename(aside / path.name)
         logger.warning(
             f"--overwrite_output_dir: moved {', '.join(p.name for p in move)} from {out} to {aside}: no run record "
-            "lists them as a run's output, so they are kept there (delete that folder yourself if you do not need it)."
+            "lists them as a run's own output, or they hold files a run does not write, so they are kept there "
+            "(delete that folder yourself if you do not need it)."
         )
     for path in delete:
-        # The previous run's own outputs, as its record lists them (and the record itself, last).
+        # The previous run's own outputs, as its record listed them, holding only what a run writes ([`_is_own`]).
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if delete:
         logger.info(
@@ -280,9 +349,12 @@ _START_INSTEAD = " Check the path of `--output_dir`; to start a new run, leave `
 def check_output_dir(
     output_dir: str | Path, settings: dict, resume_from_checkpoint=None, overwrite_output_dir: bool = False
 ) -> None:
-    """The checks on `output_dir` that need neither its lock nor its contents, run before the lock creates it: it is
-    apart from the run's inputs ([`check_apart_from_inputs`]) and from the checkpoint it resumes, not a file, exists
-    if a resume of it is asked for, and is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed.
+    """The checks on `output_dir` that need not its lock, run before the lock creates it: it is apart from the run's
+    inputs ([`check_apart_from_inputs`]) and from the checkpoint it resumes, not a file, exists if a resume of it is
+    asked for, is not cleared by `--overwrite_output_dir` while a checkpoint in it is resumed, is not and does not lie
+    inside any run's checkpoint ([`_checkpoint_around`]), and, unless
+    `--overwrite_output_dir`, does not hold a user's files without a run ([`_check_no_one_elses`]: what another run
+    writes there meanwhile is never a user's).
 
     Raises:
         ValueError: naming the problem and the fix.
@@ -307,8 +379,33 @@ def check_output_dir(
     if overwrite_output_dir and (mode == "last" or relation == "holds"):
         raise ValueError(
             "`--overwrite_output_dir` deletes the checkpoints in `output_dir`: it cannot be combined with "
-            f"`--resume_from_checkpoint {requested}`" + (", which lies inside it." if relation == "holds" else ".")
+            f"`--resume_from_checkpoint {requested}`"
+            + (", which lies inside it" if relation == "holds" else "")
+            + ". To continue that run, leave `--overwrite_output_dir` out; to replace it with a new run, leave "
+            "`--resume_from_checkpoint` out."
         )
+    checkpoint = _checkpoint_around(out)
+    if checkpoint is not None:
+        relation = "is" if checkpoint == out.expanduser().resolve() else "lies inside"
+        raise ValueError(
+            f"`output_dir` {out} {relation} {checkpoint}, a checkpoint of the run in {checkpoint.parent}: a run there "
+            "would write over that checkpoint (or be deleted with it when its run is overwritten). Nothing was "
+            f"changed. To continue that run, use `--output_dir {checkpoint.parent}` (its last complete checkpoint "
+            f"is found), or `--resume_from_checkpoint {checkpoint}` with a new `--output_dir`; otherwise use a "
+            "folder outside it."
+        )
+    if not overwrite_output_dir and mode != "last" and not _run_entries(out):
+        _check_no_one_elses(out)  # before the lock, which would leave its file among them
+
+
+def _checkpoint_around(out: Path) -> Path | None:
+    """The checkpoint folder that `out` is or lies inside (symbolic links resolved), or None: a `checkpoint-<step>`
+    folder that holds a trainer state or a run record (HF Trainer's save, the run's record)."""
+    out = out.expanduser().resolve()
+    for folder in (out, *out.parents):
+        if CHECKPOINT_NAME.match(folder.name) and any((folder / n).is_file() for n in (TRAINER_STATE, RUN_FILE)):
+            return folder
+    return None
 
 
 def plan_run(
@@ -381,6 +478,15 @@ def plan_run(
             f"{RUN_FILE}: the arguments of that run are unknown, so it is not resumed automatically (nor overwritten). "
             f"{how}"
         )
+    changed_inputs = input_changes(record.get("inputs"), new_record.get("inputs"))
+    if changed_inputs:  # no checkpoint of that run goes on from other inputs: the resume `how` offers would be refused
+        raise ValueError(
+            f"{out} holds a run trained from other inputs than these ({describe_changes(changed_inputs)}): its "
+            "checkpoints go on only with the model, reference, tokenizer and chat template they were trained with. "
+            f"To go on with it, give it those, unchanged (the paths its {RUN_FILE} records); or use a new "
+            "`--output_dir`; or replace it with `--overwrite_output_dir` (which deletes its checkpoints, results and "
+            "weights when the new run starts training)."
+        )
     changes = _changes(record, settings, data, new_record.get("inputs"), out / RUN_FILE)
     if changes:
         raise ValueError(f"{out} holds a run with other arguments ({describe_changes(changes)}). {how}")
@@ -420,17 +526,26 @@ def plan_run(
         logger.info(f"{out} holds this run but no complete checkpoint: training from the start.")
         return RunPlan("train", record=kept)
     state = trainer_state(checkpoint)
-    if _reached_the_end(state, settings):
-        return RunPlan(
-            "finished",
-            message=(
-                f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
-                f"finish: the trained weights are in {checkpoint}. Nothing to train."
-            ),
-        )
     kept = _note_versions(record, kept, versions, str(checkpoint))
+    if _reached_the_end(state, settings):
+        return _final_save(checkpoint, state, kept)
     logger.info(f"Checkpoint detected in {out}: resuming training from {checkpoint}.")
     return RunPlan("train", str(checkpoint), record=kept)
+
+
+def _final_save(checkpoint: Path, state: dict, record: dict) -> RunPlan:
+    """The plan of a run whose last checkpoint is at its last step but whose final save did not complete (a kill or
+    Ctrl-C during the save of the model): load that checkpoint, train no step, then save, evaluate and finish as a run
+    does."""
+    return RunPlan(
+        "save",
+        str(checkpoint),
+        record=record,
+        message=(
+            f"{checkpoint} is at step {state['global_step']}, the last of this run, but the run's final save did not "
+            "complete: saving the trained model from it (no training)."
+        ),
+    )
 
 
 def _last_checkpoint_of_this_run(out: Path, record: dict, settings, data, inputs) -> Path | None:
@@ -516,17 +631,6 @@ def _plan_resume(
         changes = settings_changes(own["settings"], settings) | data_changes(
             own.get("data"), new_record.get("data"), checkpoint / RUN_FILE
         )
-    state = trainer_state(checkpoint)
-    settings = new_record["settings"]
-    if _reached_the_end(state, settings):
-        return RunPlan(
-            "finished",
-            message=(
-                f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends "
-                f"(max_steps {settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing "
-                "to train. Raise max_steps (or num_train_epochs) to train further."
-            ),
-        )
     kept = dict(new_record)
     if same_run:
         kept["run_id"] = record.get("run_id") or kept["run_id"]
@@ -535,6 +639,19 @@ def _plan_resume(
         }
     elif own is not None:
         kept["resumed_from"] = {"checkpoint": str(checkpoint.resolve()), "run_id": own.get("run_id")}
+    state = trainer_state(checkpoint)
+    settings = new_record["settings"]
+    if _reached_the_end(state, settings):
+        ends = (
+            f"{checkpoint} is at step {state['global_step']}, where training with these arguments ends (max_steps "
+            f"{settings['max_steps']}, num_train_epochs {settings['num_train_epochs']}): nothing to train. To train "
+            "it further, raise `--max_steps` (or `--num_train_epochs`)"
+        )
+        if same_run and record.get("status") in ("finished", "trained"):
+            return RunPlan("finished", message=f"{ends}.")
+        if not same_run or changes:  # the run would write nothing: an exit 0 that did nothing
+            raise ValueError(f"`--resume_from_checkpoint` {ends}; its trained weights are in {checkpoint}.")
+        return _final_save(checkpoint, state, _note_versions(own, kept, new_record.get("versions"), str(checkpoint)))
     if changes:
         logger.warning(f"Resuming {checkpoint} with other arguments than its run's: {describe_changes(changes)}.")
         history = [*kept.get("resumed_with_changes", []), {"checkpoint": str(checkpoint), "changes": changes}]
