@@ -126,7 +126,7 @@ def weights_child(spec):
         n_iter = out[2].n_iter
     if spec.get("save"):
         torch.save((out[0].float(), out[1].float()), spec["save"])
-    return {"seconds": seconds, "extra_peak_bytes": extra, "n_iter": n_iter}
+    return {"seconds": seconds, "extra_peak_bytes": extra, "n_iter": n_iter, "load_1min": os.getloadavg()[0]}
 
 
 def long_batch(tokens, vocab, seed=0, prompt=PROMPT_TOKENS, device="cpu"):
@@ -249,6 +249,8 @@ def rel_diff(path_a, path_b):
 def machine():
     import torch
 
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -260,6 +262,7 @@ def machine():
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": 1,
+        "git_commit": commit.stdout.strip() or None,
         "load_average_1_5_15min_at_start": os.getloadavg(),
     }
 
@@ -420,7 +423,7 @@ def plot(result, path):
     ns = sorted({r["n"] for r in rows})
     if ns:
         axes[0].plot(ns, [n * n * 4 / 2**20 for n in ns], color="grey", lw=1, label="one fp32 n x m")
-    axes[0].set_ylabel("extra peak memory (MiB, peak RSS above the state before)")
+    axes[0].set_ylabel("extra peak memory, MiB")
     axes[1].set_ylabel("seconds, one thread")
     for ax in axes:
         ax.set_xscale("log", base=2)
