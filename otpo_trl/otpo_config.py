@@ -90,12 +90,19 @@ class OTPOConfig(DPOConfig):
             drawn at random, afresh every step, before the same normalisation (see `sampo_token_weights`). Neither
             solves an OT problem.
         ot_solver (`str`, *optional*, defaults to `"batched"`):
-            `"batched"` solves all pairs of a batch at once on the hidden states' device; `"pot"` calls
+            `"batched"` solves the pairs of a batch together on the hidden states' device, one n × m matrix per
+            pair, in groups within `ot_memory_budget`, and a pair that alone exceeds it with the online solver;
+            `"online"` solves every pair with the online solver, which never holds an n × m matrix (it recomputes
+            the costs from the hidden states at every pass: slower); `"pot"` calls
             `ot.unbalanced.sinkhorn_unbalanced` once per pair on the CPU (the reference; slow).
         ot_max_iter (`int`, *optional*, defaults to `1000`):
             Maximum number of Sinkhorn iterations.
         ot_tol (`float`, *optional*, defaults to `1e-6`):
             Stopping threshold on the relative change of the scaling vectors (POT's `stopThr`).
+        ot_memory_budget (`str` or `float`, *optional*, defaults to `"auto"`):
+            Extra memory the OT step may use, in GiB: the batch's pairs are solved in groups within it, and a pair
+            that alone exceeds it by the online solver; the weights do not depend on it. `"auto"`: a quarter of the
+            GPU's free memory, or 2 GiB on a CPU. See the long-completions section of docs/how_it_works.md.
     """
 
     ot_reg: float = field(
@@ -148,8 +155,10 @@ class OTPOConfig(DPOConfig):
     ot_solver: str = field(
         default="batched",
         metadata={
-            "help": "'batched': all pairs at once on the hidden states' device; 'pot': POT's sinkhorn_unbalanced "
-            "once per pair on the CPU (reference, slow).",
+            "help": "'batched': the pairs together on the hidden states' device, one n x m matrix per pair, in groups "
+            "within ot_memory_budget (a pair that alone exceeds it: online); 'online': no n x m matrix, the costs "
+            "recomputed from the states at every pass (slower); 'pot': POT's sinkhorn_unbalanced once per pair on the "
+            "CPU (reference, slow).",
             "choices": list(OT_SOLVERS),
         },
     )
@@ -160,6 +169,14 @@ class OTPOConfig(DPOConfig):
     ot_tol: float = field(
         default=1e-6,
         metadata={"help": "Stopping threshold on the relative change of the Sinkhorn scaling vectors."},
+    )
+    ot_memory_budget: str = field(
+        default="auto",
+        metadata={
+            "help": "Extra memory the OT step may use, in GiB, or 'auto' (a quarter of the GPU's free memory, 2 GiB on "
+            "a CPU): pairs are solved in groups within it, a pair that alone exceeds it by the online solver. The "
+            "weights do not depend on it."
+        },
     )
 
     def __post_init__(self):

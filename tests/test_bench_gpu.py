@@ -22,8 +22,10 @@ def run(args, tmp_path, timeout):
 
 
 def test_run_sh_cpu_tiny_end_to_end(tmp_path):
+    """Every part, the long-completion one (not a default part) included."""
     out = tmp_path / "out"
-    proc = run([str(RUN_SH), str(out), "--device", "cpu", "--tiny"], tmp_path, timeout=300)
+    parts = "step-8b-lora,step-1b-full,ot-weights,long-1b"
+    proc = run([str(RUN_SH), str(out), "--device", "cpu", "--tiny", "--parts", parts], tmp_path, timeout=400)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     assert "install step skipped" in proc.stdout, log
@@ -36,7 +38,7 @@ def test_run_sh_cpu_tiny_end_to_end(tmp_path):
     assert machine["unmet_requirements"] == [], machine["unmet_requirements"]
 
     parts = result["parts"]
-    assert list(parts) == ["step-8b-lora", "step-1b-full", "ot-weights"]
+    assert list(parts) == ["step-8b-lora", "step-1b-full", "ot-weights", "long-1b"]
     for name, part in parts.items():
         assert part["status"] == "ok", (name, part.get("error"), part.get("traceback"))
     for name in ("step-8b-lora", "step-1b-full"):
@@ -60,6 +62,8 @@ def test_run_sh_cpu_tiny_end_to_end(tmp_path):
         assert r["max_rel_diff_batched_vs_official"] < 1e-3  # the same weights as the official loop
         assert r["batched_profile"]["cpu_ops"] > 0
 
+    check_long_part(parts["long-1b"])
+
     targets = result["targets"]
     assert len(targets) == 12
     for t in targets:  # peak memory is CUDA's allocator's: not measured on the CPU
@@ -67,9 +71,32 @@ def test_run_sh_cpu_tiny_end_to_end(tmp_path):
     assert all(t["pass"] is None for t in targets)  # a tiny run judges nothing
 
     summary = (out / "summary.md").read_text()
+    assert "| otpo_1024 |" in summary and "| online_1024_reg0.1 |" in summary  # the long part's two tables
     assert "## Targets" in summary and summary.count("**n/a **") == 12
     for name in parts:
         assert f"## {name}: ok" in summary
+
+
+def check_long_part(part):
+    """`long-1b` at tiny sizes: DPO and OTPO steps at both lengths and the OT step alone, dense and online at both ε,
+    with the same iterations (within a check) whichever solver."""
+    tokens = part["config"]["tokens"]
+    assert tokens == [512, 1024]  # 8k and 16k over the tiny divisor
+    steps, alone = part["results"]["steps"], part["results"]["ot_alone"]
+    assert set(steps) == {f"{kind}_{n}" for kind in ("dpo", "otpo") for n in tokens}
+    assert all(r["seconds"] > 0 and r["peak_bytes"] is None for r in steps.values())  # peaks: CUDA only
+    assert all(steps[f"otpo_{n}"]["ot_seconds"] > 0 for n in tokens) and steps["dpo_512"]["ot_seconds"] is None
+    assert set(alone) == {f"{s}_{n}_reg{r}" for s in ("batched", "online") for n in tokens for r in (1.0, 0.1)}
+    for n in tokens:
+        for reg in (1.0, 0.1):
+            assert abs(alone[f"online_{n}_reg{reg}"]["n_iter"] - alone[f"batched_{n}_reg{reg}"]["n_iter"]) <= 10
+
+
+def test_the_default_parts_fit_one_lent_gpu():
+    """Without --parts the suite runs the three parts of the 8-minute budget; long-1b is asked for by name."""
+    suite = load_suite()
+    assert suite.parse_args(["--out", "x", "--device", "cpu"]).parts == ["step-8b-lora", "step-1b-full", "ot-weights"]
+    assert suite.parse_args(["--out", "x", "--device", "cpu", "--parts", "long-1b"]).parts == ["long-1b"]
 
 
 def test_parts_that_cannot_start_in_the_budget_are_skipped(tmp_path):

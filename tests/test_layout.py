@@ -17,9 +17,12 @@ PACKAGE = "otpo_trl"
 TRAINING = (
     "otpo_trl.ot",
     "otpo_trl.ot.costs",
+    "otpo_trl.ot.geometry",
     "otpo_trl.ot.sinkhorn",
+    "otpo_trl.ot.solve",
     "otpo_trl.ot.weights",
     "otpo_trl.ot.pot_reference",
+    "otpo_trl.ot.settings",
     "otpo_trl.ot.stats",
     "otpo_trl.otpo_config",
     "otpo_trl.otpo_trainer",

@@ -599,3 +599,19 @@ def test_sampo_with_an_empty_side_and_the_diagnostics():
         torch.testing.assert_close(info.plan[k].sum(1), wc[k]), torch.testing.assert_close(info.plan[k].sum(0), wr[k])
     wc, wr = sampo(mc[:0], mr[:0], 0)
     assert wc.shape == (0, mc.shape[1]) and wr.shape == (0, mr.shape[1])
+
+
+def test_token_weight_stats_in_float32_as_on_mps():
+    """The float32 path (devices without float64, such as Apple's MPS) gives float64's statistics to 1e-5, on OT
+    weights of long and short completions, uniform weights, single tokens and empty rows."""
+    g = torch.Generator().manual_seed(17)
+    w = torch.rand(6, 3000, generator=g) ** 4 * 5
+    mask = torch.rand(6, 3000, generator=g) < torch.tensor([1.0, 0.9, 0.01, 0.5, 0.0, 1.0])[:, None]
+    mask[3], w[5] = False, 1.0
+    mask[3, 7] = True
+    f64, f32 = token_weight_stats(w, mask), token_weight_stats(w, mask, dtype=torch.float32)
+    assert f32.entropy.dtype == torch.float32 and f64.entropy.dtype == torch.float64
+    for name in ("entropy", "max", "mean", "max_mean", "max_min", "ratio"):
+        a, b = getattr(f32, name).double(), getattr(f64, name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0, equal_nan=True, msg=name)
+    assert f32.entropy[5] == pytest.approx(1.0, abs=1e-6) and f32.entropy[4].isnan() and f32.entropy[3] == 1.0

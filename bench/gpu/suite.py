@@ -20,6 +20,11 @@ what it measured ("partial"); the JSON and the summary are rewritten after every
   optimizer state, i.e. what the trainer would peak at by itself), the OT part's time (`compute_token_weights`:
   cost matrix, solver, metrics) on the GPU timeline between two CUDA events, `ot/solver_iters`; after the timed
   rounds, one more OTPO step per `ot_reg` counts the host syncs inside the OT part (`torch.cuda.set_sync_debug_mode`).
+- `long-1b` (not in the default parts: `--parts long-1b`, its own run): long completions on the Llama-3.2-1B shape
+  with LoRA r 16, bf16, activation checkpointing, one pair a step with 8k- and then 16k-token completions (a 64-token
+  prompt): DPO and OTPO (ε 1.0, the default memory budget) steps, seconds and peak memory and the OT part's time;
+  then `ot_token_weights` alone on bf16 states of hidden 2048 at n = m = 8k and 16k, dense and online, ε 1.0 and 0.1:
+  seconds, peak memory above the states, iterations (`bench/ot_memory.py` is the CPU counterpart).
 - `ot-weights`: `otpo_trl.ot_token_weights` (batched) against the official code's loop (`bench/ot_weights.py`'s
   `official_torch`: POT's torch backend on the GPU tensors, padded L x L, `sinkhorn_stabilized`), B = 8 pairs,
   completions 300-1000 tokens, padded length 1536, hidden 4096, bf16 states, `ot_reg` 1.0 and 0.1, interleaved
@@ -51,10 +56,12 @@ for path in (REPO / "bench", REPO):  # `import otpo_trl` from the checkout; benc
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-PARTS = ("step-8b-lora", "step-1b-full", "ot-weights")
+PARTS = ("step-8b-lora", "step-1b-full", "ot-weights", "long-1b")
+DEFAULT_PARTS = PARTS[:3]  # within the 8 minutes of one lent GPU; long-1b is a run of its own
 # Seconds a part needs at least to start on the GPU (imports, model build, warm-up, 3 timed rounds), and at most.
-PART_MIN_S = {"step-8b-lora": 120, "step-1b-full": 45, "ot-weights": 40}
-PART_MAX_S = {"step-8b-lora": 210, "step-1b-full": 120, "ot-weights": 120}
+PART_MIN_S = {"step-8b-lora": 120, "step-1b-full": 45, "ot-weights": 40, "long-1b": 90}
+PART_MAX_S = {"step-8b-lora": 210, "step-1b-full": 120, "ot-weights": 120, "long-1b": 400}
+LONG_TOKENS = (8192, 16384)  # completion lengths of `long-1b` (divided by TINY_LENGTH_DIVISOR with --tiny)
 GRACE_S = 30  # a part stops itself this long before its share of the budget ends (then it is killed)
 OT_REGS = (1.0, 0.1)
 TARGETS = {"time_ratio": 1.03, "memory_ratio": 1.02, "ot_speedup": 100.0, "ot_share_8b": 0.01}
@@ -89,7 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder for suite.json and summary.md")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models and problems: the whole suite in seconds on CPU")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, in order; of {', '.join(PARTS)}")
+    p.add_argument(
+        "--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated, in order; of {', '.join(PARTS)}"
+    )
     p.add_argument("--budget-s", type=float, default=None, help="time for all parts (default 420 s; 300 s --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds per model part (default 2; 1 --tiny)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds per model part (default 8; 2 --tiny)")
@@ -602,6 +611,92 @@ def ot_part(name, args, deadline, state, save):
         state["partial"] = True
 
 
+def long_part(name, args, deadline, state, save):
+    """Long completions: DPO and OTPO steps at 8k and 16k tokens a completion, then the OT step alone."""
+    import torch
+    from ot_memory import long_batch  # bench/ot_memory.py
+    from step_overhead import step
+
+    from otpo_trl.ot import ot_token_weights
+
+    cuda = is_cuda(args.device)
+    div = TINY_LENGTH_DIVISOR if args.tiny else 1
+    tokens = [t // div for t in LONG_TOKENS]
+    prompt = 64 // div
+    shape = SHAPES["tiny" if args.tiny else "llama-3.2-1b"]
+    spec = {"label": "Llama-3.2-1B shape, LoRA r 16, long completions", "lora": True}
+    long_args = copy.copy(args)
+    long_args.batch, long_args.max_length = 1, max(tokens) + prompt
+    state["config"] = {
+        "label": spec["label"],
+        "shape": "tiny" if args.tiny else "llama-3.2-1b",
+        "tokens": tokens,
+        "prompt_tokens": prompt,
+        "dtype": "bfloat16 weights, bf16=True",
+        "ot_reg": OT_REGS[0],
+        "activation_checkpointing": not args.no_checkpointing,
+        "batch_pairs": 1,
+    }
+    t0 = time.perf_counter()
+    trainers = build_trainers(spec, long_args, shape, torch.bfloat16)
+    state["build_seconds"] = time.perf_counter() - t0
+    timer = OTTimer(trainers["otpo"], cuda)
+    steps = state["steps"] = {}
+    step(trainers["dpo"], long_batch(prompt, shape["vocab_size"], prompt=prompt, device=args.device))  # warm-up
+    step(trainers["otpo"], long_batch(prompt, shape["vocab_size"], prompt=prompt, device=args.device))
+    timer.collect()
+    for n in tokens:
+        batch = long_batch(n, shape["vocab_size"], seed=args.seed, prompt=prompt, device=args.device)
+        for kind in ("dpo", "otpo"):
+            if steps and time.time() > deadline:
+                state["stopped"] = f"out of time before the {kind} step at {n} tokens"
+                break
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                seconds = step(trainers[kind], batch)
+            except torch.OutOfMemoryError as e:
+                steps[f"{kind}_{n}"] = {"error": f"OutOfMemoryError: {str(e)[:300]}"}
+                continue
+            gpu_ot, host_ot = timer.collect() if kind == "otpo" else (None, None)
+            peak = torch.cuda.max_memory_allocated() if cuda else None
+            steps[f"{kind}_{n}"] = {"seconds": seconds, "peak_bytes": peak, "ot_seconds": gpu_ot if cuda else host_ot}
+            save()
+    del trainers, timer
+    alone = state["ot_alone"] = {}
+    hidden = shape["hidden_size"]
+    for n in tokens:
+        g = torch.Generator().manual_seed(args.seed)
+        common = 3.0 * torch.randn(hidden, generator=g)
+        hc, hr = ((torch.randn(1, n, hidden, generator=g) + common).to(args.device, torch.bfloat16) for _ in range(2))
+        mask = torch.ones(1, n, dtype=torch.bool, device=args.device)
+        for solver, reg in ((s, r) for s in ("batched", "online") for r in OT_REGS):
+            if alone and time.time() > deadline:
+                state["stopped"] = f"out of time before the OT step alone at {n} tokens, {solver}, ot_reg {reg}"
+                break
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            start = time.perf_counter()
+            _, _, info = ot_token_weights(
+                hc, hr, mask, mask, reg=reg, solver=solver, return_info=True, return_plan=False
+            )
+            if cuda:
+                torch.cuda.synchronize()
+            alone[f"{solver}_{n}_reg{reg}"] = {
+                "seconds": time.perf_counter() - start,
+                "n_iter": info.n_iter,
+                "extra_peak_bytes": torch.cuda.max_memory_allocated() - base if cuda else None,
+                "one_fp32_matrix_bytes": n * n * 4,
+            }
+            save()
+    state["results"] = {"steps": steps, "ot_alone": alone}
+    if state.get("stopped"):
+        state["partial"] = True
+
+
 def profile_call(fn, cuda):
     """Kernels launched by one call and their summed GPU time (CUDA), or the CPU ops' count (CPU)."""
     import torch
@@ -642,7 +737,7 @@ def child_main(args):
         for module in ("ot", "otpo_trl.ot") if ot_only else ("peft", "trl", "otpo_trl.otpo_trainer"):
             importlib.import_module(module)  # timed apart from the part's own work
         state["import_seconds"] = time.perf_counter() - start
-        fn = ot_part if args.child == "ot-weights" else step_part
+        fn = {"ot-weights": ot_part, "long-1b": long_part}.get(args.child, step_part)
         fn(args.child, args, args.deadline, state, save)
         state["status"] = "partial" if state.pop("partial", False) else "ok"
     except BaseException as e:  # an OOM too: recorded, and the next part starts in a fresh process
@@ -783,6 +878,28 @@ def summary_markdown(result):
                     f"{r.get('batched_n_iter')} | {fmt(r.get('max_rel_diff_batched_vs_official'), '.1e')} | "
                     f"{kernels if kernels is not None else '–'} |"
                 )
+            lines.append("")
+        if part == "long-1b" and res:
+            cfg = p.get("config", {})
+            lines += [
+                f"{cfg.get('label')}: one pair a step, {cfg.get('prompt_tokens')}-token prompt, ot_reg "
+                f"{cfg.get('ot_reg')}.",
+                "",
+                "| step | seconds | peak MiB | OT seconds |",
+                "|---|---|---|---|",
+            ]
+            for key, r in res.get("steps", {}).items():
+                if "error" in r:
+                    lines.append(f"| {key} | {r['error'][:80]} | | |")
+                    continue
+                ot = fmt(r.get("ot_seconds"))
+                lines.append(f"| {key} | {fmt(r.get('seconds'))} | {mib(r.get('peak_bytes'))} | {ot} |")
+            header = "| OT step alone (bf16 states) | seconds | iterations | extra peak MiB | / one fp32 n x m |"
+            lines += ["", header, "|---|---|---|---|---|"]
+            for key, r in res.get("ot_alone", {}).items():
+                extra = r.get("extra_peak_bytes")
+                share = fmt(ratio(extra, r.get("one_fp32_matrix_bytes")), ".2f")
+                lines.append(f"| {key} | {fmt(r.get('seconds'))} | {r.get('n_iter')} | {mib(extra)} | {share} |")
             lines.append("")
     return "\n".join(lines) + "\n"
 

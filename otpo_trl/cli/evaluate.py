@@ -42,7 +42,7 @@ from filelock import FileLock, Timeout
 from ..evaluation import evaluate
 from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, ot_kwargs
-from ..runs import RUN_FILE, run_record_of, writable_dir
+from ..runs import NOT_TRAINING_ARGS, RUN_FILE, run_record_of, writable_dir
 from .options import (
     add_max_length_argument,
     add_model_arguments,
@@ -61,7 +61,8 @@ RUN_DEFAULTS = {
     "drop_ties": False,
     "drop_identical": False,
     "beta": 0.1,
-    **{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS},
+    # ot_memory_budget fits the OT step to a machine's memory, not to the run: this machine's default
+    **{f.name: f.default for f in fields(OTPOConfig) if f.name in OT_FIELDS and f.name not in NOT_TRAINING_ARGS},
 }
 
 

@@ -7,6 +7,7 @@ from transformers.hf_argparser import string_to_bool
 
 from ..inspection import DEFAULT_MAX_LENGTH
 from ..otpo_config import OT_FIELDS, OTPOConfig, checked_value
+from ..runs import NOT_TRAINING_ARGS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +48,12 @@ def add_ot_arguments(parser: argparse.ArgumentParser, run_defaults: bool = False
     group = parser.add_argument_group("OT token weights (the `ot_*` fields of OTPOConfig)")
     for f in fields(OTPOConfig):
         if f.name in OT_FIELDS:
-            default = f"{RUN_DEFAULT} {f.default}" if run_defaults else f.default
+            from_run = run_defaults and f.name not in NOT_TRAINING_ARGS  # not ot_memory_budget: the machine's
+            default = f"{RUN_DEFAULT} {f.default}" if from_run else f.default
             group.add_argument(
                 f"--{f.name}",
                 type=type(f.default),
-                default=None if run_defaults else f.default,
+                default=None if from_run else f.default,
                 choices=f.metadata.get("choices"),
                 help=f"{f.metadata['help']} Default: {default}.",
             )

@@ -9,7 +9,8 @@ import torch
 
 @dataclass
 class TokenWeightStats:
-    r"""Statistics of each completion's weights :math:`w_1, \dots, w_n` on its valid tokens (float64).
+    r"""Statistics of each completion's weights :math:`w_1, \dots, w_n` on its valid tokens (float64, or float32 where
+    the device has no float64).
 
     Attributes
     ----------
@@ -38,7 +39,9 @@ class TokenWeightStats:
     ratio: torch.Tensor
 
 
-def token_weight_stats(weights: torch.Tensor, mask: torch.Tensor) -> TokenWeightStats:
+def token_weight_stats(
+    weights: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> TokenWeightStats:
     """:class:`TokenWeightStats` of each row of ``weights``.
 
     Parameters
@@ -47,6 +50,10 @@ def token_weight_stats(weights: torch.Tensor, mask: torch.Tensor) -> TokenWeight
         Token weights, >= 0 (as :func:`otpo_trl.ot.ot_token_weights` returns them).
     mask : torch.Tensor, shape (B, L)
         True (or 1) at each completion's tokens; other positions are ignored whatever they hold.
+    dtype : torch.dtype, optional
+        What they are computed in: float64 by default, float32 on a device without float64 (Apple's MPS). In float32
+        the statistics are within 1e-5 (relative) of float64's for completions of up to 100k tokens (the sums of p log p
+        and of the weights are the least accurate: about n ulp at worst).
 
     Examples
     --------
@@ -56,9 +63,11 @@ def token_weight_stats(weights: torch.Tensor, mask: torch.Tensor) -> TokenWeight
     >>> [round(x, 3) for x in stats.entropy.tolist()], stats.max_mean.tolist(), stats.max_min.tolist()
     ([1.0, 0.79], [1.0, 2.0], [1.0, 4.0])
     """
+    if dtype is None:
+        dtype = torch.float32 if weights.device.type == "mps" else torch.float64
     mask = mask.bool()
-    w = torch.where(mask, weights.double(), 0)
-    n = mask.sum(1).double()
+    w = torch.where(mask, weights.to(dtype), 0)
+    n = mask.sum(1).to(dtype)
     total = w.sum(1)
     ok = (n > 0) & (total > 0)
     mean = torch.where(n > 0, total / n.clamp_min(1), math.nan)

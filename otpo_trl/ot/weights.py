@@ -1,32 +1,14 @@
 """OTPO's token weights: :func:`ot_token_weights` (cost, scale, solve, marginals, normalise), the "w/o OT" weights
-(:func:`uniform_token_weights`) and SamPO's down-sampling (:func:`sampo_token_weights`); :func:`checked_setting`, the
-one check of their settings (``OTPOConfig`` uses it)."""
+(:func:`uniform_token_weights`) and SamPO's down-sampling (:func:`sampo_token_weights`)."""
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .costs import COST_SCALES, COSTS, cost_matrix, cost_spread, scale_costs, zero_state_costs
 from .pot_reference import pot_pair_plan
-from .sinkhorn import sinkhorn_unbalanced
-
-
-NORMALIZATIONS = ("min", "mean", "max", "length", "none")
-SOLVERS = ("batched", "pot")
-WEIGHTINGS = ("ot", "uniform", "sampo")
-# The settings of `ot_token_weights` that `checked_setting` checks: the numbers, then the choices.
-POSITIVE_SETTINGS = ("reg", "reg_m", "tol")
-CHOICES = {
-    "cost": COSTS,
-    "cost_scale": COST_SCALES,
-    "normalization": NORMALIZATIONS,
-    "weighting": WEIGHTINGS,
-    "solver": SOLVERS,
-}
-SETTINGS = (*POSITIVE_SETTINGS, "max_iter", *CHOICES)
+from .settings import checked_setting
+from .solve import solve_batch
 
 
 @dataclass
@@ -38,37 +20,6 @@ class OTInfo:
     n_iter: int
     fallback: torch.Tensor
     cost_spread: torch.Tensor | None = None
-
-
-def positive_number(value, label: str) -> float:
-    """``value`` as a float if it is a finite real number > 0 (Python's or NumPy's, not a bool); a ``ValueError``
-    naming ``label`` otherwise."""
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{label} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _is_real(value) -> bool:
-    """An int or a float, Python's or NumPy's (NumPy registers its scalars with `numbers`); not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def checked_setting(name: str, value, label: str | None = None):
-    """``value`` of the keyword argument ``name`` of :func:`ot_token_weights` (one of :data:`SETTINGS`), as the
-    solver takes it: a plain Python number for the numbers; a ``ValueError`` naming ``label`` (default: ``name`` in
-    backticks) when it is not valid. ``OTPOConfig`` checks its ``ot_<name>`` fields with it."""
-    label = label or f"`{name}`"
-    if name in POSITIVE_SETTINGS:
-        return positive_number(value, label)
-    if name == "max_iter":
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{label} must be an int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{label} must be >= 1, got {value!r}.")
-        return int(value)
-    if value not in CHOICES[name]:
-        raise ValueError(f"{label} must be one of {list(CHOICES[name])}, got {value!r}.")
-    return value
 
 
 def _normalize(wc, wr, n, m, normalization):
@@ -86,16 +37,6 @@ def _normalize(wc, wr, n, m, normalization):
     return out
 
 
-def _compact(hidden, mask, length, dtype):
-    """Valid tokens moved to the front in order, (B, length, H); the valid mask; the permutation that did it."""
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :length]
-    keep = torch.arange(length, device=mask.device) < mask.sum(1, keepdim=True)
-    # Slots past a pair's length repeat its first valid token rather than padding, which may hold non-finite garbage.
-    index = torch.where(keep, order, order[:, :1])
-    batch = torch.arange(mask.shape[0], device=mask.device)[:, None]
-    return hidden[batch, index].to(dtype), keep, order  # row copies: much faster than gather over H
-
-
 def _returned_info(raw: OTInfo, mc, mr) -> OTInfo:
     """The diagnostics as returned, from a solver's (whose ``plan_mass`` is the plans' sums): float32, the mass per
     token of the shorter side, 0 for the fallback pairs."""
@@ -106,59 +47,31 @@ def _returned_info(raw: OTInfo, mc, mr) -> OTInfo:
     return OTInfo(plan=plan, plan_mass=mass, n_iter=raw.n_iter, fallback=fallback, cost_spread=spread)
 
 
-def _batched_weights(hc, hr, mc, mr, *, reg, reg_m, cost, cost_scale, normalization, max_iter, tol, need_plan):
-    """All pairs at once, on compact (B, n_max, H), (B, m_max, H) copies of the valid tokens: (B, Tc) and (B, Tr)
-    weights in the solver's dtype and the raw diagnostics (``plan_mass`` the plans' sums)."""
-    dtype = torch.float64 if torch.float64 in (hc.dtype, hr.dtype) else torch.float32
-    (B, Tc), Tr = mc.shape, mr.shape[1]
+def _batched_weights(hc, hr, mc, mr, *, normalization, need_plan, **solve_args):
+    """All pairs on the states' device, within the memory budget (:func:`otpo_trl.ot.solve.solve_batch`): (B, Tc) and
+    (B, Tr) weights in the solver's dtype and the raw diagnostics (``plan_mass`` the plans' sums)."""
+    solution = solve_batch(hc, hr, mc, mr, need_plan=need_plan, **solve_args)
+    wc, wr = solution.chosen, solution.rejected
+    if normalization == "none":  # the marginals themselves, which may underflow
+        scale = solution.log_scale.exp()[:, None]
+        wc, wr = wc * scale, wr * scale
+    # Normalised in the compact layout, before scattering, so that padding cannot reorder the sums.
     n, m = mc.sum(1), mr.sum(1)
-    n_max, m_max = (int(c.max()) if B else 0 for c in (n, m))
-    if n_max == 0 or m_max == 0:  # every pair has an empty side
-        zc, zr = hc.new_zeros(B, Tc, dtype=dtype), hc.new_zeros(B, Tr, dtype=dtype)
-        empty = hc.new_zeros(B, dtype=dtype)
-        plan = zc.new_zeros(B, Tc, Tr) if need_plan else None
-        return zc, zr, OTInfo(plan=plan, plan_mass=empty, n_iter=0, fallback=mc.new_zeros(B), cost_spread=empty)
-    x, rows, oc = _compact(hc, mc, n_max, dtype)
-    y, cols, orr = _compact(hr, mr, m_max, dtype)
-    nonempty = (n > 0) & (m > 0)
-    rows, cols = rows & nonempty[:, None], cols & nonempty[:, None]
-    pmask = rows[:, :, None] & cols[:, None, :]
-    zero_costs = ()
-    if cost_scale == "official":
-        zero_costs = tuple(torch.where(mask, zero_state_costs(z, cost), 0) for z, mask in ((x, rows), (y, cols)))
-    M = cost_matrix(x, y, pmask, cost)
-    # Non-finite hidden states (or overflow) make the pair's costs non-finite; other pairs are untouched.
-    fallback = ~M.isfinite().flatten(1).all(1)
-    for z in zero_costs:
-        fallback |= ~z.isfinite().all(1)
-    rows_s, cols_s = rows & ~fallback[:, None], cols & ~fallback[:, None]  # the pairs the solver works on
-    pmask = pmask & ~fallback[:, None, None]
-    M = scale_costs(M, pmask, cost_scale, zero_costs)
-    solved = sinkhorn_unbalanced(
-        M, row_mask=rows_s, col_mask=cols_s, pair_mask=pmask, reg=reg, reg_m=reg_m, max_iter=max_iter, tol=tol
-    )
-    # The plan is e^log_scale diag(u) K diag(v); its marginals are kept without that factor, which may underflow
-    # (costs far above reg), until the normalisation has cancelled it.
-    row_sums, col_sums = solved.marginals()
-    scale = solved.log_scale.exp()
-    wc = torch.where(fallback[:, None], rows.to(dtype), row_sums)
-    wr = torch.where(fallback[:, None], cols.to(dtype), col_sums)
-    if normalization == "none":
-        wc, wr = wc * torch.where(fallback, 1, scale)[:, None], wr * torch.where(fallback, 1, scale)[:, None]
-    wc, wr = _normalize(wc, wr, n, m, normalization)  # before scattering, so that padding cannot reorder the sums
-    wc = wc.new_zeros(B, Tc).scatter_(1, oc, wc)
-    wr = wr.new_zeros(B, Tr).scatter_(1, orr, wr)
+    width = (int(n.max()) if len(n) else 0), (int(m.max()) if len(m) else 0)
+    wc[:, : width[0]], wr[:, : width[1]] = _normalize(wc[:, : width[0]], wr[:, : width[1]], n, m, normalization)
+    oc, orr = solution.orders
+    wc, wr = wc.new_zeros(wc.shape).scatter_(1, oc, wc), wr.new_zeros(wr.shape).scatter_(1, orr, wr)
     full = None
     if need_plan:
-        plan = solved.plan()
-        full = plan.new_zeros(B, Tc, m_max).scatter_(1, oc[..., None].expand(-1, -1, m_max), plan)
-        full = plan.new_zeros(B, Tc, Tr).scatter_(2, orr[:, None, :].expand(-1, Tc, -1), full)
+        B, Tc, Tr = solution.plan.shape
+        full = solution.plan.new_zeros(B, Tc, Tr).scatter_(1, oc[..., None].expand(-1, -1, Tr), solution.plan)
+        full = full.new_zeros(B, Tc, Tr).scatter_(2, orr[:, None, :].expand(-1, Tc, -1), full)
     info = OTInfo(
         plan=full,
-        plan_mass=row_sums.sum(1) * scale,
-        n_iter=solved.n_iter,
-        fallback=fallback,
-        cost_spread=cost_spread(M, pmask),
+        plan_mass=solution.mass,
+        n_iter=solution.n_iter,
+        fallback=solution.fallback,
+        cost_spread=solution.cost_spread,
     )
     return wc, wr, info
 
@@ -385,23 +298,20 @@ def ot_token_weights(
     max_iter: int = 1000,
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
+    memory_budget: float | str = "auto",
     return_info: bool = False,
     return_plan: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, OTInfo]:
     r"""OTPO token weights: marginals of an entropic unbalanced OT plan between each chosen and rejected completion.
 
     For a pair with valid chosen hidden states :math:`x_1, \dots, x_n` and rejected ones :math:`y_1, \dots, y_m`,
-    the cost is :math:`M_{ij} = (c(x_i, y_j) + 10^{-6}) / D` with the divisor
+    the cost is :math:`M_{ij} = (c(x_i, y_j) + 10^{-6} - o) / D`, scaled per pair as ``cost_scale`` says
+    (:func:`otpo_trl.ot.costs.cost_scaling`); under "official", the official code's, :math:`o = 0` and
 
     .. math::
-        D = \max\Big(1,\; \max\big(\max_{ij} c(x_i, y_j),\; \max_i c(x_i, 0),\; \max_j c(0, y_j)\big) + 10^{-6}\Big)
+        D = \max\Big(1,\; \max\big(\max_{ij} c(x_i, y_j),\; \max_i c(x_i, 0),\; \max_j c(0, y_j)\big) + 10^{-6}\Big).
 
-    ("official", the official code's: it zeroes the states at masked positions, the prompt at least, and divides
-    the cost over the whole padded sequences by its maximum when that exceeds 1; the zero states bring in
-    :math:`c(x, 0)` = :math:`\|x\|_2`, :math:`\|x\|_2^2`, or 1 for the cosine cost, a zero vector's cosine being 0),
-    :math:`D = \max(1, \max_{ij} c(x_i, y_j) + 10^{-6})` ("pair": the valid entries only) or :math:`D = 1` ("none");
-    or, for "minmax", :math:`M_{ij} = (c_{ij} - \min_{kl} c_{kl}) / (\max_{kl} c_{kl} - \min_{kl} c_{kl})` over the
-    pair's valid entries (0 everywhere if they are all equal); see :mod:`otpo_trl.ot.costs`. Then
+    Then
 
     .. math::
         P^\star = \operatorname*{arg\,min}_{P \in \mathbb{R}_+^{n \times m}} \langle P, M \rangle
@@ -454,13 +364,11 @@ def ot_token_weights(
         :math:`c(x, y)` = :math:`\|x - y\|_2` (official code), :math:`\|x - y\|_2^2` (paper) or
         :math:`1 - \cos(x, y)`.
     cost_scale : {"official", "pair", "none", "minmax"}, optional
-        How each pair's costs are scaled (the divisor :math:`D` above, or "minmax"). "official" reproduces the
-        official code, under which the paper's :math:`\varepsilon` were tuned; it depends on the states' norms, so a
-        large component shared by all states shrinks the costs. "pair" ignores the norms; "none" keeps the raw costs,
-        which then set the scale of :math:`\varepsilon` (large costs are handled by the stabilised solver, and the
-        weights are normalised without underflow; with ``normalization="none"`` the raw marginals may underflow to
-        0). "minmax" rescales each pair's costs to [0, 1], so that :math:`\varepsilon` means the same for every model
-        (see the bound above).
+        "official" reproduces the official code, under which the paper's :math:`\varepsilon` were tuned; it depends on
+        the states' norms, so a large component shared by all states shrinks the costs. "pair" divides by the largest
+        cost of the valid entries; "none" keeps the raw costs, which then set the scale of :math:`\varepsilon` (with
+        ``normalization="none"`` the raw marginals may underflow to 0). "minmax" rescales each pair's costs to [0, 1],
+        so that :math:`\varepsilon` means the same for every model (see the bound above).
     normalization : {"min", "mean", "max", "length", "none"}, optional
         Target sum of each side's weights: :math:`\min(n, m)`, :math:`(n + m) / 2`, :math:`\max(n, m)`, each side's
         own length (:math:`n`, :math:`m`), or none (raw plan marginals).
@@ -470,10 +378,14 @@ def ot_token_weights(
         :func:`sampo_token_weights`, 1 on min(n, m) tokens of each side drawn at random (SamPO's down-sampling),
         before the same normalisation. With "uniform" and "sampo" no OT problem is solved and the states are not
         read.
-    solver : {"batched", "pot"}, optional
-        "batched": all pairs at once on the hidden states' device; multiplicative updates, or stabilised ones with
-        absorption [3]_ (the same iterates) when :math:`\max M / \varepsilon` could underflow :math:`K`. "pot": POT
-        once per pair in float64 on the CPU (:mod:`otpo_trl.ot.pot_reference`).
+    solver : {"batched", "online", "pot"}, optional
+        "batched": the pairs together on the hidden states' device, in groups within ``memory_budget``, each pair's
+        kernel one stored :math:`n \times m` matrix; multiplicative updates, or stabilised ones with absorption [3]_
+        (the same iterates) when :math:`\max M / \varepsilon` could underflow :math:`K`. A pair that alone exceeds
+        the budget is solved "online". "online": the same iterates in the log domain without any :math:`n \times m`
+        matrix, the costs recomputed from the states at every pass (:math:`2 n m H` flops a pass, two passes an
+        iteration; :mod:`otpo_trl.ot.geometry`). "pot": POT once per pair in float64 on the CPU
+        (:mod:`otpo_trl.ot.pot_reference`).
     max_iter : int, optional
         Maximum number of Sinkhorn iterations.
     tol : float, optional
@@ -482,6 +394,9 @@ def ot_token_weights(
     generator : torch.Generator, optional
         With ``weighting="sampo"``, the source of the random draw (``None``: torch's global generator); see
         :func:`sampo_token_weights`. Not used by the other weightings.
+    memory_budget : float or "auto", optional
+        GiB of extra memory the OT step may use (:mod:`otpo_trl.ot.solve`): "auto" is a quarter of the GPU's free
+        memory, or 2 GiB on a CPU. The weights do not depend on it.
     return_info : bool, optional
         Also return an :class:`OTInfo`.
     return_plan : bool, optional
@@ -530,6 +445,7 @@ def ot_token_weights(
     """
     reg, reg_m, tol = (checked_setting(name, value) for name, value in (("reg", reg), ("reg_m", reg_m), ("tol", tol)))
     max_iter = checked_setting("max_iter", max_iter)
+    memory_budget = checked_setting("memory_budget", memory_budget)
     for name, val in (
         ("cost", cost),
         ("cost_scale", cost_scale),
@@ -558,12 +474,15 @@ def ot_token_weights(
     elif weighting == "sampo":
         wc, wr, info = _sampo_weights(mc, mr, normalization=normalization, generator=generator, need_plan=need_plan)
     else:
-        solve = _batched_weights if solver == "batched" else _pot_weights
         kwargs = {"reg": reg, "reg_m": reg_m, "cost": cost, "cost_scale": cost_scale, "normalization": normalization}
+        kwargs |= {"max_iter": max_iter, "tol": tol, "need_plan": need_plan}
         # Trainers call this inside the model's forward, under mixed-precision autocast: without this, the cost
         # matmuls and Sinkhorn products would silently run in bf16/fp16. The solver's own dtype (fp32, fp64) is used.
         with torch.autocast(device_type=device.type, enabled=False):
-            wc, wr, info = solve(hc, hr, mc, mr, **kwargs, max_iter=max_iter, tol=tol, need_plan=need_plan)
+            if solver == "pot":
+                wc, wr, info = _pot_weights(hc, hr, mc, mr, **kwargs)
+            else:
+                wc, wr, info = _batched_weights(hc, hr, mc, mr, solver=solver, memory_budget=memory_budget, **kwargs)
 
     wc, wr = wc.float(), wr.float()
     if bool(info.fallback.any()):

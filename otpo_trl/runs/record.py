@@ -50,6 +50,7 @@ NOT_TRAINING_ARGS = frozenset(
         *("dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context"),
         *("torch_empty_cache_steps", "dataset_num_proc", "precompute_ref_batch_size", "deepspeed", "fsdp"),
         *("fsdp_config", "accelerator_config", "parallelism_config"),
+        "ot_memory_budget",  # how the OT step fits the machine's memory; the weights do not depend on it
     }
 )
 # The settings that decide the shapes of the trained weights: a checkpoint saved under other values cannot be loaded.
