@@ -2,9 +2,13 @@
 
 [`ScoreCache`] is a folder of JSON files, each named by what it holds and a digest of the settings that made it (its
 key, stored in it too): an entry is reused only when the settings asked for are the ones stored, so scores of other
-pairs, models or budgets are never read back. The length study's margins ([`score_run`]): the reference's summed
-log-probs of the held-out pairs do not depend on the run, so they are one entry (`reference-<key>`) shared by every
-run; a run's entry (`<run>-<key>`) holds its margins against them, the token counts and its greedy generation lengths.
+pairs, models or budgets are never read back. Both studies go through it:
+
+- the length study's margins ([`score_run`]): the reference's summed log-probs of the held-out pairs do not depend on
+  the run, so they are one entry (`reference-<key>`) shared by every run; a run's entry (`<run>-<key>`) holds its
+  margins against them, the token counts and its greedy generation lengths;
+- the DPO vs OTPO comparison's evaluations ([`evaluate_model`]): `otpo_trl.evaluation.evaluate`'s result
+  (`<name>-<key>`).
 """
 
 import argparse
@@ -14,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from otpo_trl.evaluation import generate_responses, score_preferences
+from otpo_trl.evaluation import evaluate, generate_responses, score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.otpo_config import ot_kwargs
 from otpo_trl.runs import read_run_record
@@ -186,8 +190,32 @@ def score_run(args, recipe, run_dir, pairs, cache: ScoreCache) -> dict:
     return result
 
 
+# ------------------------------------------------------------------ a whole evaluation (the comparison)
+
+
+def evaluate_model(name: str, model: str | Path, settings: dict, cache: ScoreCache, *, fresh: bool = False) -> dict:
+    """`otpo_trl.evaluation.evaluate(model, **settings)` in this process, without its per-pair records; one cache entry
+    (`<name>-<key>`) keyed by the model, its recorded training settings (a run's `run_args.json`) and `settings`.
+    `fresh`: evaluate again even if the entry is there."""
+    record = read_run_record(model)  # None for a model that no training run saved (the base, a Hub id)
+    key = {"model": model_identity(model), "run_settings": record["settings"] if record else None, **settings}
+    cached = None if fresh else cache.load(name, key)
+    if cached is not None:
+        print(f"{name}: reusing {cache.path(name, key)}")
+        return cached
+    others = [] if fresh else cache.others(name, key)
+    if others:
+        print(f"{name}: {others[-1]} was made with other settings: evaluating again")
+    print(f"{name}: evaluating", flush=True)
+    result = evaluate(str(model), progress=False, **settings)
+    result = {k: v for k, v in result.items() if k != "pairs"}
+    cache.save(name, key, result)
+    return result
+
+
 __all__ = [
     "ScoreCache",
+    "evaluate_model",
     "held_out_identity",
     "log_prob_sums",
     "reference_scores",
