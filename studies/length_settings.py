@@ -31,11 +31,12 @@ REPORTED_RECIPE = (
     "ot_cost_scale",
 )
 
+# The training flags the study sets for each run: refused among the flags passed on to scripts/train.py.
 SET_PER_RUN = ("--config", "--trainer", "--ot_weighting", "--seed", "--output_dir", "--max_train_samples")
 DEFAULT_ARMS = ["dpo", "otpo", "uniform"]
 OT_LOGGED = ("ot/weight_entropy", "ot/weight_max", "ot/plan_mass")  # read back from the OTPO runs' logs
-# The study's setting on top of the recipe, sized for ~2 h on 2 CPU cores (the committed reports/length_study/); flags
-# override it.
+# The study's setting on top of the recipe: that of the committed reports/length_study/, sized for ~2 h on 2 CPU
+# cores. Flags override it.
 STUDY = {
     "max_steps": 60,
     "max_length": 256,
