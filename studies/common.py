@@ -42,39 +42,39 @@ def at_repo_root():
 @dataclass(frozen=True)
 class Arm:
     """One arm of a study: what its runs are called (`<name>-seed<seed>`), how a report labels it, the training flags
-    that set it apart from the recipe (given before the user's own flags), and its colour in figures."""
+    that set it apart from the recipe (`--flag value` pairs, space-separated; given before the user's own flags),
+    and its colour in figures (matplotlib's default cycle: C0 blue, C1 orange, C2 green, ...)."""
 
     name: str
     label: str
-    flags: tuple[str, ...]
-    color: str = "tab:gray"
+    flags: str
+    color: str = "C7"
 
     def __post_init__(self):
         if "-" in self.name:  # `-` joins the arms of a difference (`otpo-dpo`) and a run's seed (`otpo-seed42`)
             raise ValueError(f"an arm's name has no '-': {self.name!r}")
 
-    def setting(self, flag: str) -> str | None:
-        """The value the arm's flags give `flag` (say `--ot_weighting`), or None."""
-        return dict(zip(self.flags[::2], self.flags[1::2])).get(flag)
+    def settings(self) -> dict[str, str]:
+        """The arm's flags as {flag: value}, say {"--trainer": "otpo", "--ot_weighting": "ot"}."""
+        flags = self.flags.split()
+        return dict(zip(flags[::2], flags[1::2]))
 
 
 # Every arm a study can train, one entry each. `otpo` solves OT at the recipe's ot_reg (1.0 in quickstart.yaml);
 # `uniform` is the paper's "w/o OT" ablation (1 per token, then the same normalisation). The peer methods: LD-DPO
 # (`ld_alpha`: the tokens past the shorter completion count ld_alpha times), TRL's length-normalised sigmoid loss, and
-# SamPO's down-sampling.
+# SamPO's down-sampling. The order is the reports' order.
 KNOWN_ARMS = {
     arm.name: arm
     for arm in (
-        Arm("dpo", "DPO", ("--trainer", "dpo"), "tab:blue"),
-        Arm("otpo", "OTPO", ("--trainer", "otpo", "--ot_weighting", "ot"), "tab:orange"),
-        Arm(
-            "otpo_reg0.02", "OTPO ε 0.02", ("--trainer", "otpo", "--ot_weighting", "ot", "--ot_reg", "0.02"), "tab:red"
-        ),
-        Arm("uniform", "OTPO w/o OT", ("--trainer", "otpo", "--ot_weighting", "uniform"), "tab:green"),
-        Arm("ld_dpo0", "LD-DPO α 0", ("--trainer", "dpo", "--ld_alpha", "0"), "tab:purple"),
-        Arm("ld_dpo0.5", "LD-DPO α 0.5", ("--trainer", "dpo", "--ld_alpha", "0.5"), "tab:brown"),
-        Arm("sigmoid_norm", "DPO sigmoid_norm", ("--trainer", "dpo", "--loss_type", "sigmoid_norm"), "tab:pink"),
-        Arm("sampo", "SamPO", ("--trainer", "otpo", "--ot_weighting", "sampo"), "tab:olive"),
+        Arm("dpo", "DPO", "--trainer dpo", "C0"),
+        Arm("otpo", "OTPO", "--trainer otpo --ot_weighting ot", "C1"),
+        Arm("uniform", "OTPO w/o OT", "--trainer otpo --ot_weighting uniform", "C2"),
+        Arm("otpo_reg_0.02", "OTPO (ε 0.02)", "--trainer otpo --ot_weighting ot --ot_reg 0.02", "C3"),
+        Arm("ld_dpo", "LD-DPO (α 0)", "--trainer dpo --ld_alpha 0", "C4"),
+        Arm("ld_dpo_0.5", "LD-DPO (α 0.5)", "--trainer dpo --ld_alpha 0.5", "C5"),
+        Arm("sigmoid_norm", "DPO, length-normalised (sigmoid_norm)", "--trainer dpo --loss_type sigmoid_norm", "C6"),
+        Arm("sampo", "SamPO", "--trainer otpo --ot_weighting sampo", "C8"),
     )
 }
 
@@ -89,7 +89,7 @@ def arm_flags(name: str) -> list[str]:
     """The training flags of the known arm `name`; another name: ValueError listing the known ones."""
     if name not in KNOWN_ARMS:
         raise ValueError(f"unknown arm {name!r}: the known arms are {', '.join(KNOWN_ARMS)}.")
-    return list(KNOWN_ARMS[name].flags)
+    return KNOWN_ARMS[name].flags.split()
 
 
 # ------------------------------------------------------------------ the recipe, training an arm

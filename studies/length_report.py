@@ -10,6 +10,22 @@ from .length_settings import BASELINE_IGNORED, DEFAULT_ARMS, OT_LOGGED
 from .length_stats import METRICS, answers, significance
 
 
+def listed(names) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def checked_settings(baseline_arms) -> str:
+    """Which training settings of a baseline's arms were checked: all but `BASELINE_IGNORED` for an arm that solves no
+    OT problem, all of them for one that does."""
+    ignored = ", ".join(BASELINE_IGNORED)
+    solve_ot = [a for a in baseline_arms if a in KNOWN_ARMS and KNOWN_ARMS[a].settings().get("--ot_weighting") == "ot"]
+    if not solve_ot:
+        return f"all but {ignored}"
+    return f"all of them for {listed(map(arm_label, solve_ot))}, all but {ignored} for the others"
+
+
 def study_arms(summary) -> list[str]:
     """The arms of a study's JSON, in its order (that of its `margins`: `<arm>-seed<seed>`)."""
     return list(dict.fromkeys(run.rsplit("-seed", 1)[0] for run in summary["margins"]))
@@ -24,8 +40,8 @@ def describe_arms(arms) -> str:
         )
     described = []
     for arm in arms:
-        flags = KNOWN_ARMS[arm].flags if arm in KNOWN_ARMS else ()
-        settings = ", ".join(f"{k.removeprefix('--')}: {v}" for k, v in zip(flags[::2], flags[1::2]))
+        flags = KNOWN_ARMS[arm].settings() if arm in KNOWN_ARMS else {}
+        settings = ", ".join(f"{k.removeprefix('--')}: {v}" for k, v in flags.items())
         described.append(f"{arm_label(arm)} (`{settings}`)" if settings else arm_label(arm))
     return f"- Arms: {', '.join(described)}, trained alike."
 
@@ -40,7 +56,7 @@ def figures(summary, fig_dir):
     diffs = np.array([p["length_diff"] for p in summary["pairs"]], float)
     gens = {a: g["lengths"] for a, g in summary["generation"].items()}
     budget = summary["settings"]["max_new_tokens"]
-    colors = {a: KNOWN_ARMS[a].color if a in KNOWN_ARMS else "tab:gray" for a in (*arms, *gens)}
+    colors = {a: KNOWN_ARMS[a].color if a in KNOWN_ARMS else "C7" for a in (*arms, *gens)}
     fig, axes = plt.subplots(1, len(margins), figsize=(4 * len(margins), 3.6), sharey=True, squeeze=False)
     for ax, (arm, m) in zip(axes[0], margins.items()):
         x, y = np.tile(diffs, len(m)), m.ravel()  # every seed's points
@@ -123,12 +139,12 @@ def render(summary, report_dir):
         + (
             "."
             if not compute.get("baseline_arms")
-            else f". The {' and '.join(map(arm_label, compute['baseline_arms']))} arms were not trained or scored "
+            else f". The {listed(map(arm_label, compute['baseline_arms']))} arms were not trained or scored "
             f"here: their margins and generations are those of `{baseline['path']}` ("
             + (f"`{baseline['moved_from']}` when this study ran; " if baseline.get("moved_from") else "")
             + "made by "
             f"`{compute['baseline_command']}`), whose held-out pairs, scoring, seeds and training settings for "
-            f"those arms (all but {', '.join(BASELINE_IGNORED)}) were checked to be this study's."
+            f"those arms ({checked_settings(compute['baseline_arms'])}) were checked to be this study's."
         ),
         (
             f"- Held out: every pair of `{args.held_out_file}` (none of them in the training pool)"

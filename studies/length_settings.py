@@ -62,7 +62,7 @@ HELP = {
     "num_generations": "held-out prompts answered greedily",
     "max_new_tokens": "token budget of each answer",
     "bootstrap": "bootstrap resamples of the held-out pairs",
-    "arms": f"the arms to train, of {', '.join(KNOWN_ARMS)} (studies/common.py)",
+    "arms": f"the arms to train, of {', '.join(KNOWN_ARMS)} (studies/common.py); with --baseline, its arms too",
 }
 
 # The ot_* settings that change neither DPO nor uniform weighting: a baseline's dpo and uniform arms may differ in them.
@@ -123,10 +123,15 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--baseline",
-        help="a study's JSON (e.g. reports/length_study/length_study.json) whose dpo and uniform arms are "
-        "taken instead of trained and scored: only the otpo arm runs. Refused, naming the difference, "
-        "unless its held-out pairs, scoring, seeds and the training settings of those arms (all but "
-        f"{', '.join(sorted(BASELINE_IGNORED))}, which they do not use) are this study's",
+        help="a study's JSON (e.g. reports/length_study/length_study.json) whose --baseline_arms are taken "
+        "instead of trained and scored: only the other arms run. Refused, naming the difference, unless its "
+        "held-out pairs, scoring, seeds and the training settings of those arms (for an arm that solves no OT "
+        f"problem, all but {', '.join(sorted(BASELINE_IGNORED))}, which it does not use) are this study's",
+    )
+    p.add_argument(
+        "--baseline_arms",
+        nargs="+",
+        help=f"the arms taken from --baseline, added to --arms (default {' '.join(BASELINE_ARMS)})",
     )
     p.add_argument("--out", help="folder for the runs and their scores (default out/length_study[_quick])")
     p.add_argument(
@@ -150,9 +155,13 @@ def parse_args(argv=None):
     for key, value in {**STUDY, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    unknown = [a for a in args.arms if a not in KNOWN_ARMS]
-    if unknown or len(set(args.arms)) != len(args.arms):
-        p.error(f"--arms {' '.join(args.arms)}: each once, of {', '.join(KNOWN_ARMS)}.")
+    if args.baseline_arms and not args.baseline:
+        p.error("--baseline_arms needs --baseline (the study JSON to take them from).")
+    args.baseline_arms = args.baseline_arms or list(BASELINE_ARMS)
+    for option in ("arms", "baseline_arms"):
+        arms = getattr(args, option)
+        if any(a not in KNOWN_ARMS for a in arms) or len(set(arms)) != len(arms):
+            p.error(f"--{option} {' '.join(arms)}: each once, of {', '.join(KNOWN_ARMS)}.")
     # An arm's own flags (say `--ot_reg` of otpo_reg0.02) define it: they are not passed on to every arm.
     pinned = sorted({f.split("=")[0] for f in train_flags} & {f for a in args.arms for f in arm_flags(a)[::2]})
     if pinned:

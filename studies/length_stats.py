@@ -10,8 +10,13 @@ from .common import arm_label
 
 
 METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap")
-# The arm differences the study reports, when both arms are there.
-DIFFERENCES = (("otpo", "dpo"), ("otpo", "uniform"))
+
+
+def differences(arms) -> list[tuple[str, str]]:
+    """The arm differences a study reports, as (arm, minus arm): every arm against DPO, and OTPO against OTPO w/o OT
+    (what the OT weights add), of those among `arms`."""
+    pairs = [(a, "dpo") for a in arms if a != "dpo" and "dpo" in arms]
+    return pairs + ([("otpo", "uniform")] if "otpo" in arms and "uniform" in arms else [])
 
 
 def pair_metrics(margins, length_diffs):
@@ -51,8 +56,8 @@ def bootstrap(margins, length_diffs, n_resamples=2000, seed=0, level=0.95):
         n_resamples, seed, level: resamples, their RNG seed, the interval level.
 
     Returns:
-        {name: {metric: {"mean", "low", "high", "low_seeds", "high_seeds", "per_seed"}}}, name an arm or
-        `"otpo-dpo"` / `"otpo-uniform"` when those arms are there; `mean` is the metric on all pairs averaged over
+        {name: {metric: {"mean", "low", "high", "low_seeds", "high_seeds", "per_seed"}}}, name an arm or an arm
+        difference (`"otpo-dpo"`, of [`differences`]) in that order; `mean` is the metric on all pairs averaged over
         seeds, `per_seed` its S values, low/high the percentile interval over pairs, low_seeds/high_seeds over pairs
         and seeds.
     """
@@ -74,10 +79,9 @@ def bootstrap(margins, length_diffs, n_resamples=2000, seed=0, level=0.95):
             resampled = pair_metrics(m[:, index], d[index])  # (S, B)
             boot[arm] = {k: np.nanmean(v, 0) for k, v in resampled.items()}
             boot_seeds[arm] = {k: np.nanmean(v[seeds.T, columns], 0) for k, v in resampled.items()}
-    for a, b in DIFFERENCES:
-        if a in margins and b in margins:
-            for table in (per_seed, boot, boot_seeds):
-                table[f"{a}-{b}"] = {k: table[a][k] - table[b][k] for k in METRICS}
+    for a, b in differences(list(margins)):
+        for table in (per_seed, boot, boot_seeds):
+            table[f"{a}-{b}"] = {k: table[a][k] - table[b][k] for k in METRICS}
     tail = 100 * (1 - level) / 2
 
     def interval(values):
@@ -109,9 +113,7 @@ def significance(stats):
         return v[lo] > 0 or v[hi] < 0
 
     out = []
-    for name in (f"{a}-{b}" for a, b in DIFFERENCES):
-        if name not in stats:
-            continue
+    for name in (n for n in stats if "-" in n):
         rows = stats[name]
         nan = [k for k, v in rows.items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
         one_seed = len(rows[METRICS[0]]["per_seed"]) < 2  # seeds were not resampled: pairs only

@@ -55,7 +55,6 @@ from .common import (
 from .length_baseline import load_baseline
 from .length_report import figures, render, render_only
 from .length_settings import (
-    BASELINE_ARMS,
     OT_LOGGED,
     REPORTED_RECIPE,
     STUDY,
@@ -95,8 +94,10 @@ def _study(args, command):
     cache = ScoreCache(out / "scores")
 
     baseline = load_baseline(args, recipe, pairs, out) if args.baseline else None
-    from_baseline = [a for a in args.arms if baseline is not None and a in BASELINE_ARMS]
-    trained_arms = [a for a in args.arms if a not in from_baseline]
+    from_baseline = args.baseline_arms if baseline is not None else []
+    # The study's arms in the reports' order: those given, and those of the baseline.
+    arms = [a for a in KNOWN_ARMS if a in args.arms or a in from_baseline]
+    trained_arms = [a for a in arms if a not in from_baseline]
     if not trained_arms:
         raise ValueError(f"--arms {' '.join(args.arms)}: every arm comes from --baseline, none is left to train.")
     scores = {}
@@ -127,12 +128,10 @@ def _study(args, command):
     def margin(entry):
         return entry["margin"] if isinstance(entry, dict) else entry
 
-    margins = {arm: np.array([[margin(table_[arm, s][k]) for k in order] for s in args.seeds]) for arm in args.arms}
+    margins = {arm: np.array([[margin(table_[arm, s][k]) for k in order] for s in args.seeds]) for arm in arms}
     stats = bootstrap(margins, diffs, n_resamples=args.bootstrap)
     per_seed = {
-        (arm, s): {k: stats[arm][k]["per_seed"][i] for k in METRICS}
-        for arm in args.arms
-        for i, s in enumerate(args.seeds)
+        (arm, s): {k: stats[arm][k]["per_seed"][i] for k in METRICS} for arm in arms for i, s in enumerate(args.seeds)
     }
     gen = {
         arm: {
@@ -142,7 +141,7 @@ def _study(args, command):
         for arm in trained_arms
     }
     if baseline is not None:
-        gen = {arm: baseline["generation"][arm] if arm in from_baseline else gen[arm] for arm in args.arms}
+        gen = {arm: baseline["generation"][arm] if arm in from_baseline else gen[arm] for arm in arms}
 
     runs = [f"{arm}-seed{seed}" for arm, seed in scores]
     finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
@@ -156,8 +155,8 @@ def _study(args, command):
         "baseline_command": baseline["command"] if baseline else None,
     }
     # How far from uniform OTPO's weights were in training: the ot/* scalars each run logged, averaged over steps.
-    ot_logged = {}
-    ot_arms = {a for a in trained_arms if KNOWN_ARMS[a].setting("--ot_weighting") == "ot"}
+    ot_logged = dict(baseline["ot_logged"]) if baseline else {}
+    ot_arms = {a for a in trained_arms if KNOWN_ARMS[a].settings().get("--ot_weighting") == "ot"}
     for run in (r for r in runs if r.rsplit("-seed", 1)[0] in ot_arms):
         logged = mean_logged(log_history(out / run), OT_LOGGED)
         if logged:
@@ -167,7 +166,9 @@ def _study(args, command):
     recorded = {run: record["settings"] for run, record in records.items() if record is not None}
     summary = {
         "command": command,
-        "settings": {k: getattr(args, k) for k in (*STUDY, "recipe", "quick", "held_out_file", "baseline")},
+        "settings": {
+            k: getattr(args, k) for k in (*STUDY, "recipe", "quick", "held_out_file", "baseline", "baseline_arms")
+        },
         "recipe": {k: recipe[k] for k in REPORTED_RECIPE},
         "scoring": scoring_setting(args, recipe, pairs),
         "run_settings": {**(baseline["run_settings"] if baseline else {}), **recorded},
@@ -177,7 +178,7 @@ def _study(args, command):
         "stats": stats,
         "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
         "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
-        "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in args.arms for i, s in enumerate(args.seeds)},
+        "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in arms for i, s in enumerate(args.seeds)},
         "generation": gen,
         "compute": compute,
         "ot_logged": ot_logged,

@@ -213,23 +213,37 @@ def test_options_quick_never_writes_the_real_report():
 
 
 def test_arms_are_picked_from_the_known_ones():
-    args = length_settings.parse_args(["--arms", "dpo", "sampo", "ld_dpo0.5"])
-    assert args.arms == ["dpo", "sampo", "ld_dpo0.5"] and length_settings.parse_args([]).arms == [
-        "dpo",
-        "otpo",
-        "uniform",
-    ]
-    flags = length_settings.train_flags(args, "ld_dpo0.5", 42, Path("out/ld_dpo0.5-seed42"))
+    assert length_settings.parse_args([]).arms == ["dpo", "otpo", "uniform"]
+    args = length_settings.parse_args(["--arms", "dpo", "sampo", "ld_dpo_0.5"])
+    assert args.arms == ["dpo", "sampo", "ld_dpo_0.5"] and args.baseline_arms == ["dpo", "uniform"]
+    flags = length_settings.train_flags(args, "ld_dpo_0.5", 42, Path("out/ld_dpo_0.5-seed42"))
     assert flags[2:6] == ["--trainer", "dpo", "--ld_alpha", "0.5"]
-    # An unknown arm, one twice, and a flag that would override an arm's own setting are refused.
-    for argv in (["--arms", "nope"], ["--arms", "dpo", "dpo"], ["--arms", "otpo_reg0.02", "--ot_reg", "0.1"]):
+    # Refused: an unknown arm, one twice, a flag that would override an arm's own setting, baseline arms without a
+    # baseline.
+    refused = (
+        ["--arms", "nope"],
+        ["--arms", "dpo", "dpo"],
+        ["--arms", "otpo_reg_0.02", "--ot_reg", "0.1"],
+        ["--baseline_arms", "dpo"],
+        ["--baseline", "b.json", "--baseline_arms", "nope"],
+    )
+    for argv in refused:
         with pytest.raises(SystemExit):
             length_settings.parse_args(argv)
     assert length_settings.parse_args(["--ot_reg", "0.1"]).train_flags == ["--ot_reg", "0.1"]  # no default arm sets it
+    # Every arm is compared with DPO, and OTPO with OTPO w/o OT.
+    assert length_stats.differences(["dpo", "otpo", "uniform", "ld_dpo"]) == [
+        ("otpo", "dpo"),
+        ("uniform", "dpo"),
+        ("ld_dpo", "dpo"),
+        ("otpo", "uniform"),
+    ]
+    assert length_stats.differences(["otpo", "sampo"]) == []
     # The report names the arms by their flags (the default three keep the committed sentence).
     line = length_report.describe_arms(["dpo", "sampo"])
     assert line == "- Arms: DPO (`trainer: dpo`), SamPO (`trainer: otpo, ot_weighting: sampo`), trained alike."
     assert length_report.describe_arms(length_settings.DEFAULT_ARMS).startswith("- Arms: DPO (`trainer: dpo`), OTPO (")
+    assert length_report.listed(["A", "B", "C"]) == "A, B and C" and length_report.listed(["A", "B"]) == "A and B"
 
 
 # ------------------------------------------------------------------ the quick study, end to end
@@ -358,6 +372,25 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
     assert summary["generation"]["dpo"] == first["generation"]["dpo"]
     assert summary["run_settings"]["otpo-seed42"]["ot_reg"] == 0.5
     assert "DPO and OTPO w/o OT arms were not trained or scored here" in new_report.read_text()
+
+    # Any arm from the baseline: a peer arm trains alone, DPO, OTPO and OTPO w/o OT are the baseline's, and every arm
+    # is compared with DPO. OTPO solves OT: another ot_reg refuses it (only the arms without OT may differ in ot_*).
+    trained.clear()
+    scored.clear()
+    peers = [*again, "--arms", "ld_dpo", "--baseline_arms", "dpo", "otpo", "uniform"]
+    with pytest.raises(ValueError, match=r"otpo-seed42 trained with other settings \(ot_reg: 1.0 -> 0.5\)"):
+        length_study.main([*peers, "--ot_reg", "0.5"])
+    assert trained == [] and scored == []
+    peer = length_study.main(peers)
+    assert [Path(t).name for t in trained] == ["ld_dpo-seed42"] and scored == ["ld_dpo-seed42"]
+    assert list(peer["margins"]) == [f"{a}-seed42" for a in ("dpo", "otpo", "uniform", "ld_dpo")]
+    for run in ("dpo-seed42", "otpo-seed42", "uniform-seed42"):
+        assert peer["margins"][run] == first["margins"][run]
+    assert peer["margins"]["ld_dpo-seed42"] != first["margins"]["dpo-seed42"]
+    assert {"otpo-dpo", "uniform-dpo", "ld_dpo-dpo", "otpo-uniform"} <= set(peer["stats"])
+    assert peer["ot_logged"] == first["ot_logged"] and peer["run_settings"]["ld_dpo-seed42"]["ld_alpha"] == 0
+    text = new_report.read_text()
+    assert "| LD-DPO (α 0) - DPO |" in text and "The DPO, OTPO and OTPO w/o OT arms were not trained" in text
 
     # A JSON that predates the recorded settings is checked against what its command trains: the same answers.
     old = json.loads(baseline.read_text())

@@ -86,19 +86,20 @@ def test_score_cache_reuses_an_entry_only_under_its_own_key(tmp_path):
 
 def test_known_arms_are_data_and_train_through_the_cli(tiny_model_dir, sample_data_dir, tmp_path):
     assert common.arm_label("otpo-uniform") == "OTPO - OTPO w/o OT" and common.arm_label("new") == "NEW"
+    assert common.arm_label("ld_dpo_0.5-dpo") == "LD-DPO (α 0.5) - DPO"
     assert common.arm_flags("dpo") == ["--trainer", "dpo"]
     with pytest.raises(ValueError, match="unknown arm 'nope': the known arms are dpo, otpo"):
         common.arm_flags("nope")
     with pytest.raises(ValueError, match="no '-'"):
-        common.Arm("otpo-2", "OTPO 2", ("--trainer", "otpo"))
+        common.Arm("otpo-2", "OTPO 2", "--trainer otpo")
     # Every known arm (the peer methods included) is flags the training CLI accepts, each one setting what it names.
     expected = {
         "dpo": {"trainer": "dpo"},
         "otpo": {"trainer": "otpo", "ot_weighting": "ot"},
-        "otpo_reg0.02": {"trainer": "otpo", "ot_weighting": "ot", "ot_reg": 0.02},
         "uniform": {"trainer": "otpo", "ot_weighting": "uniform"},
-        "ld_dpo0": {"trainer": "dpo", "ld_alpha": 0.0},
-        "ld_dpo0.5": {"trainer": "dpo", "ld_alpha": 0.5},
+        "otpo_reg_0.02": {"trainer": "otpo", "ot_weighting": "ot", "ot_reg": 0.02},
+        "ld_dpo": {"trainer": "dpo", "ld_alpha": 0.0},
+        "ld_dpo_0.5": {"trainer": "dpo", "ld_alpha": 0.5},
         "sigmoid_norm": {"trainer": "dpo", "loss_type": ["sigmoid_norm"]},
         "sampo": {"trainer": "otpo", "ot_weighting": "sampo"},
     }
