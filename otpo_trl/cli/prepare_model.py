@@ -229,7 +229,7 @@ def prepare(output_dir: Path, force: bool = False) -> str:
                 (previous / output_dir.name).rename(output_dir)
                 previous.rmdir()
                 raise
-            shutil.rmtree(previous)
+            shutil.rmtree(previous)  # the set-aside earlier output of this command (checked by `plan`)
         else:
             partial.rename(output_dir)  # onto an empty folder too: rename replaces an empty directory (POSIX)
     except BaseException:
