@@ -11,7 +11,7 @@ docs/troubleshooting.md.
 - `plan`: [`plan_run`] (decides, writes nothing), [`start_run`] and [`RunRecorder`] (write, once training starts).
 - `lock`: [`RunLock`].
 - `callback`: [`RunDirectoryCallback`], [`continue_schedule`].
-- `files`: [`writable_dir`], [`write_json`] (atomic).
+- `files`: [`writable_dir`], [`write_json`] (atomic), [`default_mode`].
 """
 
 from .callback import RunDirectoryCallback, continue_schedule
@@ -23,7 +23,7 @@ from .checkpoints import (
     saved_weights_only,
     trainer_state,
 )
-from .files import writable_dir, write_json
+from .files import default_mode, writable_dir, write_json
 from .lock import HOLDER_FILE, LOCK_FILE, OutputDirInUse, RunLock
 from .plan import (
     RUN_WRITES,
@@ -62,6 +62,7 @@ __all__ = [
     "RunRecorder",
     "check_apart_from_inputs",
     "check_output_dir",
+    "default_mode",
     "checkpoint_folders",
     "checkpoint_problems",
     "checkpoint_record",
