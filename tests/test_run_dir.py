@@ -21,7 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from otpo_trl import runs
-from otpo_trl.runs import plan as run_plan
+from otpo_trl.runs import outputs as run_outputs
 from otpo_trl.runs import record as run_record
 
 from .testing_utils import REPO_ROOT, child_env, forbid_models, logged, make_tiny_model_dir, record, tiny_argv
@@ -696,7 +696,7 @@ def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(train, run_co
         deleted.append(path)
         rmtree(path) if Path(path).is_dir() else unlink(Path(path))
 
-    monkeypatch.setattr(run_plan.shutil, "rmtree", killed_after_one)
+    monkeypatch.setattr(run_outputs.shutil, "rmtree", killed_after_one)
     monkeypatch.setattr(Path, "unlink", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
@@ -888,4 +888,4 @@ def test_small_files_are_the_same_file_whatever_their_time(tmp_path):
     assert not run_record.same_file(small, {**small, "sha256": "b"})
     big = {"size": 3 << 20, "mtime_ns": 1, "sha256": "a"}
     assert not run_record.same_file(big, {**big, "mtime_ns": 2})
-    assert run_plan.RUN_WRITES  # the patterns a used folder is recognised by
+    assert run_outputs.RUN_WRITES  # the patterns a used folder is recognised by
