@@ -858,7 +858,7 @@ def child_main(args):
 
 
 def target_rows(parts, judge=True):
-    """The issue's targets as pass (True), fail (False) or n/a (None: not measured, or `judge` False: a tiny run)."""
+    """The targets as pass (True), fail (False) or n/a (None: not measured, or `judge` False: a tiny run)."""
     rows = []
 
     def add(name, value, op, limit):
@@ -883,8 +883,8 @@ def target_rows(parts, judge=True):
             )
             if part == "step-8b-lora":
                 add(
-                    f"{spec['label']}, ot_reg {reg}: OT part's share of the OTPO step (above it: fewer launches "
-                    f"and syncs, issue 21)",
+                    f"{spec['label']}, ot_reg {reg}: OT part's share of the OTPO step (above it, fewer launches "
+                    "and host syncs in the solver would lower it)",
                     r.get("ot_share_of_step"),
                     "<=",
                     TARGETS["ot_share_8b"],
