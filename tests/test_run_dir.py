@@ -155,6 +155,17 @@ def test_the_record_is_written_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run_args.json"]  # no temporary file left
 
 
+def test_the_record_has_a_plain_files_permissions(tmp_path):
+    """Written through `mkstemp` (0o600), the record gets what `open` gives under the umask: a teammate on a shared
+    machine can read it."""
+    old = os.umask(0o022)
+    try:
+        runs.write_json(tmp_path / "run_args.json", {"settings": {}})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run_args.json").stat().st_mode & 0o777 == 0o644
+
+
 # ------------------------------------------------------------------ the same run again, a different run
 
 
