@@ -34,8 +34,9 @@ except ImportError:  # run from a checkout that is not pip-installed
 
 def module_at(rev):
     """otpo_trl/ot_weights.py as it was at git revision `rev` (before the OT package), imported under another name."""
-    source = subprocess.run(["git", "show", f"{rev}:otpo_trl/ot_weights.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout  # fmt: skip
+    source = subprocess.run(
+        ["git", "show", f"{rev}:otpo_trl/ot_weights.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
     spec = importlib.util.spec_from_file_location(f"ot_weights_{rev}", f.name)
@@ -94,16 +95,22 @@ def main():
     S.EXP_LIMIT[torch.float32] = float("inf")  # force the multiplicative updates
     t, (mc_w, mr_w, minfo) = timed(lambda: ot_token_weights(hc, hr, mc, mr, **kw), args.repeats)
     S.EXP_LIMIT[torch.float32] = limit
-    runs["multiplicative_forced"] = {"times_s": t, "n_iter": minfo.n_iter, "path": paths[-1],
-                                     "max_rel_diff_to_stabilised": max(rel_diff(mc_w, wc), rel_diff(mr_w, wr))}  # fmt: skip
+    runs["multiplicative_forced"] = {
+        "times_s": t,
+        "n_iter": minfo.n_iter,
+        "path": paths[-1],
+        "max_rel_diff_to_stabilised": max(rel_diff(mc_w, wc), rel_diff(mr_w, wr)),
+    }
     if args.baseline_rev:
         old = module_at(args.baseline_rev)
         t, (oc, orr, oinfo) = timed(lambda: old.ot_token_weights(hc, hr, mc, mr, **kw), 1)
-        runs[f"log_domain_{args.baseline_rev}"] = {"times_s": t, "n_iter": oinfo.n_iter,
-                                                   "note": "pair cost scaling (that revision's only one)"}  # fmt: skip
+        runs[f"log_domain_{args.baseline_rev}"] = {
+            "times_s": t,
+            "n_iter": oinfo.n_iter,
+            "note": "pair cost scaling (that revision's only one)",
+        }
     if args.pot:
-        t, (pc, pr) = timed(lambda: ot_token_weights(hc, hr, mc, mr, reg=args.reg, reg_m=args.reg_m,
-                                                         solver="pot"), 1)  # fmt: skip
+        t, (pc, pr) = timed(lambda: ot_token_weights(hc, hr, mc, mr, reg=args.reg, reg_m=args.reg_m, solver="pot"), 1)
         runs["pot"] = {"times_s": t, "max_rel_diff_stabilised_to_pot": max(rel_diff(wc, pc), rel_diff(wr, pr))}
     for run in runs.values():
         run["median_s"] = statistics.median(run["times_s"])
@@ -121,8 +128,10 @@ def main():
             "python": platform.python_version(),
         },
     }
-    print(f"B={args.batch}, {args.length} x {args.length} tokens, H={args.hidden}, reg={args.reg}, "
-          f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"B={args.batch}, {args.length} x {args.length} tokens, H={args.hidden}, reg={args.reg}, "
+        f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}"
+    )
     for name, run in runs.items():
         extra = {k: v for k, v in run.items() if k not in ("times_s", "median_s")}
         print(f"  {name:<28} median {run['median_s']:8.3f} s  {extra}")

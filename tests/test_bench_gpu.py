@@ -132,12 +132,20 @@ def test_gpu_figures_give_ratios_and_verdicts():
     gib = 2**30
 
     def run(seconds, peak, ot=None):
-        return {"seconds": seconds, "peak_bytes": [peak], "step_growth_bytes": [peak - 30 * gib],
-                "ot_gpu_seconds": [ot] * len(seconds) if ot else [], "ot_host_seconds": [0.2] * len(seconds) if ot else [],
-                "solver_iters": [40] * len(seconds) if ot else []}  # fmt: skip
+        return {
+            "seconds": seconds,
+            "peak_bytes": [peak],
+            "step_growth_bytes": [peak - 30 * gib],
+            "ot_gpu_seconds": [ot] * len(seconds) if ot else [],
+            "ot_host_seconds": [0.2] * len(seconds) if ot else [],
+            "solver_iters": [40] * len(seconds) if ot else [],
+        }
 
-    measured = {"dpo": run([1.0, 1.2, 1.1], 40 * gib), "otpo_reg1.0": run([1.01, 1.21, 1.11], 40.1 * gib, ot=0.005),
-                "otpo_reg0.1": run([1.1, 1.3, 1.2], 40.3 * gib, ot=0.05)}  # fmt: skip
+    measured = {
+        "dpo": run([1.0, 1.2, 1.1], 40 * gib),
+        "otpo_reg1.0": run([1.01, 1.21, 1.11], 40.1 * gib, ot=0.005),
+        "otpo_reg0.1": run([1.1, 1.3, 1.2], 40.3 * gib, ot=0.05),
+    }
     other = {"dpo": 20 * gib, "otpo": 20 * gib}  # each trainer's view of the other's resident bytes
     res = suite.summarize_steps(measured, other)
     r1, r01 = res["otpo_reg1.0"], res["otpo_reg0.1"]
@@ -145,12 +153,18 @@ def test_gpu_figures_give_ratios_and_verdicts():
     assert abs(r1["peak_alone_ratio"] - 20.1 / 20) < 1e-12  # the other trainer's 20 GiB taken out
     assert abs(r1["peak_ratio"] - 40.1 / 40) < 1e-12
     assert r1["ot_timer"] == "cuda_events" and abs(r1["ot_share_of_step"] - 0.005 / 1.11) < 1e-12
+
+    def ot_result(batched, official, speedup, profile):
+        return {"median_s": {"batched": batched, "official": official}, "speedup": speedup, "batched_profile": profile}
+
+    ot_results = {
+        "reg1.0": ot_result(0.01, 1.5, 150.0, {"kernels": 400}),
+        "reg0.1": ot_result(0.05, 2.0, 40.0, "error"),
+    }
     parts = {
         "step-8b-lora": {"status": "ok", "results": res, "config": {}, "rounds": []},
-        "ot-weights": {"status": "ok", "config": {}, "results": {
-            "reg1.0": {"median_s": {"batched": 0.01, "official": 1.5}, "speedup": 150.0, "batched_profile": {"kernels": 400}},
-            "reg0.1": {"median_s": {"batched": 0.05, "official": 2.0}, "speedup": 40.0, "batched_profile": "error"}}},
-    }  # fmt: skip
+        "ot-weights": {"status": "ok", "config": {}, "results": ot_results},
+    }
     verdicts = {t["target"]: t["pass"] for t in suite.target_rows(parts)}
     assert verdicts["Llama-3-8B shape, LoRA r 16, ot_reg 1.0: median step time OTPO / DPO"] is True
     assert verdicts["Llama-3-8B shape, LoRA r 16, ot_reg 0.1: median step time OTPO / DPO"] is False
@@ -161,10 +175,22 @@ def test_gpu_figures_give_ratios_and_verdicts():
     assert verdicts["OT weights alone, ot_reg 1.0: official per-pair POT loop / batched (medians)"] is True
     assert verdicts["OT weights alone, ot_reg 0.1: official per-pair POT loop / batched (medians)"] is False
     assert verdicts["Llama-3.2-1B shape, full fine-tuning, ot_reg 1.0: median step time OTPO / DPO"] is None  # not run
-    result = {"machine": {"device": "cuda", "gpu": {"name": "NVIDIA H200"}, "versions": {}, "torch": "2.11.0",
-                          "torch_cuda": "13.0", "python": "3.12.3"},
-              "args": {"tiny": False}, "started_utc": "now", "budget_s": 420, "seconds": 200, "parts": parts,
-              "targets": suite.target_rows(parts)}  # fmt: skip
+    result = {
+        "machine": {
+            "device": "cuda",
+            "gpu": {"name": "NVIDIA H200"},
+            "versions": {},
+            "torch": "2.11.0",
+            "torch_cuda": "13.0",
+            "python": "3.12.3",
+        },
+        "args": {"tiny": False},
+        "started_utc": "now",
+        "budget_s": 420,
+        "seconds": 200,
+        "parts": parts,
+        "targets": suite.target_rows(parts),
+    }
     summary = suite.summary_markdown(result)
     assert summary.startswith("# OTPO vs DPO on NVIDIA H200")
     assert summary.count("**PASS**") == 5 and summary.count("**FAIL**") == 3

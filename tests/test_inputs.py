@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otpo_trl import data as data_module
 from otpo_trl.data import data_fingerprint, load_preference_dataset, load_raw_split
+from otpo_trl.data import files as data_files  # where the data is read: the Hub is patched there
 from otpo_trl.runs import run_settings
 
 from .testing_utils import REPO_ROOT, child_env, forbid_models, record, tiny_argv
@@ -205,7 +205,7 @@ def test_a_hub_data_set_is_fingerprinted_by_datasets(monkeypatch):
     from datasets import Dataset
 
     loaded = Dataset.from_list(pairs(2))
-    monkeypatch.setattr(data_module, "load_raw_split", lambda name, split, config: loaded)
+    monkeypatch.setattr(data_files, "load_raw_split", lambda name, split, config: loaded)
     assert data_fingerprint("org/prefs", "train_prefs") == {
         "hub": "org/prefs",
         "config": None,
@@ -493,7 +493,7 @@ def no_hub(monkeypatch):
         (datasets, "load_dataset"),
     ):
         monkeypatch.setattr(owner, name, refuse)
-    monkeypatch.setattr(data_module, "load_dataset", refuse)
+    monkeypatch.setattr(data_files, "load_dataset", refuse)
 
 
 def test_the_quickstart_without_its_model_names_prepare_model(train, tmp_path, monkeypatch, no_model, no_hub):

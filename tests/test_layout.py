@@ -32,6 +32,9 @@ TRAINING = (
     "otpo_trl.cli.train",
     "otpo_trl.runs",
     "otpo_trl.runs.plan",
+    "otpo_trl.runs.resume",
+    "otpo_trl.runs.outputs",
+    "otpo_trl.runs.start",
     "otpo_trl.runs.callback",
 )
 # Evaluation and studies: what training must not import, directly or through another module.

@@ -159,3 +159,16 @@ def subprocess_result(returncode):
     import subprocess
 
     return subprocess.CompletedProcess([], returncode)
+
+
+def test_the_prepared_folder_has_a_plain_folders_permissions(tmp_path, converter):
+    """Made through `mkdtemp` (0o700) and safetensors (0o600), the model is given what `mkdir` and `open` give under
+    the umask: on a shared machine the user's group can read it."""
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "model"
+        assert run(target) == 0
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert {(target / name).stat().st_mode & 0o777 for name in os.listdir(target)} == {0o644}

@@ -44,18 +44,19 @@ def recipe_model_dir(tmp_path_factory):
 def test_recipe_runs_one_step_on_cpu(train, recipe_model_dir, sample_data_dir, tmp_path, path):  # noqa: F811
     recipe = yaml.safe_load(path.read_text())
     out = tmp_path / "out"
-    argv = recipe_argv(path) + [
-        "--model_name_or_path", recipe_model_dir,
-        "--dataset_name", str(sample_data_dir),
-        "--dataset_train_split", "train",
-        "--dataset_test_split", "test",
-        "--output_dir", str(out),
-        "--max_steps", "1",
-        "--gradient_accumulation_steps", "1",
-        "--max_train_samples", str(4 * recipe["per_device_train_batch_size"]),  # TRL drops prompts > max_length
-        "--max_eval_samples", "4",
-        "--report_to", "none",
-    ]  # fmt: skip
+    overrides = {
+        "model_name_or_path": recipe_model_dir,
+        "dataset_name": str(sample_data_dir),
+        "dataset_train_split": "train",
+        "dataset_test_split": "test",
+        "output_dir": str(out),
+        "max_steps": "1",
+        "gradient_accumulation_steps": "1",
+        "max_train_samples": str(4 * recipe["per_device_train_batch_size"]),  # TRL drops prompts > max_length
+        "max_eval_samples": "4",
+        "report_to": "none",
+    }
+    argv = recipe_argv(path) + [arg for key, value in overrides.items() for arg in (f"--{key}", value)]
     script_args, training_args, model_args = train.parse_args(argv)
     for key in ("bf16", "activation_checkpointing", "max_length", "beta", "ot_reg", "ot_cost", "ot_normalization"):
         if key in recipe:

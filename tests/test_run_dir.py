@@ -21,7 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from otpo_trl import runs
-from otpo_trl.runs import plan as run_plan
+from otpo_trl.runs import outputs as run_outputs
 from otpo_trl.runs import record as run_record
 
 from .testing_utils import REPO_ROOT, child_env, forbid_models, logged, make_tiny_model_dir, record, tiny_argv
@@ -100,8 +100,12 @@ def script(*argv, timeout=300):
     """`python scripts/train.py *argv` in a subprocess: (returncode, combined output)."""
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *map(str, argv)],
-        cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -151,11 +155,23 @@ def test_the_record_is_written_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run_args.json"]  # no temporary file left
 
 
+def test_the_record_has_a_plain_files_permissions(tmp_path):
+    """Written through `mkstemp` (0o600), the record gets what `open` gives under the umask: a teammate on a shared
+    machine can read it."""
+    old = os.umask(0o022)
+    try:
+        runs.write_json(tmp_path / "run_args.json", {"settings": {}})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run_args.json").stat().st_mode & 0o777 == 0o644
+
+
 # ------------------------------------------------------------------ the same run again, a different run
 
 
-def test_the_same_run_again_is_reported_finished_without_a_step(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                                no_model, caplog):  # fmt: skip
+def test_the_same_run_again_is_reported_finished_without_a_step(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model, caplog
+):
     before = contents(run_copy)
     # Logging and saving options do not make another run.
     argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--logging_steps", "5", "--save_total_limit", "1")
@@ -175,8 +191,9 @@ def test_the_same_run_again_is_reported_finished_without_a_step(train, run_copy,
     ],
     ids=["hyper_parameters", "max_steps", "lora", "data"],
 )
-def test_a_different_run_is_refused_before_any_model_loads(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                           no_model, change, described):  # fmt: skip
+def test_a_different_run_is_refused_before_any_model_loads(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model, change, described
+):
     before = contents(run_copy)
     args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, *change))
     with pytest.raises(train.InputError, match="holds a run with other arguments") as err:
@@ -211,11 +228,12 @@ def test_resume_false_in_a_used_dir_needs_overwrite(train, run_copy, tiny_model_
     assert plan_for(args).checkpoint is None
 
 
-def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(train, run_copy, tiny_model_dir,
-                                                                       sample_data_dir):  # fmt: skip
+def test_overwrite_cannot_be_combined_with_resuming_from_the_same_dir(
+    train, run_copy, tiny_model_dir, sample_data_dir
+):
     for resume in ("true", str(run_copy / "checkpoint-1")):
-        args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--overwrite_output_dir", "true",
-                                          "--resume_from_checkpoint", resume))  # fmt: skip
+        flags = ("--overwrite_output_dir", "true", "--resume_from_checkpoint", resume)
+        args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, *flags))
         with pytest.raises(ValueError, match="cannot be combined") as err:
             plan_for(args)
         assert "To continue that run, leave `--overwrite_output_dir` out; to replace it" in str(err.value)
@@ -228,8 +246,9 @@ def test_a_run_without_a_record_is_not_resumed_automatically(train, run_copy, ti
         plan_for(args)
 
 
-def test_a_folder_of_a_users_files_is_not_trained_into(train, run_copy, tiny_model_dir, sample_data_dir, tmp_path,
-                                                      no_model):  # fmt: skip
+def test_a_folder_of_a_users_files_is_not_trained_into(
+    train, run_copy, tiny_model_dir, sample_data_dir, tmp_path, no_model
+):
     """A folder that holds no run but a user's files (other models, notes) is refused before the lock, naming them: the
     run's weights, checkpoints and logs would be mixed with them. With `--overwrite_output_dir` they stay where they
     are; a file a run would overwrite (a model card) makes the folder a run without a record."""
@@ -253,8 +272,9 @@ def test_a_folder_of_a_users_files_is_not_trained_into(train, run_copy, tiny_mod
 # ------------------------------------------------------------------ resuming
 
 
-def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(train, run_copy, tiny_model_dir,
-                                                                    sample_data_dir, caplog):  # fmt: skip
+def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(
+    train, run_copy, tiny_model_dir, sample_data_dir, caplog
+):
     # A kill during step 2's save: the run is not finished and checkpoint-2 lacks what is written last.
     set_records(run_copy, status="started")
     (run_copy / "checkpoint-2" / "trainer_state.json").unlink()
@@ -268,8 +288,9 @@ def test_interrupted_run_skips_an_incomplete_checkpoint_and_finishes(train, run_
     assert record(run_copy / "checkpoint-2")["global_step"] == 2  # saved again, whole, with its record
 
 
-def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it(train, run_copy, tiny_model_dir,
-                                                                                sample_data_dir, no_model):  # fmt: skip
+def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model
+):
     missing = run_copy / "checkpoint-7"
     argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--resume_from_checkpoint", str(missing))
     with pytest.raises(train.InputError, match="checkpoint-7`: no such checkpoint folder"):
@@ -284,13 +305,16 @@ def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails_naming_it
         train.main(*train.parse_args(argv))
 
 
-def test_a_run_folder_as_the_checkpoint_names_the_real_cause(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                              tmp_path, no_model):  # fmt: skip
+def test_a_run_folder_as_the_checkpoint_names_the_real_cause(
+    train, run_copy, tiny_model_dir, sample_data_dir, tmp_path, no_model
+):
     """A run's folder has weights and a trainer state but no optimizer: it is not a `save_only_model` checkpoint."""
     argv = tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint", run_copy)
     message = cli_error(train, argv)
-    assert f"is a run's folder, not one of its checkpoints: pass one of its checkpoints, `--resume_from_checkpoint " \
-           f"{run_copy}/checkpoint-2`" in message  # fmt: skip
+    assert (
+        f"is a run's folder, not one of its checkpoints: pass one of its checkpoints, `--resume_from_checkpoint "
+        f"{run_copy}/checkpoint-2`" in message
+    )
     assert "save_only_model" not in message
     model = tmp_path / "a-model"
     shutil.copytree(tiny_model_dir, model)
@@ -299,22 +323,24 @@ def test_a_run_folder_as_the_checkpoint_names_the_real_cause(train, run_copy, ti
 
 
 def test_explicit_resume_with_new_arguments_is_recorded(train, run_copy, tiny_model_dir, sample_data_dir):
-    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--beta", "0.2",
-                                      "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
+    resume = ("--resume_from_checkpoint", str(run_copy / "checkpoint-2"))
+    args = train.parse_args(
+        tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--beta", "0.2", *resume)
+    )
     plan = plan_for(args)
     assert plan.action == "train" and plan.checkpoint == str(run_copy / "checkpoint-2")
     [change] = plan.record["resumed_with_changes"]
     assert change["changes"] == {"beta": [0.1, 0.2], "max_steps": [2, 3]}
     assert plan.record["run_id"] == record(run_copy)["run_id"]  # the same run, continued
     # At or past its end, the checkpoint is reported finished, not stepped again.
-    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2",
-                                      "--resume_from_checkpoint", str(run_copy / "checkpoint-2")))  # fmt: skip
+    args = train.parse_args(tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2", *resume))
     plan = plan_for(args)
     assert plan.action == "finished" and "nothing to train" in plan.message
 
 
-def test_a_continuation_is_resumed_from_its_own_checkpoint_not_the_branch_it_left(train, run_copy, tiny_model_dir,
-                                                                                   sample_data_dir, caplog):  # fmt: skip
+def test_a_continuation_is_resumed_from_its_own_checkpoint_not_the_branch_it_left(
+    train, run_copy, tiny_model_dir, sample_data_dir, caplog
+):
     """Continued from checkpoint-1 with a new beta and killed before its next save, the run resumes from checkpoint-1
     (with the new beta), not from checkpoint-2, which the old beta trained."""
     argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--beta", "0.2")
@@ -328,8 +354,9 @@ def test_a_continuation_is_resumed_from_its_own_checkpoint_not_the_branch_it_lef
     )
 
 
-def test_a_run_stopped_in_its_final_save_saves_again_without_a_step(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                                     monkeypatch, caplog):  # fmt: skip
+def test_a_run_stopped_in_its_final_save_saves_again_without_a_step(
+    train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch, caplog
+):
     """Killed while it saved the model (its record says "started", model.safetensors cut short, no card yet), the run
     run again trains no step: it saves the last checkpoint's weights, keeps its train metrics, and finishes."""
     from otpo_trl import OTPOTrainer
@@ -351,12 +378,14 @@ def test_a_run_stopped_in_its_final_save_saves_again_without_a_step(train, run_c
     assert record(run_copy)["status"] == "finished" and record(run_copy)["global_step"] == 2 == global_step(run_copy)
 
 
-def test_resuming_another_runs_last_step_into_a_new_folder_fails(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                                 tmp_path, no_model):  # fmt: skip
+def test_resuming_another_runs_last_step_into_a_new_folder_fails(
+    train, run_copy, tiny_model_dir, sample_data_dir, tmp_path, no_model
+):
     """Nothing to train and nothing to save: an error that says how to train it further, not an exit 0 that did
     nothing (the same run's finished checkpoint is reported finished)."""
-    argv = tiny_argv(tiny_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint",
-                     run_copy / "checkpoint-2")  # fmt: skip
+    argv = tiny_argv(
+        tiny_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint", run_copy / "checkpoint-2"
+    )
     message = cli_error(train, argv)
     assert (
         f"`--resume_from_checkpoint` {run_copy / 'checkpoint-2'} is at step 2, where training with these " in message
@@ -365,12 +394,11 @@ def test_resuming_another_runs_last_step_into_a_new_folder_fails(train, run_copy
     assert not (tmp_path / "new" / runs.RUN_FILE).exists()
 
 
-def test_continuing_a_finished_run_further_follows_the_new_schedule(train, run_copy, tiny_model_dir,
-                                                                    sample_data_dir):  # fmt: skip
+def test_continuing_a_finished_run_further_follows_the_new_schedule(train, run_copy, tiny_model_dir, sample_data_dir):
     """The 2-step linear schedule ends at a learning rate of 0; continued to 4 steps, step 3 runs at the 4-step
     schedule's rate (HF Trainer would restore the old one's 0: a step that changes nothing)."""
-    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "4",
-                     "--resume_from_checkpoint", run_copy / "checkpoint-2")  # fmt: skip
+    resume = ("--resume_from_checkpoint", run_copy / "checkpoint-2")
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "4", *resume)
     train.main(*train.parse_args([str(a) for a in argv]))
     rates = logged(run_copy, "learning_rate")
     assert rates[3] == pytest.approx(1e-3 * 2 / 4) and rates[4] == pytest.approx(1e-3 * 1 / 4)
@@ -382,8 +410,9 @@ def test_continuing_a_finished_run_further_follows_the_new_schedule(train, run_c
 # ------------------------------------------------------------------ a checkpoint knows its run
 
 
-def test_another_runs_checkpoint_into_a_finished_run_needs_overwrite(train, finished_run, tiny_model_dir,
-                                                                     sample_data_dir, tmp_path):  # fmt: skip
+def test_another_runs_checkpoint_into_a_finished_run_needs_overwrite(
+    train, finished_run, tiny_model_dir, sample_data_dir, tmp_path
+):
     """Run A finished in outA; run B (another run) was interrupted in outB. Continuing B's checkpoint in outA is
     refused (exit 1, outA untouched); with `--overwrite_output_dir` A's outputs are cleared and B goes on there."""
     out_a, out_b = tmp_path / "outA", tmp_path / "outB"
@@ -392,8 +421,8 @@ def test_another_runs_checkpoint_into_a_finished_run_needs_overwrite(train, fini
     interrupted(out_b)
     set_records(out_b, run_id="b" * 32)  # another run (its own id), whatever its arguments
     before = contents(out_a)
-    argv = tiny_argv(tiny_model_dir, sample_data_dir, out_a, "--resume_from_checkpoint", out_b / "checkpoint-1",
-                     "--max_steps", "3", "--ot_reg", "0.1")  # fmt: skip
+    resume = ("--resume_from_checkpoint", out_b / "checkpoint-1")
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, out_a, *resume, "--max_steps", "3", "--ot_reg", "0.1")
     code, output = script(*argv)
     assert code == 1, output[-3000:]
     assert f"is a checkpoint of another run than the one in {out_a} (a run trained to step 2)" in output
@@ -409,8 +438,9 @@ def test_another_runs_checkpoint_into_a_finished_run_needs_overwrite(train, fini
 
 
 @pytest.mark.parametrize("where", ["is", "inside"])
-def test_a_checkpoint_is_never_the_output_dir_of_its_own_resume(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                                no_model, where):  # fmt: skip
+def test_a_checkpoint_is_never_the_output_dir_of_its_own_resume(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model, where
+):
     checkpoint = run_copy / "checkpoint-1"
     out = checkpoint if where == "is" else checkpoint / "more"
     before = contents(run_copy)
@@ -422,8 +452,9 @@ def test_a_checkpoint_is_never_the_output_dir_of_its_own_resume(train, run_copy,
 
 
 @pytest.mark.parametrize("where", ["is", "inside"])
-def test_a_checkpoint_of_another_run_is_never_an_output_dir(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                            no_model, where):  # fmt: skip
+def test_a_checkpoint_of_another_run_is_never_an_output_dir(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model, where
+):
     """A checkpoint carries its run's record: taken for a run folder, the same arguments would train afresh into it
     (over its weights and optimizer), and an overwrite would move it out of its run. Refused with or without the flag,
     before anything is written; so is a folder inside one (an overwrite of its run would delete it)."""
@@ -445,10 +476,12 @@ def other_model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("other-llama"), seed=1)
 
 
-def test_a_checkpoint_of_another_model_is_refused(train, run_copy, other_model_dir, sample_data_dir, tmp_path,
-                                                  no_model):  # fmt: skip
-    argv = tiny_argv(other_model_dir, sample_data_dir, tmp_path / "new",
-                     "--resume_from_checkpoint", run_copy / "checkpoint-1")  # fmt: skip
+def test_a_checkpoint_of_another_model_is_refused(
+    train, run_copy, other_model_dir, sample_data_dir, tmp_path, no_model
+):
+    argv = tiny_argv(
+        other_model_dir, sample_data_dir, tmp_path / "new", "--resume_from_checkpoint", run_copy / "checkpoint-1"
+    )
     message = cli_error(train, argv)
     assert "was trained from other inputs than these (model model.safetensors: '" in message
     assert "reference model.safetensors" in message and "tokenizer" not in message.split("(")[1].split(")")[0]
@@ -466,9 +499,9 @@ def relocated(out, model_dir, to):
 
 
 @pytest.mark.parametrize("changed", ["weights", "chat_template"])
-def test_changed_inputs_between_an_interruption_and_its_resume_are_refused(train, run_copy, tiny_model_dir,
-                                                                           other_model_dir, sample_data_dir,
-                                                                           tmp_path, no_model, changed):  # fmt: skip
+def test_changed_inputs_between_an_interruption_and_its_resume_are_refused(
+    train, run_copy, tiny_model_dir, other_model_dir, sample_data_dir, tmp_path, no_model, changed
+):
     model = relocated(interrupted(run_copy), tiny_model_dir, tmp_path / "model")
     argv = tiny_argv(model, sample_data_dir, run_copy)
     plan, *_ = train.prepare_run(*train.parse_args(argv))
@@ -493,8 +526,9 @@ def test_changed_inputs_between_an_interruption_and_its_resume_are_refused(train
     assert record(run_copy)["status"] == "started"
 
 
-def test_a_resume_under_other_package_versions_warns_and_records_them(train, run_copy, tiny_model_dir,
-                                                                      sample_data_dir, no_model, caplog):  # fmt: skip
+def test_a_resume_under_other_package_versions_warns_and_records_them(
+    train, run_copy, tiny_model_dir, sample_data_dir, no_model, caplog
+):
     interrupted(run_copy)
     versions = {**record(run_copy)["versions"], "trl": "0.0.1"}
     set_records(run_copy, versions=versions)
@@ -523,8 +557,8 @@ def test_a_failed_resume_never_rewrites_a_finished_runs_record(train, run_copy, 
     """Checks that catch it refuse before any model loads (LoRA on a full fine-tune's checkpoint); a checkpoint that
     fails to load fails before training starts, which is when the record is first written."""
     before = contents(run_copy)
-    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3",
-                     "--resume_from_checkpoint", run_copy / "checkpoint-1")  # fmt: skip
+    resume = ("--resume_from_checkpoint", run_copy / "checkpoint-1")
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", *resume)
     message = cli_error(train, [*argv, "--use_peft", "true"])
     assert "holds weights of other shapes than these arguments make (use_peft: False -> True)" in message
     (run_copy / "checkpoint-1" / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -534,8 +568,9 @@ def test_a_failed_resume_never_rewrites_a_finished_runs_record(train, run_copy, 
     assert contents(run_copy) == before and record(run_copy)["status"] == "finished"
 
 
-def test_ctrl_c_says_how_to_go_on_without_a_traceback(train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch,
-                                                      capsys):  # fmt: skip
+def test_ctrl_c_says_how_to_go_on_without_a_traceback(
+    train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch, capsys
+):
     """Ctrl-C in a step (after checkpoint-1): exit 130 and one line that says the run goes on when run again; it
     does, from checkpoint-1."""
     from otpo_trl import OTPOTrainer
@@ -561,13 +596,13 @@ def test_ctrl_c_says_how_to_go_on_without_a_traceback(train, run_copy, tiny_mode
 # ------------------------------------------------------------------ finished means finished
 
 
-def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_run_again(train, run_copy, tiny_model_dir,
-                                                                           sample_data_dir, monkeypatch,
-                                                                           caplog):  # fmt: skip
+def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_run_again(
+    train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch, caplog
+):
     from otpo_trl import OTPOTrainer
 
-    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", "--do_eval", "true",
-                     "--max_eval_samples", "4", "--per_device_eval_batch_size", "1")  # fmt: skip
+    evaluation = ("--do_eval", "true", "--max_eval_samples", "4", "--per_device_eval_batch_size", "1")
+    argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy, "--max_steps", "3", *evaluation)
     argv = [str(a) for a in argv]
     evaluate = OTPOTrainer.evaluate
 
@@ -599,8 +634,7 @@ def test_a_run_stopped_in_its_final_evaluation_is_evaluated_when_run_again(train
     assert "finished at step 3: nothing to train" in caplog.text
 
 
-def test_a_finished_run_again_with_do_eval_runs_only_its_evaluation(train, run_copy, tiny_model_dir,
-                                                                    sample_data_dir):  # fmt: skip
+def test_a_finished_run_again_with_do_eval_runs_only_its_evaluation(train, run_copy, tiny_model_dir, sample_data_dir):
     argv = tiny_argv(tiny_model_dir, sample_data_dir, run_copy)
     assert plan_for(train.parse_args([*argv, "--do_eval", "true"])).action == "evaluate"
     set_records(run_copy, status="trained")
@@ -611,8 +645,9 @@ def test_a_finished_run_again_with_do_eval_runs_only_its_evaluation(train, run_c
 # ------------------------------------------------------------------ --overwrite_output_dir
 
 
-def test_overwrite_deletes_after_every_check_and_only_the_runs_own_outputs(train, run_copy, tiny_model_dir,
-                                                                           sample_data_dir):  # fmt: skip
+def test_overwrite_deletes_after_every_check_and_only_the_runs_own_outputs(
+    train, run_copy, tiny_model_dir, sample_data_dir
+):
     """A LoRA target that the model does not have fails before anything is deleted; then the overwrite deletes what
     the record lists, moves aside what it does not list, and leaves the user's other files in place."""
     before = contents(run_copy)
@@ -683,8 +718,9 @@ def test_overwrite_never_follows_a_link_nor_deletes_a_users_file_inside_a_listed
     assert sorted(p.name for p in run_copy.iterdir()) == ["run.lock", runs.RUN_FILE]  # the rest was deleted
 
 
-def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                                   monkeypatch):  # fmt: skip
+def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(
+    train, run_copy, tiny_model_dir, sample_data_dir, monkeypatch
+):
     """Killed while it deletes the previous run's outputs, an overwrite leaves a folder that no record calls finished:
     the same command again is not told "finished" beside missing weights (its leftovers are refused, or moved aside
     by the next overwrite)."""
@@ -696,7 +732,7 @@ def test_an_overwrite_cut_short_leaves_no_record_of_a_finished_run(train, run_co
         deleted.append(path)
         rmtree(path) if Path(path).is_dir() else unlink(Path(path))
 
-    monkeypatch.setattr(run_plan.shutil, "rmtree", killed_after_one)
+    monkeypatch.setattr(run_outputs.shutil, "rmtree", killed_after_one)
     monkeypatch.setattr(Path, "unlink", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         runs.start_run(runs.plan_run(run_copy, {"max_steps": 3}, overwrite_output_dir=True), run_copy)
@@ -793,8 +829,9 @@ def test_the_lock_stops_a_second_writer_and_dies_with_its_holder(tmp_path, holde
     assert not (tmp_path / "out" / runs.HOLDER_FILE).exists()
 
 
-def test_a_second_run_into_a_locked_output_dir_stops_at_once(train, run_copy, tiny_model_dir, sample_data_dir,
-                                                             holder, no_model):  # fmt: skip
+def test_a_second_run_into_a_locked_output_dir_stops_at_once(
+    train, run_copy, tiny_model_dir, sample_data_dir, holder, no_model
+):
     """The same command submitted twice (a re-queued job) and another run: both stop, naming the process."""
     interrupted(run_copy)
     before = contents(run_copy)
@@ -819,10 +856,10 @@ def test_a_locked_output_dir_stops_every_process_of_a_launch(tiny_model_dir, sam
     from .testing_utils import ACCELERATE
 
     out = tmp_path / "out"
-    argv = [str(a) for a in tiny_argv(tiny_model_dir, sample_data_dir, out, "--max_steps", "1", "--save_strategy",
-                                      "no", "--per_device_train_batch_size", "1")]  # fmt: skip
-    command = [ACCELERATE, "launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2",
-               "scripts/train.py", *argv]  # fmt: skip
+    one_step = ("--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "1")
+    argv = [str(a) for a in tiny_argv(tiny_model_dir, sample_data_dir, out, *one_step)]
+    launch = ("launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2")
+    command = [ACCELERATE, *launch, "scripts/train.py", *argv]
     process = holder(out)
     done = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
@@ -888,4 +925,4 @@ def test_small_files_are_the_same_file_whatever_their_time(tmp_path):
     assert not run_record.same_file(small, {**small, "sha256": "b"})
     big = {"size": 3 << 20, "mtime_ns": 1, "sha256": "a"}
     assert not run_record.same_file(big, {**big, "mtime_ns": 2})
-    assert run_plan.RUN_WRITES  # the patterns a used folder is recognised by
+    assert run_outputs.RUN_WRITES  # the patterns a used folder is recognised by

@@ -214,11 +214,18 @@ def prepare(output_dir: Path, force: bool = False) -> str:
         if (output_dir / "README.md").read_text() != README:  # an earlier card, without the model's origin
             (output_dir / "README.md").write_text(README)
         return "ready"
+    from otpo_trl.runs.files import default_mode  # here: the package imports transformers, not needed above
+
     created = _make_parents(output_dir)
     partial = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         with packages_on_path():
             convert(partial)
+        # mkdtemp's folder is 0o700 and safetensors writes 0o600: give them a plain mkdir's and open's modes, so a
+        # model prepared on a shared machine is readable as any folder the user makes.
+        partial.chmod(default_mode(directory=True))
+        for file in partial.iterdir():
+            file.chmod(default_mode())
         if action == "rebuild":
             # The earlier output (its card and only this command's files, checked above) is set aside, then removed.
             previous = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.previous-", dir=output_dir.parent))
@@ -229,7 +236,7 @@ def prepare(output_dir: Path, force: bool = False) -> str:
                 (previous / output_dir.name).rename(output_dir)
                 previous.rmdir()
                 raise
-            shutil.rmtree(previous)
+            shutil.rmtree(previous)  # the set-aside earlier output of this command (checked by `plan`)
         else:
             partial.rename(output_dir)  # onto an empty folder too: rename replaces an empty directory (POSIX)
     except BaseException:

@@ -8,10 +8,13 @@ docs/troubleshooting.md.
 
 - `record`: the settings, fingerprints and versions a run records, and the readers the tools use.
 - `checkpoints`: which checkpoints are complete, which record they carry.
-- `plan`: [`plan_run`] (decides, writes nothing), [`start_run`] and [`RunRecorder`] (write, once training starts).
+- `plan`: [`plan_run`] (decides what a run does with its `output_dir`, writes nothing), [`check_output_dir`].
+- `resume`: the plan for an explicit `--resume_from_checkpoint <checkpoint>`, and the end of a resumed run.
+- `outputs`: what a run writes ([`RUN_WRITES`]), and [`clear_previous_run`] (what `--overwrite_output_dir` removes).
+- `start`: [`RunPlan`]; [`start_run`] and [`RunRecorder`] (write, once training starts).
 - `lock`: [`RunLock`].
 - `callback`: [`RunDirectoryCallback`], [`continue_schedule`].
-- `files`: [`writable_dir`], [`write_json`] (atomic).
+- `files`: [`writable_dir`], [`write_json`] (atomic), [`default_mode`].
 """
 
 from .callback import RunDirectoryCallback, continue_schedule
@@ -23,18 +26,10 @@ from .checkpoints import (
     saved_weights_only,
     trainer_state,
 )
-from .files import writable_dir, write_json
+from .files import default_mode, writable_dir, write_json
 from .lock import HOLDER_FILE, LOCK_FILE, OutputDirInUse, RunLock
-from .plan import (
-    RUN_WRITES,
-    RunPlan,
-    RunRecorder,
-    check_apart_from_inputs,
-    check_output_dir,
-    clear_previous_run,
-    plan_run,
-    start_run,
-)
+from .outputs import RUN_WRITES, clear_previous_run
+from .plan import check_apart_from_inputs, check_output_dir, plan_run
 from .record import (
     NOT_TRAINING_ARGS,
     RUN_FILE,
@@ -47,6 +42,7 @@ from .record import (
     run_settings,
     settings_changes,
 )
+from .start import RunPlan, RunRecorder, start_run
 
 
 __all__ = [
@@ -62,6 +58,7 @@ __all__ = [
     "RunRecorder",
     "check_apart_from_inputs",
     "check_output_dir",
+    "default_mode",
     "checkpoint_folders",
     "checkpoint_problems",
     "checkpoint_record",

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
-from .plan import RunPlan, RunRecorder, start_run
+from .start import RunPlan, RunRecorder, start_run
 
 
 logger = logging.getLogger(__name__)
