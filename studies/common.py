@@ -59,6 +59,11 @@ class Arm:
         flags = self.flags.split()
         return dict(zip(flags[::2], flags[1::2]))
 
+    @property
+    def solves_ot(self) -> bool:
+        """Whether its token weights come from an OT plan (OTPO's `ot_weighting: ot`), whose ot_* options it uses."""
+        return self.settings().get("--trainer") == "otpo" and self.settings().get("--ot_weighting") == "ot"
+
 
 # Every arm a study can train, one entry each. `otpo` solves OT at the recipe's ot_reg (1.0 in quickstart.yaml);
 # `uniform` is the paper's "w/o OT" ablation (1 per token, then the same normalisation). The peer methods: LD-DPO

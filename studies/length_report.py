@@ -20,7 +20,7 @@ def checked_settings(baseline_arms) -> str:
     """Which training settings of a baseline's arms were checked: all but `BASELINE_IGNORED` for an arm that solves no
     OT problem, all of them for one that does."""
     ignored = ", ".join(BASELINE_IGNORED)
-    solve_ot = [a for a in baseline_arms if a in KNOWN_ARMS and KNOWN_ARMS[a].settings().get("--ot_weighting") == "ot"]
+    solve_ot = [a for a in baseline_arms if a in KNOWN_ARMS and KNOWN_ARMS[a].solves_ot]
     if not solve_ot:
         return f"all but {ignored}"
     return f"all of them for {listed(map(arm_label, solve_ot))}, all but {ignored} for the others"

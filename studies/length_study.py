@@ -156,7 +156,7 @@ def _study(args, command):
     }
     # How far from uniform OTPO's weights were in training: the ot/* scalars each run logged, averaged over steps.
     ot_logged = dict(baseline["ot_logged"]) if baseline else {}
-    ot_arms = {a for a in trained_arms if KNOWN_ARMS[a].settings().get("--ot_weighting") == "ot"}
+    ot_arms = {a for a in trained_arms if KNOWN_ARMS[a].solves_ot}
     for run in (r for r in runs if r.rsplit("-seed", 1)[0] in ot_arms):
         logged = mean_logged(log_history(out / run), OT_LOGGED)
         if logged:

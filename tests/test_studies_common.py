@@ -88,6 +88,7 @@ def test_known_arms_are_data_and_train_through_the_cli(tiny_model_dir, sample_da
     assert common.arm_label("otpo-uniform") == "OTPO - OTPO w/o OT" and common.arm_label("new") == "NEW"
     assert common.arm_label("ld_dpo_0.5-dpo") == "LD-DPO (α 0.5) - DPO"
     assert common.arm_flags("dpo") == ["--trainer", "dpo"]
+    assert [name for name, arm in common.KNOWN_ARMS.items() if arm.solves_ot] == ["otpo", "otpo_reg_0.02"]
     with pytest.raises(ValueError, match="unknown arm 'nope': the known arms are dpo, otpo"):
         common.arm_flags("nope")
     with pytest.raises(ValueError, match="no '-'"):
