@@ -7,7 +7,8 @@ python scripts/length_study.py --render_only   # rewrite reports/length_study/ f
 ```
 
 Writes reports/length_study/length_study.md, its JSON and figures; the runs and scores go to out/length_study and are
-reused. The arms, held-out pairs and statistics are in `studies/length_study.py` (`--help` lists the options).
+reused. The study is `studies/length_study.py` and the modules it names (`--help` lists the options, `--arms` the
+arms).
 """
 
 import sys

@@ -1,5 +1,6 @@
-"""What the studies share: the recipe as the training CLI resolves it, one way to train an arm (in this process, with
-the settings-checked reuse), the runs' logs, figures, Markdown, and the compute they ran on.
+"""What the studies share: the recipe as the training CLI resolves it, the arms they can train ([`KNOWN_ARMS`]: a name
+and its training flags), one way to train an arm (in this process, with the settings-checked reuse), the runs' logs,
+figures, Markdown with `--render_only`, and the compute they ran on. Scoring is `studies/scoring.py`.
 
 A study's paths, the recipe's included, are relative to the repository root ([`REPO_ROOT`]): the studies run from
 there ([`at_repo_root`]), as `make study` and `make report` do.
@@ -8,6 +9,7 @@ there ([`at_repo_root`]), as `make study` and `make report` do.
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,68 @@ def at_repo_root():
         os.chdir(cwd)
 
 
-# ------------------------------------------------------------------ the recipe and the arms
+# ------------------------------------------------------------------ the arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a study: what its runs are called (`<name>-seed<seed>`), how a report labels it, the training flags
+    that set it apart from the recipe (`--flag value` pairs, space-separated; given before the user's own flags),
+    and its colour in figures (matplotlib's default cycle: C0 blue, C1 orange, C2 green, ...)."""
+
+    name: str
+    label: str
+    flags: str
+    color: str = "C7"
+
+    def __post_init__(self):
+        if "-" in self.name:  # `-` joins the arms of a difference (`otpo-dpo`) and a run's seed (`otpo-seed42`)
+            raise ValueError(f"an arm's name has no '-': {self.name!r}")
+
+    def settings(self) -> dict[str, str]:
+        """The arm's flags as {flag: value}, say {"--trainer": "otpo", "--ot_weighting": "ot"}."""
+        flags = self.flags.split()
+        return dict(zip(flags[::2], flags[1::2]))
+
+    @property
+    def solves_ot(self) -> bool:
+        """Whether its token weights come from an OT plan (OTPO's `ot_weighting: ot`), whose ot_* options it uses."""
+        return self.settings().get("--trainer") == "otpo" and self.settings().get("--ot_weighting") == "ot"
+
+
+# Every arm a study can train, one entry each. `otpo` solves OT at the recipe's ot_reg (1.0 in quickstart.yaml);
+# `uniform` is the paper's "w/o OT" ablation (1 per token, then the same normalisation). The peer methods: LD-DPO
+# (`ld_alpha`: the tokens past the shorter completion count ld_alpha times), TRL's length-normalised sigmoid loss, and
+# SamPO's down-sampling. The order is the reports' order.
+KNOWN_ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("dpo", "DPO", "--trainer dpo", "C0"),
+        Arm("otpo", "OTPO", "--trainer otpo --ot_weighting ot", "C1"),
+        Arm("uniform", "OTPO w/o OT", "--trainer otpo --ot_weighting uniform", "C2"),
+        Arm("otpo_reg_0.02", "OTPO (ε 0.02)", "--trainer otpo --ot_weighting ot --ot_reg 0.02", "C3"),
+        Arm("ld_dpo", "LD-DPO (α 0)", "--trainer dpo --ld_alpha 0", "C4"),
+        Arm("ld_dpo_0.5", "LD-DPO (α 0.5)", "--trainer dpo --ld_alpha 0.5", "C5"),
+        Arm("sigmoid_norm", "DPO, length-normalised (sigmoid_norm)", "--trainer dpo --loss_type sigmoid_norm", "C6"),
+        Arm("sampo", "SamPO", "--trainer otpo --ot_weighting sampo", "C8"),
+    )
+}
+
+
+def arm_label(name: str) -> str:
+    """The report's name of an arm (`uniform`: OTPO w/o OT) or of an arm difference (`otpo-uniform`); an unknown
+    name is shown in capitals."""
+    return " - ".join(KNOWN_ARMS[part].label if part in KNOWN_ARMS else part.upper() for part in name.split("-"))
+
+
+def arm_flags(name: str) -> list[str]:
+    """The training flags of the known arm `name`; another name: ValueError listing the known ones."""
+    if name not in KNOWN_ARMS:
+        raise ValueError(f"unknown arm {name!r}: the known arms are {', '.join(KNOWN_ARMS)}.")
+    return KNOWN_ARMS[name].flags.split()
+
+
+# ------------------------------------------------------------------ the recipe, training an arm
 
 
 def resolve_recipe(flags: list[str]) -> dict:

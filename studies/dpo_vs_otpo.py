@@ -7,14 +7,16 @@ python scripts/compare_dpo_otpo.py --recipe configs/quickstart.yaml --max_steps 
 python scripts/compare_dpo_otpo.py --render_only   # rewrite the report from reports/dpo_vs_otpo/dpo_vs_otpo.json
 ```
 
-Both runs use the recipe as it is (model, LoRA, data, seed, batch, learning rate) and differ only in `trainer`
-(`dpo` / `otpo`); `--max_steps` sets their common length. Both train in this process through the training CLI
-(`studies.common.run_arm`), then each is scored by `otpo_trl.cli.evaluate` (what `scripts/evaluate.py` runs) on the
-test split: held-out preference accuracy and margin with unweighted (w = 1 per token, DPO's sum) and OT token weights,
-and greedy generations with a fixed token budget. The base model's generations are measured too, for scale. A
-finished run is reused only if its `run_args.json` records the settings these flags would train (another
-`--max_steps` into the same `--out` is refused, naming the difference), and an evaluation only if made by the same
-command, so an interrupted comparison picks up where it stopped; `--fresh` redoes everything.
+Both runs use the recipe as it is (model, LoRA, data, seed, batch, learning rate) and differ only in their arm's
+flags (`studies.common.KNOWN_ARMS`: `trainer: dpo` / `otpo`); `--max_steps` sets their common length. Both train in
+this process through the training CLI (`studies.common.run_arm`), then each is scored in this process by
+`otpo_trl.evaluation.evaluate` (what `scripts/evaluate.py` runs) on the test split: held-out preference accuracy and
+margin with unweighted (w = 1 per token, DPO's sum) and OT token weights, and greedy generations with a fixed token
+budget. The base model's generations are measured too, for scale. A finished run is reused only if its
+`run_args.json` records the settings these flags would train (another `--max_steps` into the same `--out` is refused,
+naming the difference), and an evaluation only if made with the same settings (the studies' score cache,
+`studies/scoring.py`, in `<out>/scores/`), so an interrupted comparison picks up where it stopped; `--fresh` redoes
+everything.
 """
 
 import argparse
@@ -25,10 +27,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from otpo_trl.cli import evaluate as evaluate_cli
-from otpo_trl.otpo_config import OT_FIELDS
+from otpo_trl.otpo_config import OT_FIELDS, ot_kwargs
 
 from .common import (
+    arm_flags,
     at_repo_root,
     cpu_flags,
     device_name,
@@ -44,6 +46,7 @@ from .common import (
     training_steps,
     write_report,
 )
+from .scoring import ScoreCache, evaluate_model
 
 
 KINDS = ("dpo", "otpo")
@@ -83,7 +86,7 @@ def parse_args(argv=None):
 
 
 def train_flags(kind, args, recipe, run_dir):
-    flags = ["--config", args.recipe, "--trainer", kind, "--max_steps", str(args.max_steps)]
+    flags = ["--config", args.recipe, *arm_flags(kind), "--max_steps", str(args.max_steps)]
     flags += ["--output_dir", str(run_dir), "--do_eval", "false", "--eval_strategy", "no", "--report_to", "none"]
     # Enough pairs for max_steps without a second epoch (twice as many: TRL drops those whose prompt fills max_length).
     pairs = args.max_steps * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
@@ -99,48 +102,35 @@ def train(kind, args, recipe, out):
     run_arm(train_flags(kind, args, recipe, run_dir), run_dir, on_mismatch=hint)
 
 
-def evaluate_argv(name, model, args, recipe, eval_dir):
-    """`scripts/evaluate.py`'s arguments for `name` (a run, or "base"), into `eval_dir`."""
+def evaluate_settings(name, args, recipe):
+    """`otpo_trl.evaluation.evaluate`'s settings for `name` (a run, or "base"): the recipe's data, filters, beta,
+    max_length and OT settings, for the base model too (it has no run whose settings to follow)."""
     # The base model is its own reference (every margin 0): only its generations are measured.
-    max_samples = 0 if name == "base" else args.max_samples
-    argv = ["--model", str(model), "--data", recipe["dataset_name"], "--split", args.split]
-    argv += ["--beta", str(recipe["beta"]), "--max_length", str(recipe["max_length"])]
-    # The pairs and prompts training kept, for the base model too (it has no run whose settings evaluate would follow).
-    argv += [arg for key in ("drop_ties", "drop_identical") if key in recipe for arg in (f"--{key}", str(recipe[key]))]
-    for key in OT_FIELDS:  # the held-out OT weights are those OTPO trained with (unset keys: the same defaults)
-        if key in recipe:
-            argv += [f"--{key}", str(recipe[key])]
-    if name != "base" and not recipe["use_peft"]:  # a LoRA run's reference is its base (the adapter disabled)
-        argv += ["--ref", recipe["model_name_or_path"]]
-    argv += ["--max_samples", str(max_samples), "--num_generations", str(args.num_generations)]
-    return argv + ["--max_new_tokens", str(args.max_new_tokens), "--output_dir", str(eval_dir)]
+    settings = {
+        "data": recipe["dataset_name"],
+        "split": args.split,
+        "max_samples": 0 if name == "base" else args.max_samples,
+    }
+    settings |= {"beta": recipe["beta"], "max_length": recipe["max_length"]}
+    # The pairs and prompts training kept.
+    settings |= {key: recipe.get(key, False) for key in ("drop_ties", "drop_identical")}
+    # The held-out OT weights are those OTPO trained with (a recipe without them: OTPOConfig's defaults).
+    settings |= ot_kwargs(argparse.Namespace(**recipe)) if all(k in recipe for k in OT_FIELDS) else {}
+    # A LoRA run's reference is its base (the adapter disabled); a full run's, the recipe's model.
+    settings["ref"] = recipe["model_name_or_path"] if name != "base" and not recipe["use_peft"] else None
+    return settings | {"num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens}
 
 
 def evaluate(name, model, args, recipe, out):
-    """Evaluate `model` in this process into `out/eval_<name>`, or reuse the evaluation there if it was made by the
-    same command (the model, the pairs, the budgets, the OT settings). Returns (eval.json's dict, the folder)."""
-    eval_dir = out / f"eval_{name}"
-    done, made_by = eval_dir / "eval.json", eval_dir / "compare_command.json"
-    command = ["scripts/evaluate.py", *evaluate_argv(name, model, args, recipe, eval_dir)]
-    same = made_by.exists() and json.loads(made_by.read_text()) == command
-    if done.exists() and not args.fresh and same:
-        print(f"{name}: reusing {done}")
-    else:
-        if done.exists() and not args.fresh:
-            print(f"{name}: {done} was made with other settings: evaluating again")
-        print(f"{name}: evaluating", flush=True)
-        evaluate_cli.main([*command[1:], "--overwrite"])  # this study owns eval_<name>
-        made_by.write_text(json.dumps(command))
-    return json.loads(done.read_text()), eval_dir
+    """Evaluate `model` in this process, or reuse its evaluation with the same settings from the score cache in
+    `out/scores` (`studies/scoring.py`). Returns the evaluation without its per-pair records."""
+    return evaluate_model(
+        name, model, evaluate_settings(name, args, recipe), ScoreCache(out / "scores"), fresh=args.fresh
+    )
 
 
 def rolling(values, window=5):
     return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-
-
-def generation_lengths(eval_dir):
-    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines() if line.strip()]
-    return [r["length"] for r in rows]
 
 
 def paired_difference(a, b):
@@ -215,15 +205,15 @@ def _compare(args):
         train(kind, args, recipe, out)
 
     # 2. Evaluate both and the base model.
-    results, eval_dirs = {}, {}
+    results = {}
     for name, model in (("base", recipe["model_name_or_path"]), *((k, out / k) for k in KINDS)):
-        results[name], eval_dirs[name] = evaluate(name, model, args, recipe, out)
+        results[name] = evaluate(name, model, args, recipe, out)
 
     # 3. Curves, lengths, the summary.
     keys = ("step", *CURVES)
     histories = {k: [{key: h[key] for key in keys} for h in training_steps(log_history(out / k))] for k in KINDS}
     train_results = {kind: json.loads((out / kind / "train_results.json").read_text()) for kind in KINDS}
-    lengths = {name: generation_lengths(eval_dirs[name]) for name in ("base", *KINDS)}
+    lengths = {name: [g["length"] for g in results[name]["generations"]] for name in ("base", *KINDS)}
     diff, sem = paired_difference(lengths["otpo"], lengths["dpo"])
     summary = {
         "recipe": args.recipe,
@@ -231,7 +221,9 @@ def _compare(args):
         "split": args.split,
         "settings": {k: getattr(args, k) for k in ("max_samples", "num_generations", "max_new_tokens", "out")},
         "recipe_values": {k: recipe[k] for k in REPORTED_RECIPE},
-        "held_out": {name: results[name] for name in ("base", *KINDS)},
+        "held_out": {
+            name: {k: v for k, v in results[name].items() if k != "generations"} for name in ("base", *KINDS)
+        },
         "seconds_per_step": {k: train_results[k]["train_runtime"] / args.max_steps for k in KINDS},
         "train_runtime_s": {k: train_results[k]["train_runtime"] for k in KINDS},
         "eval_seconds": {name: results[name]["seconds"] for name in ("base", *KINDS)},

@@ -1,4 +1,5 @@
-"""The length study (`studies/length_study.py`, run by scripts/length_study.py): its statistics on numbers whose answer is known, and the quick study end to end."""
+"""The length study (`studies/length_study.py`, run by scripts/length_study.py): its statistics on numbers whose answer
+is known, its settings and held-out pairs, and the quick study end to end (scores cached, a baseline's arms reused)."""
 
 import json
 import shlex
@@ -13,9 +14,25 @@ import pytest
 from otpo_trl.cli import train as train_cli
 from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
-from studies import length_study
+from studies import length_report, length_settings, length_stats, length_study, scoring
 
 from .testing_utils import REPO_ROOT
+
+
+def split_recipe(data_dir):
+    """The recipe's values the held-out pairs depend on: the sample's train and test splits, filtered as training."""
+    return {
+        "dataset_name": str(data_dir),
+        "dataset_train_split": "train",
+        "dataset_test_split": "test",
+        "drop_ties": True,
+        "drop_identical": True,
+    }
+
+
+def quick_argv(model_dir, data_dir, out, report):
+    """A quick study of the tiny model on the sample data, its runs in `out`, its report at `report`."""
+    return ["--quick", "--model", model_dir, "--data", str(data_dir), "--out", str(out), "--report", str(report)]
 
 
 # ------------------------------------------------------------------ statistics
@@ -26,7 +43,7 @@ def test_pair_metrics_known_values():
     # same length (in neither subset).
     m = np.array([1.0, -1.0, 0.5, 2.0, -3.0, 0.0])
     d = np.array([3.0, 5.0, -2.0, -4.0, 0.0, 1.0])
-    got = length_study.pair_metrics(m, d)
+    got = length_stats.pair_metrics(m, d)
     assert got["accuracy"] == pytest.approx(3 / 6)
     assert got["margin_mean"] == pytest.approx(-0.5 / 6)
     assert got["acc_chosen_longer"] == pytest.approx(1 / 3)
@@ -37,14 +54,14 @@ def test_pair_metrics_known_values():
 
 def test_pair_metrics_correlation_and_empty_subset():
     d = np.array([1.0, 2.0, 3.0, 4.0])
-    assert length_study.pair_metrics(2 * d + 7, d)["corr_margin_length"] == pytest.approx(1.0)
-    assert length_study.pair_metrics(-d, d)["corr_margin_length"] == pytest.approx(-1.0)
+    assert length_stats.pair_metrics(2 * d + 7, d)["corr_margin_length"] == pytest.approx(1.0)
+    assert length_stats.pair_metrics(-d, d)["corr_margin_length"] == pytest.approx(-1.0)
     rng = np.random.default_rng(0)
     m, d = rng.normal(size=(3, 50)), rng.normal(size=50)  # leading axes (seeds) are kept
-    corr = length_study.pair_metrics(m, d)["corr_margin_length"]
+    corr = length_stats.pair_metrics(m, d)["corr_margin_length"]
     assert corr == pytest.approx([np.corrcoef(row, d)[0, 1] for row in m])
     # No pair has its chosen side shorter: that accuracy is undefined (NaN), not 0.
-    assert np.isnan(length_study.pair_metrics(np.ones(4), np.arange(1.0, 5.0))["acc_chosen_shorter"])
+    assert np.isnan(length_stats.pair_metrics(np.ones(4), np.arange(1.0, 5.0))["acc_chosen_shorter"])
 
 
 def test_bootstrap_interval_of_a_known_accuracy():
@@ -53,7 +70,7 @@ def test_bootstrap_interval_of_a_known_accuracy():
     correct = np.zeros(n, bool)
     correct[: int(0.7 * n)] = True
     margins = np.where(correct, 1.0, -1.0)[None]
-    stats = length_study.bootstrap({"dpo": margins}, np.ones(n), n_resamples=2000, seed=1)
+    stats = length_stats.bootstrap({"dpo": margins}, np.ones(n), n_resamples=2000, seed=1)
     acc = stats["dpo"]["accuracy"]
     assert acc["mean"] == pytest.approx(0.7)
     assert acc["low"] == pytest.approx(0.7 - 0.020, abs=0.002)
@@ -66,7 +83,7 @@ def test_bootstrap_differences_are_paired():
     rng = np.random.default_rng(0)
     dpo = rng.normal(size=(2, 300)) * 3
     d = rng.normal(size=300)
-    stats = length_study.bootstrap({"dpo": dpo, "otpo": dpo + 0.5, "uniform": dpo}, d, n_resamples=500)
+    stats = length_stats.bootstrap({"dpo": dpo, "otpo": dpo + 0.5, "uniform": dpo}, d, n_resamples=500)
     diff = stats["otpo-dpo"]["margin_mean"]
     assert (
         diff["mean"] == pytest.approx(0.5) and diff["low"] == pytest.approx(0.5) and diff["high"] == pytest.approx(0.5)
@@ -76,10 +93,10 @@ def test_bootstrap_differences_are_paired():
     # Shifting every margin leaves the correlation with length unchanged: a difference of exactly 0.
     corr = stats["otpo-dpo"]["corr_margin_length"]
     assert [corr[k] for k in ("mean", "low", "high", "low_seeds", "high_seeds")] == pytest.approx([0] * 5, abs=1e-9)
-    first = length_study.significance(stats).split("OTPO - OTPO w/o OT")[0].split(". Same sign")[0]
+    first = length_stats.significance(stats).split("OTPO - OTPO w/o OT")[0].split(". Same sign")[0]
     excludes, includes = first.split("; it includes 0 for ")
     assert "margin_mean" in excludes and "corr_margin_length" in includes and "margin_mean" not in includes
-    assert "OTPO - OTPO w/o OT: " in length_study.significance(stats)
+    assert "OTPO - OTPO w/o OT: " in length_stats.significance(stats)
 
 
 def test_bootstrap_over_seeds_is_paired_and_wider():
@@ -89,7 +106,7 @@ def test_bootstrap_over_seeds_is_paired_and_wider():
     rng = np.random.default_rng(0)
     dpo = np.array([[-2.0], [0.0], [2.0]]) + 0.1 * rng.normal(size=(3, 400))
     d = rng.normal(size=400)
-    stats = length_study.bootstrap({"dpo": dpo, "otpo": dpo + 0.3}, d, n_resamples=1000)
+    stats = length_stats.bootstrap({"dpo": dpo, "otpo": dpo + 0.3}, d, n_resamples=1000)
     m = stats["dpo"]["margin_mean"]
     assert m["per_seed"] == pytest.approx(dpo.mean(1)) and m["mean"] == pytest.approx(dpo.mean())
     assert m["high"] - m["low"] < 0.05 < 1.0 < m["high_seeds"] - m["low_seeds"]
@@ -97,37 +114,39 @@ def test_bootstrap_over_seeds_is_paired_and_wider():
     assert [diff[k] for k in ("low", "high", "low_seeds", "high_seeds")] == pytest.approx([0.3] * 4)
     assert diff["per_seed"] == pytest.approx([0.3] * 3)
     # The difference is significant over pairs and seeds, and has one sign in every seed.
-    sentence = length_study.significance(stats)
+    sentence = length_stats.significance(stats)
     assert "margin_mean" in sentence.split("over pairs and seeds for ")[1].split(";")[0]
     assert "margin_mean" in sentence.split("Same sign in every seed: ")[1]
     with pytest.raises(ValueError, match="same seeds"):
-        length_study.bootstrap({"dpo": dpo, "otpo": dpo[:2]}, d)
+        length_stats.bootstrap({"dpo": dpo, "otpo": dpo[:2]}, d)
 
 
 def test_significance_separates_pairs_only_from_pairs_and_seeds():
     # OTPO's correlation is lower than DPO's by 0.1 in two seeds and higher by 0.05 in the third: significant over
     # pairs (many pairs, these seeds), not over seeds, and not of one sign across seeds.
-    row = {"mean": -0.05, "low": -0.08, "high": -0.02, "low_seeds": -0.1, "high_seeds": 0.05,
-           "per_seed": [-0.1, -0.1, 0.05]}  # fmt: skip
+    row = {"mean": -0.05, "low": -0.08, "high": -0.02, "low_seeds": -0.1, "high_seeds": 0.05}
+    row["per_seed"] = [-0.1, -0.1, 0.05]
     zero = {"mean": 0.0, "low": -0.1, "high": 0.1, "low_seeds": -0.1, "high_seeds": 0.1, "per_seed": [0.1, -0.1, 0]}
-    stats = {"otpo-dpo": {k: (row if k == "corr_margin_length" else zero) for k in length_study.METRICS}}
-    sentence = length_study.significance(stats)
+    stats = {"otpo-dpo": {k: (row if k == "corr_margin_length" else zero) for k in length_stats.METRICS}}
+    sentence = length_stats.significance(stats)
     assert "over pairs and seeds for no metric; over pairs only (these seeds) for corr_margin_length;" in sentence
     assert sentence.endswith("Same sign in every seed: no metric.")
 
 
 def test_answers_follow_the_intervals_of_the_correlation():
     def stats(mean, low, high, low_seeds, high_seeds):
-        row = {"mean": mean, "low": low, "high": high, "low_seeds": low_seeds, "high_seeds": high_seeds,
-               "per_seed": [mean] * 3}  # fmt: skip
+        row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * 3)
         return {"otpo-dpo": {"corr_margin_length": row}, "otpo-uniform": {"corr_margin_length": row}}
 
-    cases = {(-0.1, -0.15, -0.05, -0.2, -0.01): "Yes, at this scale", (0.1, 0.05, 0.15, 0.01, 0.2): "No, the opposite",
-             (-0.1, -0.15, -0.05, -0.2, 0.02): "Only for these seeds: the interval over pairs is below 0",
-             (0.1, 0.05, 0.15, -0.01, 0.2): "Only for these seeds, and the opposite",
-             (-0.02, -0.1, 0.05, -0.2, 0.1): "Not shown at this scale"}  # fmt: skip
+    cases = {  # (mean, low, high, low_seeds, high_seeds): the verdict
+        (-0.1, -0.15, -0.05, -0.2, -0.01): "Yes, at this scale",
+        (0.1, 0.05, 0.15, 0.01, 0.2): "No, the opposite",
+        (-0.1, -0.15, -0.05, -0.2, 0.02): "Only for these seeds: the interval over pairs is below 0",
+        (0.1, 0.05, 0.15, -0.01, 0.2): "Only for these seeds, and the opposite",
+        (-0.02, -0.1, 0.05, -0.2, 0.1): "Not shown at this scale",
+    }
     for numbers, verdict in cases.items():
-        dpo, uniform = length_study.answers(stats(*numbers))
+        dpo, uniform = length_stats.answers(stats(*numbers))
         assert dpo.startswith("**Does OTPO's reward depend less on length than DPO's?** " + verdict), dpo
         assert uniform.startswith("**Do OT weights add anything") and verdict in uniform
         assert f"{numbers[0]:+.3f} (95% CI over pairs [{numbers[1]:+.3f}, {numbers[2]:+.3f}]" in dpo
@@ -135,36 +154,34 @@ def test_answers_follow_the_intervals_of_the_correlation():
     one = stats(-0.1, -0.15, -0.05, -0.15, -0.05)
     for row in one.values():
         row["corr_margin_length"]["per_seed"] = [-0.1]
-    assert "For this one seed only: the interval over pairs is below 0" in length_study.answers(one)[0]
-    sig = {"otpo-dpo": dict.fromkeys(length_study.METRICS, one["otpo-dpo"]["corr_margin_length"])}
+    assert "For this one seed only: the interval over pairs is below 0" in length_stats.answers(one)[0]
+    sig = {"otpo-dpo": dict.fromkeys(length_stats.METRICS, one["otpo-dpo"]["corr_margin_length"])}
     assert "excludes 0 over pairs and seeds for no metric; over pairs only (these seeds) for accuracy" in (
-        length_study.significance(sig)
+        length_stats.significance(sig)
     )
 
 
 def test_held_out_pairs_never_overlap_training(sample_data_dir):
-    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
-              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    recipe = split_recipe(sample_data_dir)
     args = Namespace(train_pairs=900, held_out_train=200, test_pairs=5)
     with pytest.raises(ValueError, match="held-out pairs would be trained on"):
-        length_study.held_out_pairs(args, recipe)
+        length_settings.held_out_pairs(args, recipe)
     args.train_pairs = 100
-    pairs = length_study.held_out_pairs(args, recipe)
+    pairs = length_settings.held_out_pairs(args, recipe)
     train_rows = [p["row"] for p in pairs if p["source"] == "train"]
     assert len(train_rows) == 200 and min(train_rows) >= 100 and [p["source"] for p in pairs[:5]] == ["test"] * 5
     assert all(isinstance(p["prompt"], list) for p in pairs)  # the implicit prompt is extracted
     with pytest.raises(ValueError, match="eval_split_size"):  # a shuffled training pool could reach the held-out rows
-        length_study.held_out_pairs(args, {**recipe, "eval_split_size": 0.1})
+        length_settings.held_out_pairs(args, {**recipe, "eval_split_size": 0.1})
 
 
 def test_held_out_file_pairs_and_training_pool(sample_data_dir, tmp_path):
-    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
-              "drop_ties": True, "drop_identical": True}  # fmt: skip
+    recipe = split_recipe(sample_data_dir)
     test_rows = (sample_data_dir / "test.jsonl").read_text().splitlines()
     held = tmp_path / "held.jsonl"
     held.write_text("\n".join(test_rows[:4]) + "\n")
     args = Namespace(train_pairs=100, held_out_train=0, test_pairs=0, held_out_file=str(held))
-    pairs = length_study.held_out_pairs(args, recipe)
+    pairs = length_settings.held_out_pairs(args, recipe)
     assert [p["source"] for p in pairs] == ["file"] * len(pairs) and [p["row"] for p in pairs] == list(
         range(len(pairs))
     )
@@ -174,23 +191,59 @@ def test_held_out_file_pairs_and_training_pool(sample_data_dir, tmp_path):
     train_rows = (sample_data_dir / "train.jsonl").read_text().splitlines()
     held.write_text(test_rows[0] + "\n" + train_rows[3] + "\n")
     with pytest.raises(ValueError, match=r"1 of its pairs \(rows \[1\]\) are in the training pool"):
-        length_study.held_out_pairs(args, recipe)
+        length_settings.held_out_pairs(args, recipe)
     args.train_pairs = 2
-    assert len(length_study.held_out_pairs(args, recipe)) == 2
+    assert len(length_settings.held_out_pairs(args, recipe)) == 2
     with pytest.raises(ValueError, match="no such file"):
-        length_study.held_out_pairs(Namespace(**{**vars(args), "held_out_file": str(tmp_path / "none.jsonl")}), recipe)
+        length_settings.held_out_pairs(
+            Namespace(**{**vars(args), "held_out_file": str(tmp_path / "none.jsonl")}), recipe
+        )
 
 
 def test_options_quick_never_writes_the_real_report():
-    args = length_study.parse_args(["--quick", "--beta", "0.2"])  # unknown flags go to scripts/train.py
+    args = length_settings.parse_args(["--quick", "--beta", "0.2"])  # unknown flags go to scripts/train.py
     assert args.max_steps == 2 and args.seeds == [42] and args.train_flags == ["--beta", "0.2"]
-    assert args.report != length_study.STUDY_REPORT and args.out != length_study.parse_args([]).out
-    full = length_study.parse_args(["--max_steps", "5"])
+    assert args.report != length_settings.STUDY_REPORT and args.out != length_settings.parse_args([]).out
+    full = length_settings.parse_args(["--max_steps", "5"])
     assert full.report == "reports/length_study/length_study.md" and full.max_steps == 5 and full.seeds == [42, 43, 44]
     # `--seed` (not `--seeds`) would give every run the same seed: refused, like the other per-run flags.
     for flag in ("--seed", "--trainer", "--output_dir=x"):
         with pytest.raises(SystemExit):
-            length_study.parse_args([flag, "1"])
+            length_settings.parse_args([flag, "1"])
+
+
+def test_arms_are_picked_from_the_known_ones():
+    assert length_settings.parse_args([]).arms == ["dpo", "otpo", "uniform"]
+    args = length_settings.parse_args(["--arms", "dpo", "sampo", "ld_dpo_0.5"])
+    assert args.arms == ["dpo", "sampo", "ld_dpo_0.5"] and args.baseline_arms == ["dpo", "uniform"]
+    flags = length_settings.train_flags(args, "ld_dpo_0.5", 42, Path("out/ld_dpo_0.5-seed42"))
+    assert flags[2:6] == ["--trainer", "dpo", "--ld_alpha", "0.5"]
+    # Refused: an unknown arm, one twice, a flag that would override an arm's own setting, baseline arms without a
+    # baseline.
+    refused = (
+        ["--arms", "nope"],
+        ["--arms", "dpo", "dpo"],
+        ["--arms", "otpo_reg_0.02", "--ot_reg", "0.1"],
+        ["--baseline_arms", "dpo"],
+        ["--baseline", "b.json", "--baseline_arms", "nope"],
+    )
+    for argv in refused:
+        with pytest.raises(SystemExit):
+            length_settings.parse_args(argv)
+    assert length_settings.parse_args(["--ot_reg", "0.1"]).train_flags == ["--ot_reg", "0.1"]  # no default arm sets it
+    # Every arm is compared with DPO, and OTPO with OTPO w/o OT.
+    assert length_stats.differences(["dpo", "otpo", "uniform", "ld_dpo"]) == [
+        ("otpo", "dpo"),
+        ("uniform", "dpo"),
+        ("ld_dpo", "dpo"),
+        ("otpo", "uniform"),
+    ]
+    assert length_stats.differences(["otpo", "sampo"]) == []
+    # The report names the arms by their flags (the default three keep the committed sentence).
+    line = length_report.describe_arms(["dpo", "sampo"])
+    assert line == "- Arms: DPO (`trainer: dpo`), SamPO (`trainer: otpo, ot_weighting: sampo`), trained alike."
+    assert length_report.describe_arms(length_settings.DEFAULT_ARMS).startswith("- Arms: DPO (`trainer: dpo`), OTPO (")
+    assert length_report.listed(["A", "B", "C"]) == "A, B and C" and length_report.listed(["A", "B"]) == "A and B"
 
 
 # ------------------------------------------------------------------ the quick study, end to end
@@ -198,11 +251,10 @@ def test_options_quick_never_writes_the_real_report():
 
 def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data_dir, monkeypatch):
     out, report = tmp_path / "runs", tmp_path / "reports" / "length_study.md"
-    argv = ["--quick", "--model", tiny_model_dir, "--data", str(sample_data_dir), "--out", str(out),
-            "--report", str(report)]  # fmt: skip
+    argv = quick_argv(tiny_model_dir, sample_data_dir, out, report)
     # `make study ARGS=--quick` as a user runs it, with the tiny model (-o: the SmolLM2 folder is not prepared).
-    make = ["make", "-s", "-o", "prepare-model", "study", f"PY={sys.executable}", f"SAMPLE_DATA={sample_data_dir}",
-            "ARGS=" + " ".join(shlex.quote(a) for a in argv)]  # fmt: skip
+    make = ["make", "-s", "-o", "prepare-model", "study", f"PY={sys.executable}", f"SAMPLE_DATA={sample_data_dir}"]
+    make.append("ARGS=" + " ".join(shlex.quote(a) for a in argv))
     done = subprocess.run(make, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -216,13 +268,14 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     assert all(len(v) == n for v in saved["margins"].values())
     assert saved["margins"]["otpo-seed42"] != saved["margins"]["dpo-seed42"]  # different models, different margins
     for name in ("dpo", "otpo", "uniform", "otpo-dpo", "otpo-uniform"):
-        assert set(saved["stats"][name]) == set(length_study.METRICS)
+        assert set(saved["stats"][name]) == set(length_stats.METRICS)
     text = report.read_text()
     assert (
         "python scripts/length_study.py --quick" in text and "| OTPO - DPO |" in text and "**Significance.**" in text
     )
     run_args = {
-        arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"] for arm in length_study.ARMS
+        arm: json.loads((out / f"{arm}-seed42" / "run_args.json").read_text())["settings"]
+        for arm in length_settings.DEFAULT_ARMS
     }
     assert run_args["dpo"]["trainer"] == "dpo" and run_args["uniform"]["ot_weighting"] == "uniform"
     # The OT runs' logged weight spread is read back; DPO logs no ot/* scalars.
@@ -238,37 +291,35 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
         raise AssertionError("a finished run or its scores were redone")
 
     monkeypatch.setattr(train_cli, "main", forbidden)
-    monkeypatch.setattr(length_study, "load_model_and_tokenizer", forbidden)
+    monkeypatch.setattr(scoring, "load_model_and_tokenizer", forbidden)
     report.unlink()
     again = length_study.main(argv)
     assert report.exists() and again["margins"] == saved["margins"] and again["stats"] == saved["stats"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    # The reference's scores were computed once for the three runs, and every run's scores name that file.
+    # The reference's scores were computed once for the three runs (one cache entry), and every run's entry names it.
     references = sorted(out.glob("scores/reference-*.json"))
-    assert len(references) == 1
-    assert {json.loads(p.read_text())["reference_scores"] for p in out.glob("scores/*-seed42.json")} == {
-        references[0].name
-    }
+    runs = sorted(out.glob("scores/*-seed42-*.json"))
+    assert len(references) == 1 and len(runs) == 3
+    assert {json.loads(p.read_text())["value"]["reference_scores"] for p in runs} == {references[0].name}
 
     # Scores made for other held-out pairs are not reused: one more test pair rescores every run (no retraining),
-    # with one reference pass for the new held-out set and then only the policy, once per run.
+    # with one reference pass for the new held-out set and then only the policy, once per run; the cache keeps both.
     monkeypatch.undo()
     monkeypatch.setattr(train_cli, "main", forbidden)
     passes = []
-    real_sums = length_study._log_prob_sums
-    monkeypatch.setattr(length_study, "_log_prob_sums", lambda *a: passes.append(1) or real_sums(*a))
+    real_sums = scoring.log_prob_sums
+    monkeypatch.setattr(scoring, "log_prob_sums", lambda *a: passes.append(1) or real_sums(*a))
     rescored = length_study.main([*argv, "--test_pairs", "9"])
-    assert all(p.stat().st_mtime_ns > stamps[p] for p in out.glob("scores/*-seed42.json"))
     assert len(passes) == 3 + 1 and len(list(out.glob("scores/reference-*.json"))) == 2
+    assert len(list(out.glob("scores/*-seed42-*.json"))) == 6 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # The margins with the cached reference are today's: the policy and its reference scored together, as
     # scripts/evaluate.py does (up to float rounding).
-    recipe = {"dataset_name": str(sample_data_dir), "dataset_train_split": "train", "dataset_test_split": "test",
-              "drop_ties": True, "drop_identical": True}  # fmt: skip
-    pairs = length_study.held_out_pairs(Namespace(train_pairs=8, held_out_train=8, test_pairs=9), recipe)
+    recipe = split_recipe(sample_data_dir)
+    pairs = length_settings.held_out_pairs(Namespace(train_pairs=8, held_out_train=8, test_pairs=9), recipe)
     order = [(p["source"], p["row"]) for p in rescored["pairs"]]
-    for arm in length_study.ARMS:
+    for arm in length_settings.DEFAULT_ARMS:
         policy, reference, tokenizer = load_model_and_tokenizer(str(out / f"{arm}-seed42"), device="cpu")
         scored = score_preferences(policy, reference, tokenizer, pairs, beta=0.1, max_length=512, progress=False)
         direct = {
@@ -287,17 +338,18 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
 
 def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, sample_data_dir, monkeypatch):
     out, report = tmp_path / "runs", tmp_path / "report" / "length_study.md"
-    argv = ["--quick", "--model", tiny_model_dir, "--data", str(sample_data_dir), "--out", str(out),
-            "--report", str(report)]  # fmt: skip
+    argv = quick_argv(tiny_model_dir, sample_data_dir, out, report)
     first = length_study.main(argv)
     baseline = tmp_path / "baseline.json"  # a copy: the report's JSON is rewritten by the studies below
     baseline.write_text(report.with_suffix(".json").read_text())
-    assert first["baseline"] is None and set(first["run_settings"]) == {f"{a}-seed42" for a in length_study.ARMS}
+    assert first["baseline"] is None and set(first["run_settings"]) == {
+        f"{a}-seed42" for a in length_settings.DEFAULT_ARMS
+    }
 
     trained, scored = [], []
-    real_train, real_score = train_cli.main, length_study.score
+    real_train, real_score = train_cli.main, length_study.score_run
     monkeypatch.setattr(train_cli, "main", lambda *a: trained.append(str(a[1].output_dir)) or real_train(*a))
-    monkeypatch.setattr(length_study, "score", lambda *a: scored.append(a[2].name) or real_score(*a))
+    monkeypatch.setattr(length_study, "score_run", lambda *a: scored.append(a[2].name) or real_score(*a))
 
     # Refused before anything trains, naming the difference: a study setting, a training setting of the arms.
     new_out, new_report = tmp_path / "reg0.5", tmp_path / "reg0.5" / "report" / "length_study.md"
@@ -321,6 +373,25 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
     assert summary["run_settings"]["otpo-seed42"]["ot_reg"] == 0.5
     assert "DPO and OTPO w/o OT arms were not trained or scored here" in new_report.read_text()
 
+    # Any arm from the baseline: a peer arm trains alone, DPO, OTPO and OTPO w/o OT are the baseline's, and every arm
+    # is compared with DPO. OTPO solves OT: another ot_reg refuses it (only the arms without OT may differ in ot_*).
+    trained.clear()
+    scored.clear()
+    peers = [*again, "--arms", "ld_dpo", "--baseline_arms", "dpo", "otpo", "uniform"]
+    with pytest.raises(ValueError, match=r"otpo-seed42 trained with other settings \(ot_reg: 1.0 -> 0.5\)"):
+        length_study.main([*peers, "--ot_reg", "0.5"])
+    assert trained == [] and scored == []
+    peer = length_study.main(peers)
+    assert [Path(t).name for t in trained] == ["ld_dpo-seed42"] and scored == ["ld_dpo-seed42"]
+    assert list(peer["margins"]) == [f"{a}-seed42" for a in ("dpo", "otpo", "uniform", "ld_dpo")]
+    for run in ("dpo-seed42", "otpo-seed42", "uniform-seed42"):
+        assert peer["margins"][run] == first["margins"][run]
+    assert peer["margins"]["ld_dpo-seed42"] != first["margins"]["dpo-seed42"]
+    assert {"otpo-dpo", "uniform-dpo", "ld_dpo-dpo", "otpo-uniform"} <= set(peer["stats"])
+    assert peer["ot_logged"] == first["ot_logged"] and peer["run_settings"]["ld_dpo-seed42"]["ld_alpha"] == 0
+    text = new_report.read_text()
+    assert "| LD-DPO (α 0) - DPO |" in text and "The DPO, OTPO and OTPO w/o OT arms were not trained" in text
+
     # A JSON that predates the recorded settings is checked against what its command trains: the same answers.
     old = json.loads(baseline.read_text())
     del old["run_settings"], old["scoring"]
@@ -339,7 +410,7 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
     trained.clear()
     scored.clear()
     filed = length_study.main([*argv, "--held_out_file", str(held)])
-    assert trained == [] and sorted(scored) == [f"{a}-seed42" for a in sorted(length_study.ARMS)]
+    assert trained == [] and sorted(scored) == [f"{a}-seed42" for a in sorted(length_settings.DEFAULT_ARMS)]
     assert {p["source"] for p in filed["pairs"]} == {"file"} and 0 < len(filed["pairs"]) <= 6
     assert filed["scoring"]["held_out"]["file"] == str(held.resolve())
     assert f"every pair of `{held}`" in report.read_text()

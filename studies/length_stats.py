@@ -1,0 +1,185 @@
+"""The length study's statistics, in numpy alone: its measures of margins against length differences, paired bootstrap
+intervals over held-out pairs (and seeds), and the sentences the report draws from them.
+"""
+
+import warnings
+
+import numpy as np
+
+from .common import arm_label
+
+
+METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap")
+
+
+def differences(arms) -> list[tuple[str, str]]:
+    """The arm differences a study reports, as (arm, minus arm): every arm against DPO, and OTPO against OTPO w/o OT
+    (what the OT weights add), of those among `arms`."""
+    pairs = [(a, "dpo") for a in arms if a != "dpo" and "dpo" in arms]
+    return pairs + ([("otpo", "uniform")] if "otpo" in arms and "uniform" in arms else [])
+
+
+def pair_metrics(margins, length_diffs):
+    """The study's measures of (..., N) margins and length differences; every leading axis is kept.
+
+    Returns dict of (...) arrays: `accuracy` (share of margins > 0), `margin_mean`, `corr_margin_length` (Pearson),
+    `acc_chosen_longer` / `acc_chosen_shorter` (accuracy on the pairs whose length difference is > 0 / < 0; NaN when
+    a subset is empty) and `subset_gap` (longer - shorter).
+    """
+    m, d = np.asarray(margins, float), np.asarray(length_diffs, float)
+    correct = m > 0
+    mc, dc = m - m.mean(-1, keepdims=True), d - d.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (mc * dc).sum(-1) / np.sqrt((mc**2).sum(-1) * (dc**2).sum(-1))
+        longer = (correct & (d > 0)).sum(-1) / (d > 0).sum(-1)
+        shorter = (correct & (d < 0)).sum(-1) / (d < 0).sum(-1)
+    return {
+        "accuracy": correct.mean(-1),
+        "margin_mean": m.mean(-1),
+        "corr_margin_length": corr,
+        "acc_chosen_longer": longer,
+        "acc_chosen_shorter": shorter,
+        "subset_gap": longer - shorter,
+    }
+
+
+def bootstrap(margins, length_diffs, n_resamples=2000, seed=0, level=0.95):
+    """Per-arm means over seeds and paired bootstrap intervals, for each metric and arm difference.
+
+    Two intervals: over held-out pairs only (this study's seeds taken as given), and over pairs and seeds (a two-level
+    bootstrap: each resample also draws S seeds with replacement). Both are paired: one resample of pairs is shared by
+    every arm and seed, one draw of seeds by every arm (a seed fixes the data order and the LoRA init of all arms).
+
+    Args:
+        margins: {arm: (S, N) array}, S seeds in one order for every arm, the same N held-out pairs in one order.
+        length_diffs: (N,) chosen - rejected tokens.
+        n_resamples, seed, level: resamples, their RNG seed, the interval level.
+
+    Returns:
+        {name: {metric: {"mean", "low", "high", "low_seeds", "high_seeds", "per_seed"}}}, name an arm or an arm
+        difference (`"otpo-dpo"`, of [`differences`]) in that order; `mean` is the metric on all pairs averaged over
+        seeds, `per_seed` its S values, low/high the percentile interval over pairs, low_seeds/high_seeds over pairs
+        and seeds.
+    """
+    d = np.asarray(length_diffs, float)
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(d), size=(n_resamples, len(d)))
+    counts = {np.shape(m)[0] for m in margins.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every arm needs the same seeds, got {sorted(counts)} seeds")
+    n_seeds = counts.pop()
+    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))  # (B, S) seed draws, shared by the arms
+    columns = np.arange(n_resamples)
+    per_seed, boot, boot_seeds = {}, {}, {}
+    with warnings.catch_warnings():  # an empty subset gives NaN, and says so in the report
+        warnings.filterwarnings("ignore", "Mean of empty slice|All-NaN slice", RuntimeWarning)
+        for arm, m in margins.items():
+            m = np.asarray(m, float)
+            per_seed[arm] = pair_metrics(m, d)  # (S,)
+            resampled = pair_metrics(m[:, index], d[index])  # (S, B)
+            boot[arm] = {k: np.nanmean(v, 0) for k, v in resampled.items()}
+            boot_seeds[arm] = {k: np.nanmean(v[seeds.T, columns], 0) for k, v in resampled.items()}
+    for a, b in differences(list(margins)):
+        for table in (per_seed, boot, boot_seeds):
+            table[f"{a}-{b}"] = {k: table[a][k] - table[b][k] for k in METRICS}
+    tail = 100 * (1 - level) / 2
+
+    def interval(values):
+        return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice|Mean of empty slice", RuntimeWarning)
+        for name in per_seed:
+            out[name] = {}
+            for k in METRICS:
+                (low, high), (low_s, high_s) = interval(boot[name][k]), interval(boot_seeds[name][k])
+                out[name][k] = {
+                    "mean": float(np.nanmean(per_seed[name][k])),
+                    "low": low,
+                    "high": high,
+                    "low_seeds": low_s,
+                    "high_seeds": high_s,
+                    "per_seed": [float(x) for x in per_seed[name][k]],
+                }
+    return out
+
+
+def significance(stats):
+    """One sentence per arm difference: which metrics' 95% intervals exclude 0, over pairs and seeds or over pairs
+    only, and which differences have one sign in every seed."""
+
+    def excludes(v, lo, hi):
+        return v[lo] > 0 or v[hi] < 0
+
+    out = []
+    for name in (n for n in stats if "-" in n):
+        rows = stats[name]
+        nan = [k for k, v in rows.items() if np.isnan([v["mean"], v["low"], v["high"]]).any()]
+        one_seed = len(rows[METRICS[0]]["per_seed"]) < 2  # seeds were not resampled: pairs only
+        both = [k for k in METRICS if k not in nan and not one_seed and excludes(rows[k], "low_seeds", "high_seeds")]
+        pairs = [k for k in METRICS if k not in nan + both and excludes(rows[k], "low", "high")]
+        rest = [k for k in METRICS if k not in nan + both + pairs]
+        same_sign = [
+            k
+            for k in METRICS
+            if k not in nan
+            and len(rows[k]["per_seed"]) > 1
+            and (np.all(np.array(rows[k]["per_seed"]) > 0) or np.all(np.array(rows[k]["per_seed"]) < 0))
+        ]
+        out.append(
+            f"{arm_label(name)}: the 95% interval excludes 0 over pairs and seeds for "
+            f"{', '.join(both) or 'no metric'}; "
+            f"over pairs only (these seeds) for {', '.join(pairs) or 'no further metric'}; it includes 0 for "
+            f"{', '.join(rest) or 'no metric'}"
+            + (f"; undefined (an empty subset or constant values) for {', '.join(nan)}" if nan else "")
+            + f". Same sign in every seed: {', '.join(same_sign) or 'no metric'}."
+        )
+    return " ".join(out)
+
+
+def answers(stats):
+    """The study's two questions answered from the primary measure, corr(margin, length difference), with its
+    intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over OTPO w/o OT?"""
+    questions = {
+        "otpo-dpo": ("Does OTPO's reward depend less on length than DPO's?", "DPO's"),
+        "otpo-uniform": (
+            "Do OT weights add anything over OTPO w/o OT (1 per token, the same normalisation)?",
+            "OTPO w/o OT's",
+        ),
+    }
+    out = []
+    for name, (question, other) in questions.items():
+        if name not in stats:
+            continue
+        r = stats[name]["corr_margin_length"]
+        if np.isnan([r["mean"], r["low"], r["high"], r["low_seeds"], r["high_seeds"]]).any():
+            out.append(f"{question} Undefined: the correlation could not be computed.")
+            continue
+        said = (
+            f"OTPO's margin-length correlation minus {other} is {r['mean']:+.3f} (95% CI over pairs "
+            f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, "
+            f"{r['high_seeds']:+.3f}]; per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])})"
+        )
+        if len(r["per_seed"]) < 2:  # nothing to say about other seeds
+            side = "below" if r["high"] < 0 else "above" if r["low"] > 0 else None
+            verdict = (
+                f"For this one seed only: the interval over pairs is {side} 0; other seeds are untested."
+                if side
+                else "Not shown for this one seed: the interval over pairs includes 0."
+            )
+        elif r["high_seeds"] < 0:
+            verdict = "Yes, at this scale: the interval over pairs and seeds is below 0."
+        elif r["low_seeds"] > 0:
+            verdict = "No, the opposite at this scale: the interval over pairs and seeds is above 0."
+        elif r["high"] < 0:
+            verdict = "Only for these seeds: the interval over pairs is below 0, the one over pairs and seeds is not."
+        elif r["low"] > 0:
+            verdict = (
+                "Only for these seeds, and the opposite: the interval over pairs is above 0, the one over "
+                "pairs and seeds is not."
+            )
+        else:
+            verdict = "Not shown at this scale: both intervals include 0."
+        out.append(f"**{question}** {verdict} {said}.")
+    return out
