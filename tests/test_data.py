@@ -307,12 +307,13 @@ def test_split_off_eval_holds_out_disjoint_pairs():
     [
         (["train.jsonl", "train-backup.jsonl"], r"\['train-backup.jsonl'\] look like files of split 'train'"),
         (["train.jsonl", "train (1).jsonl"], r"\['train \(1\).jsonl'\] look like files of split 'train'"),
+        (["train.jsonl", "train.old.jsonl"], r"\['train.old.jsonl'\] look like files of split 'train'"),
         (["train-backup.jsonl"], r"\['train-backup.jsonl'\] look like files"),  # not read as a shard either
         (["train.jsonl", "train.parquet"], r"holds split 'train' in two formats: \['train.jsonl', 'train.parquet'\]"),
         (["train.jsonl", "train-00000-of-00001.jsonl"], r"two forms \(a single file and shards\)"),
         (["train-00000-of-00002.jsonl"], r"incomplete: missing \['train-00001-of-00002.jsonl'\]"),
     ],
-    ids=["backup", "copy", "backup_alone", "two_formats", "file_and_shards", "missing_shard"],
+    ids=["backup", "copy", "old", "backup_alone", "two_formats", "file_and_shards", "missing_shard"],
 )
 def test_a_split_is_exactly_its_files(tmp_path, names, expected):
     for name in names:

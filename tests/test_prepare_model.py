@@ -172,3 +172,21 @@ def test_the_prepared_folder_has_a_plain_folders_permissions(tmp_path, converter
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o755
     assert {(target / name).stat().st_mode & 0o777 for name in os.listdir(target)} == {0o644}
+
+
+def test_a_link_as_output_dir_is_refused_and_stays_a_link(tmp_path, converter, capsys):
+    """A link is not replaced by a folder: neither one to an earlier output (`--force` would rename a real folder
+    onto the link's name) nor one to an empty folder (the rename cannot replace a link)."""
+    earlier = tmp_path / "earlier"
+    assert run(earlier) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (earlier, empty):
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target)
+        before = sorted(os.listdir(target))
+        assert run(link, "--force") == 1
+        assert f"{link} exists and is not a folder" in capsys.readouterr().err
+        assert link.is_symlink() and link.readlink() == target and sorted(os.listdir(target)) == before
+    assert len(converter) == 1  # nothing converted for a link
+    assert sorted(os.listdir(tmp_path)) == ["earlier", "empty", "link-to-earlier", "link-to-empty"]

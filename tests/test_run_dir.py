@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -107,6 +108,18 @@ def script(*argv, timeout=300):
         timeout=timeout,
     )
     return done.returncode, done.stdout + done.stderr
+
+
+def hand_made_run(out, status="finished", outputs=("checkpoint-1", "model.safetensors")):
+    """A run folder written by hand, as a run leaves it (no training): a checkpoint of what a run writes there, the
+    weights, and a record of a 2-step run (without `evaluated`, as an older version wrote it) listing `outputs`."""
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "optimizer.pt").write_bytes(b"state")
+    (out / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
+    (out / "model.safetensors").write_bytes(b"weights")
+    settings = {"status": status, "settings": {"max_steps": 2}, "global_step": 2, "outputs": list(outputs)}
+    (out / runs.RUN_FILE).write_text(json.dumps(settings))
+    return out
 
 
 # ------------------------------------------------------------------ the record
@@ -642,6 +655,25 @@ def test_a_finished_run_again_with_do_eval_runs_only_its_evaluation(train, run_c
     assert plan.action == "finished" and "add `--do_eval true` to run it" in plan.message
 
 
+@pytest.mark.parametrize(
+    ("status", "results", "action"),
+    [("finished", False, "evaluate"), ("finished", True, "finished"), ("trained", True, "evaluate")],
+    ids=["finished_without_results", "finished_with_results", "trained"],
+)
+def test_a_record_without_evaluated_counts_as_evaluated_only_finished_beside_its_results(
+    tmp_path, status, results, action
+):
+    """A record of an older version says nothing of `evaluated`: its run counts as evaluated only if it finished and
+    its `eval_results.json` (written once an evaluation completes) is there, so `--do_eval true` never skips an
+    evaluation that did not run. A `trained` run's record has no `evaluated` either: its evaluation did not complete."""
+    out = hand_made_run(tmp_path / "out", status=status)
+    if results:
+        (out / "eval_results.json").write_text('{"eval_loss": 0.5}')
+    plan = runs.plan_run(out, {"max_steps": 2}, do_eval=True)
+    assert plan.action == action, plan.message
+    assert runs.plan_run(out, {"max_steps": 2}).action == "finished"  # no evaluation asked for: nothing to do
+
+
 # ------------------------------------------------------------------ --overwrite_output_dir
 
 
@@ -754,6 +786,62 @@ def test_overwrite_of_a_linked_output_dir_moves_aside_beside_the_folder_it_links
     [aside] = (tmp_path / "elsewhere").glob("real.replaced-*")
     assert (aside / "model.safetensors").read_bytes() == b"weights"
     assert not list(tmp_path.glob("link.replaced-*"))
+
+
+def test_overwrite_moves_a_listed_folder_aside_with_a_users_link_inside_it(tmp_path):
+    """The previous run's record lists checkpoint-1, where the user has since put a link to a folder of their own
+    (`checkpoint-1/eval`): the checkpoint is moved aside whole, the link as a link, never deleted, and the folder it
+    links to is untouched; the rest of the run is deleted."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "eval.json").write_text("{}")
+    out = hand_made_run(tmp_path / "out")
+    (out / "checkpoint-1" / "eval").symlink_to(mine, target_is_directory=True)
+    runs.start_run(runs.plan_run(out, {"max_steps": 3}, overwrite_output_dir=True), out)
+    [aside] = tmp_path.glob("out.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-1"]
+    assert (aside / "checkpoint-1" / "eval").is_symlink() and (aside / "checkpoint-1" / "eval").readlink() == mine
+    assert (aside / "checkpoint-1" / "optimizer.pt").read_bytes() == b"state"
+    assert sorted(p.name for p in mine.iterdir()) == ["eval.json"] and (mine / "eval.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == [runs.RUN_FILE]  # the weights, listed, were deleted
+
+
+@pytest.mark.parametrize("cause", ["not_writable", "other_file_system"])
+def test_overwrite_that_cannot_move_aside_beside_the_linked_folder_deletes_nothing(tmp_path, monkeypatch, cause):
+    """`output_dir` links to a folder elsewhere whose checkpoint-9 (not listed by the record) must be moved aside,
+    beside that folder: when the folder it lies in is not writable, or on another file system, the overwrite is
+    refused naming it, in the plan and again when training starts, before anything is deleted. The tests run as root,
+    where every folder is writable, so the module's `os` answers for that folder as a user's would."""
+    real = hand_made_run(tmp_path / "elsewhere" / "real")
+    shutil.copytree(real / "checkpoint-1", real / "checkpoint-9")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    refused = real.parent.resolve()  # the link's own folder (tmp_path) is fine: a move beside the link would pass
+
+    class UsersOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def access(self, path, mode):
+            return False if cause == "not_writable" and Path(path) == refused else os.access(path, mode)
+
+        def stat(self, path, *args, **kwargs):
+            result = os.stat(path, *args, **kwargs)
+            if cause == "other_file_system" and Path(path) == refused:
+                return SimpleNamespace(st_dev=result.st_dev + 1)
+            return result
+
+    monkeypatch.setattr(run_outputs, "os", UsersOs())
+    before = contents(real)
+    with pytest.raises(ValueError, match="not writable or on another file system") as err:
+        runs.plan_run(link, {"max_steps": 3}, overwrite_output_dir=True)
+    assert "holds checkpoint-9, which no run record lists" in str(err.value)
+    assert f"to {refused}, rather than deleted" in str(err.value)
+    plan = runs.RunPlan("train", clear=True, record={"settings": {"max_steps": 3}})  # the check again, at the start
+    with pytest.raises(ValueError, match="not writable or on another file system"):
+        runs.start_run(plan, link)
+    assert contents(real) == before and json.loads((real / runs.RUN_FILE).read_text())["settings"] == {"max_steps": 2}
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "link"] and os.listdir(real.parent) == ["real"]
 
 
 def test_a_checkpoint_is_listed_as_the_runs_before_it_is_written(tmp_path):

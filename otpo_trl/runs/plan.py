@@ -253,6 +253,8 @@ def plan_run(
 
     status = record.get("status")
     if status in ("finished", "trained"):
+        # A record of an older version has no `evaluated`: its run was evaluated if it finished beside its results
+        # (written once an evaluation completes), so that `--do_eval true` never skips one that did not run.
         evaluated = record.get("evaluated", status == "finished" and (out / "eval_results.json").exists())
         step = record.get("global_step")
         if do_eval and not evaluated:
