@@ -182,4 +182,47 @@ def answers(stats):
         else:
             verdict = "Not shown at this scale: both intervals include 0."
         out.append(f"**{question}** {verdict} {said}.")
+    if POSITIVE_CONTROL in stats:
+        out.insert(0, positive_control(stats))
     return out
+
+
+# The positive control: a method built to take length out of the loss (LD-DPO with `ld_alpha` 0: only the tokens both
+# answers have are trained), compared with DPO. A study that sees no effect of OTPO is informative only if it sees
+# this one.
+POSITIVE_CONTROL = "ld_dpo-dpo"
+Z_POWER = 1.96 + 0.84  # a true difference of this many standard errors is found 80% of the time at the 5% level
+
+
+def detectable(row) -> tuple[float, float]:
+    """The smallest difference the study would detect (80% power, 5% level) over pairs, and over pairs and seeds:
+    `Z_POWER` standard errors, each read from its 95% interval's width (3.92 standard errors)."""
+    return tuple(Z_POWER * (row[f"high{s}"] - row[f"low{s}"]) / 3.92 for s in ("", "_seeds"))
+
+
+def positive_control(stats) -> str:
+    """One sentence on whether the positive control was detected (its margin-length correlation below DPO's), and one on
+    what the study can detect, from the same difference's bootstrap spread."""
+    r = stats[POSITIVE_CONTROL]["corr_margin_length"]
+    over_pairs, over_seeds = detectable(r)
+    if r["high_seeds"] < 0:
+        verdict = "Detected: the interval over pairs and seeds is below 0."
+    elif r["high"] < 0:
+        verdict = (
+            "Detected for these seeds only: the interval over pairs is below 0, the one over pairs and seeds is not."
+        )
+    elif r["low"] > 0:
+        verdict = (
+            "Not detected, and the opposite: LD-DPO's reward follows length more than DPO's (the interval over "
+            "pairs is above 0)."
+        )
+    else:
+        verdict = "Not detected: the interval over pairs includes 0."
+    return (
+        f"**Was the positive control detected (LD-DPO, `ld_alpha` 0, built to take length out of the loss, against "
+        f"DPO)?** {verdict} Its margin-length correlation minus DPO's is {r['mean']:+.3f} (95% CI over pairs "
+        f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}]; "
+        f"per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])}). This study detects a difference of about "
+        f"{over_pairs:.3f} over pairs, {over_seeds:.3f} over pairs and seeds (80% power at the 5% level, from the "
+        "bootstrap spread of this difference)."
+    )

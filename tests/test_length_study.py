@@ -421,3 +421,26 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
     (tmp_path / "leak.jsonl").write_text(trained_row + "\n" + rows[20] + "\n")
     with pytest.raises(ValueError, match=r"1 of its pairs \(rows \[0\]\) are in the training pool"):
         length_study.main([*argv, "--held_out_file", str(tmp_path / "leak.jsonl")])
+
+
+def test_the_positive_control_is_answered_first_with_what_the_study_can_detect():
+    """With an LD-DPO arm, the answers open with whether it was detected (its correlation below DPO's) and the smallest
+    difference the study detects: 2.8 standard errors read from each interval (width / 3.92)."""
+
+    def answers(mean, low, high, low_seeds, high_seeds):
+        row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * 3)
+        return length_stats.answers({"ld_dpo-dpo": {"corr_margin_length": row}})
+
+    cases = {  # (mean, low, high, low_seeds, high_seeds): the verdict
+        (-0.1, -0.15, -0.05, -0.2, -0.01): "Detected: the interval over pairs and seeds is below 0.",
+        (-0.1, -0.15, -0.05, -0.2, 0.02): "Detected for these seeds only",
+        (0.05, 0.01, 0.09, -0.02, 0.12): "Not detected, and the opposite",
+        (-0.02, -0.06, 0.02, -0.1, 0.06): "Not detected: the interval over pairs includes 0.",
+    }
+    for numbers, verdict in cases.items():
+        (control,) = answers(*numbers)
+        assert control.startswith("**Was the positive control detected") and verdict in control, control
+    (control,) = answers(-0.02, -0.059, 0.019, -0.0625, 0.0355)
+    assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in control
+    # The committed studies have no LD-DPO arm: their answers (and so their reports) are unchanged.
+    assert not any("positive control" in a for a in length_stats.answers({}))
