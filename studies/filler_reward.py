@@ -73,9 +73,19 @@ def filler_examples(dataset, tokenizer, n_pairs: int, answer_tokens: int, max_le
     return examples
 
 
+def log_prob_sums(model, tokenizer, examples, args) -> np.ndarray:
+    """(answer + filler, answer) summed completion log-probs of every example under `model` alone: one forward."""
+    scored = score_preferences(
+        model, None, tokenizer, examples, max_length=args.max_length, reward_weightings=("unweighted",), progress=False
+    )
+    by_index = {p["index"]: (p["chosen_logp"], p["rejected_logp"]) for p in scored["pairs"]}
+    return np.array([by_index[i] for i in range(len(examples))])
+
+
 def score_runs(args) -> dict:
-    """{run name: [gain per example, in the examples' order]} for every arm and seed; the examples' rows."""
-    gains, examples, seconds = {}, None, 0.0
+    """{run name: [gain per example, in the examples' order]} for every arm and seed; the examples' rows. The
+    reference's sums are computed once per reference (a LoRA run's is its base, the same for every run)."""
+    gains, examples, references, seconds = {}, None, {}, 0.0
     for arm in args.arms:
         for seed in args.seeds:
             run_dir = Path(args.runs) / f"{arm}-seed{seed}"
@@ -89,20 +99,18 @@ def score_runs(args) -> dict:
             if examples is None:
                 dataset = load_preference_dataset(args.data, "test")
                 examples = filler_examples(dataset, tokenizer, args.pairs, args.answer_tokens, args.max_length)
-            scored = score_preferences(
-                policy,
-                reference,
-                tokenizer,
-                examples,
-                beta=settings["beta"],
-                max_length=args.max_length,
-                reward_weightings=("unweighted",),
-                progress=False,
-            )
-            by_index = {p["index"]: p["margin_unweighted"] for p in scored["pairs"]}
-            gains[run_dir.name] = [by_index[i] for i in range(len(examples))]
+            key = (settings["model_name_or_path"], bool(settings.get("use_peft")))
+            if key not in references:
+                if reference is policy:  # an adapter: its base, as DPOTrainer's reference forward
+                    with policy.disable_adapter():
+                        references[key] = log_prob_sums(policy, tokenizer, examples, args)
+                else:
+                    references[key] = log_prob_sums(reference, tokenizer, examples, args)
+            own, ref_sums = log_prob_sums(policy, tokenizer, examples, args), references[key]
+            gain = settings["beta"] * ((own[:, 0] - ref_sums[:, 0]) - (own[:, 1] - ref_sums[:, 1]))
+            gains[run_dir.name] = gain.tolist()
             seconds += time.perf_counter() - start
-            print(f"{run_dir.name}: mean gain {np.mean(gains[run_dir.name]):+.4f}", flush=True)
+            print(f"{run_dir.name}: mean gain {gain.mean():+.4f}", flush=True)
     return {"gains": gains, "rows": [e["row"] for e in examples], "seconds": seconds}
 
 

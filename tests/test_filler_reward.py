@@ -7,6 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from otpo_trl.data import load_preference_dataset
+from otpo_trl.evaluation import score_preferences
+from otpo_trl.loading import load_model_and_tokenizer
 from studies import filler_reward
 from studies.planted_variants import FILLERS
 
@@ -36,6 +39,14 @@ def test_the_gain_is_zero_for_the_reference_and_the_report_re_renders(tmp_path):
     assert summary["gains"]["dpo-seed1"] == [0.0] * summary["n_answers"]
     gains = np.array(summary["gains"]["ld_dpo-seed1"])
     assert np.abs(gains).max() > 0
+    # The same gains as DPO's margin of (answer + filler, answer), policy and reference in one call.
+    policy, reference, tokenizer = load_model_and_tokenizer(str(runs / "ld_dpo-seed1"), ref=base)
+    examples = filler_reward.filler_examples(
+        load_preference_dataset(str(SAMPLE_DATA_DIR), "test"), tokenizer, 6, 48, 512
+    )
+    scored = score_preferences(policy, reference, tokenizer, examples, beta=0.1, reward_weightings=("unweighted",))
+    margins = {p["index"]: p["margin_unweighted"] for p in scored["pairs"]}
+    assert gains == pytest.approx([margins[i] for i in range(len(examples))], abs=1e-6)
     stats = summary["stats"]
     assert stats["ld_dpo-dpo"]["mean"] == pytest.approx(gains.mean()) == pytest.approx(stats["ld_dpo"]["mean"])
     text = report.read_text()
@@ -51,9 +62,6 @@ def test_the_gain_is_zero_for_the_reference_and_the_report_re_renders(tmp_path):
 
 
 def test_each_answer_is_scored_against_itself_with_a_closing_appended(tmp_path):
-    from otpo_trl.data import load_preference_dataset
-    from otpo_trl.loading import load_model_and_tokenizer
-
     _, _, tokenizer = load_model_and_tokenizer(make_tiny_model_dir(tmp_path / "m"))
     dataset = load_preference_dataset(str(SAMPLE_DATA_DIR), "test")
     examples = filler_reward.filler_examples(dataset, tokenizer, 6, 48, 512)
