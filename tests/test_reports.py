@@ -7,7 +7,7 @@ import pytest
 import tomllib
 from setuptools import find_packages
 
-from studies import dpo_vs_otpo, length_study, planted_tokens
+from studies import dpo_vs_otpo, filler_reward, length_study, planted_tokens
 
 from .testing_utils import REPO_ROOT
 
@@ -19,6 +19,7 @@ REPORTS = {
     "reports/length_study_ld_dpo/length_study.md": length_study,
     "reports/dpo_vs_otpo/dpo_vs_otpo.md": dpo_vs_otpo,
     "reports/planted_tokens/planted_tokens.md": planted_tokens,
+    "reports/filler_reward/filler_reward.md": filler_reward,
 }
 
 
@@ -36,7 +37,7 @@ def test_the_committed_report_re_renders_identically_from_its_json(report, tmp_p
 
 
 def test_render_only_needs_the_json(tmp_path):
-    for study in (length_study, dpo_vs_otpo, planted_tokens):
+    for study in (length_study, dpo_vs_otpo, planted_tokens, filler_reward):
         with pytest.raises(ValueError, match="--render_only: no"):
             study.main(["--render_only", "--report", str(tmp_path / "none" / "report.md")])
 
