@@ -85,32 +85,34 @@ def log_prob_sums(model, tokenizer, examples, args) -> np.ndarray:
 def score_runs(args) -> dict:
     """{run name: [gain per example, in the examples' order]} for every arm and seed; the examples' rows. The
     reference's sums are computed once per reference (a LoRA run's is its base, the same for every run)."""
-    gains, examples, references, seconds = {}, None, {}, 0.0
+    runs = {}  # every run checked before any model loads
     for arm in args.arms:
         for seed in args.seeds:
             run_dir = Path(args.runs) / f"{arm}-seed{seed}"
             record = read_run_record(run_dir)
             if record is None or not (run_dir / "all_results.json").exists():
                 raise ValueError(f"{run_dir} holds no finished run: train it with the length study first.")
-            settings = record["settings"]
-            ref = None if settings.get("use_peft") else settings["model_name_or_path"]
-            start = time.perf_counter()
-            policy, reference, tokenizer = load_model_and_tokenizer(str(run_dir), ref=ref)
-            if examples is None:
-                dataset = load_preference_dataset(args.data, "test")
-                examples = filler_examples(dataset, tokenizer, args.pairs, args.answer_tokens, args.max_length)
-            key = (settings["model_name_or_path"], bool(settings.get("use_peft")))
-            if key not in references:
-                if reference is policy:  # an adapter: its base, as DPOTrainer's reference forward
-                    with policy.disable_adapter():
-                        references[key] = log_prob_sums(policy, tokenizer, examples, args)
-                else:
-                    references[key] = log_prob_sums(reference, tokenizer, examples, args)
-            own, ref_sums = log_prob_sums(policy, tokenizer, examples, args), references[key]
-            gain = settings["beta"] * ((own[:, 0] - ref_sums[:, 0]) - (own[:, 1] - ref_sums[:, 1]))
-            gains[run_dir.name] = gain.tolist()
-            seconds += time.perf_counter() - start
-            print(f"{run_dir.name}: mean gain {gain.mean():+.4f}", flush=True)
+            runs[run_dir] = record["settings"]
+    gains, examples, references, seconds = {}, None, {}, 0.0
+    for run_dir, settings in runs.items():
+        ref = None if settings.get("use_peft") else settings["model_name_or_path"]
+        start = time.perf_counter()
+        policy, reference, tokenizer = load_model_and_tokenizer(str(run_dir), ref=ref)
+        if examples is None:
+            dataset = load_preference_dataset(args.data, "test")
+            examples = filler_examples(dataset, tokenizer, args.pairs, args.answer_tokens, args.max_length)
+        key = (settings["model_name_or_path"], bool(settings.get("use_peft")))
+        if key not in references:
+            if reference is policy:  # an adapter: its base, as DPOTrainer's reference forward
+                with policy.disable_adapter():
+                    references[key] = log_prob_sums(policy, tokenizer, examples, args)
+            else:
+                references[key] = log_prob_sums(reference, tokenizer, examples, args)
+        own, ref_sums = log_prob_sums(policy, tokenizer, examples, args), references[key]
+        gain = settings["beta"] * ((own[:, 0] - ref_sums[:, 0]) - (own[:, 1] - ref_sums[:, 1]))
+        gains[run_dir.name] = gain.tolist()
+        seconds += time.perf_counter() - start
+        print(f"{run_dir.name}: mean gain {gain.mean():+.4f}", flush=True)
     return {"gains": gains, "rows": [e["row"] for e in examples], "seconds": seconds}
 
 

@@ -24,7 +24,7 @@ def fake_run(folder, model_dir, base):
     (folder / "all_results.json").write_text("{}")
 
 
-def test_the_gain_is_zero_for_the_reference_and_the_report_re_renders(tmp_path):
+def test_the_gain_is_zero_for_the_reference_and_the_report_re_renders(tmp_path, monkeypatch):
     base = make_tiny_model_dir(tmp_path / "base", seed=0)
     other = make_tiny_model_dir(tmp_path / "other", seed=1)
     runs = tmp_path / "runs"
@@ -56,8 +56,10 @@ def test_the_gain_is_zero_for_the_reference_and_the_report_re_renders(tmp_path):
     filler_reward.main(["--render_only", "--report", str(report)])
     assert report.read_text() == text
 
-    shutil.rmtree(runs / "dpo-seed1")
-    with pytest.raises(ValueError, match="dpo-seed1 holds no finished run"):
+    # A missing run is named before any model loads, even when it comes last.
+    shutil.rmtree(runs / "ld_dpo-seed1")
+    monkeypatch.setattr(filler_reward, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="ld_dpo-seed1 holds no finished run"):
         filler_reward.main([*argv[:-1], str(tmp_path / "again.md")])
 
 
