@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 
-from .testing_utils import config, conversational_pairs, losses
+from .testing_utils import StopAfter, config, conversational_pairs, losses
 
 
 @pytest.fixture
@@ -167,16 +167,6 @@ def test_negative_weights_train_when_the_trainer_says_it_means_them(tiny_model_d
         runs.append(losses(trainer))
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
     assert runs[0][0] != pytest.approx(runs[0][-1], rel=1e-3)  # it trained
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_resume_after_interruption_continues_the_same_run(tiny_model_dir, tmp_path):

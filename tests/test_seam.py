@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
 
-from .testing_utils import config, conversational_pairs, losses, perturbed
+from .testing_utils import StopAfter, config, conversational_pairs, losses, perturbed
 
 
 def batch_loss(trainer):
@@ -135,16 +135,6 @@ def test_a_trainer_is_freed_with_its_hooks(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ SamPO (`ot_weighting: sampo`): a random weighting
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 class RecordingTrainer(OTPOTrainer):

@@ -12,7 +12,7 @@ import torch
 import transformers
 import yaml
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from otpo_trl import OTPOConfig, OTPOTrainer
@@ -161,6 +161,18 @@ def train_pair(tiny_model_dir, tmp_path, dataset=None, dpo_kwargs=None, **kwargs
         trainer.train()
         trainers.append(trainer)
     return trainers
+
+
+class StopAfter(TrainerCallback):
+    """Save and stop training at `step`: an interruption a run can resume from."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def perturbed(model, scale=0.05, seed=1):
