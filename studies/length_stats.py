@@ -138,6 +138,14 @@ def significance(stats):
     return " ".join(out)
 
 
+def with_intervals(r) -> str:
+    """A difference with both its intervals and its per-seed values, as the answers state it."""
+    return (
+        f"{r['mean']:+.3f} (95% CI over pairs [{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds "
+        f"[{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}]; per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])})"
+    )
+
+
 def answers(stats):
     """The study's two questions answered from the primary measure, corr(margin, length difference), with its
     intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over OTPO w/o OT?"""
@@ -156,11 +164,7 @@ def answers(stats):
         if np.isnan([r["mean"], r["low"], r["high"], r["low_seeds"], r["high_seeds"]]).any():
             out.append(f"{question} Undefined: the correlation could not be computed.")
             continue
-        said = (
-            f"OTPO's margin-length correlation minus {other} is {r['mean']:+.3f} (95% CI over pairs "
-            f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, "
-            f"{r['high_seeds']:+.3f}]; per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])})"
-        )
+        said = f"OTPO's margin-length correlation minus {other} is {with_intervals(r)}"
         if len(r["per_seed"]) < 2:  # nothing to say about other seeds
             side = "below" if r["high"] < 0 else "above" if r["low"] > 0 else None
             verdict = (
@@ -220,9 +224,8 @@ def positive_control(stats) -> str:
         verdict = "Not detected: the interval over pairs includes 0."
     return (
         f"**Was the positive control detected (LD-DPO, `ld_alpha` 0, built to take length out of the loss, against "
-        f"DPO)?** {verdict} Its margin-length correlation minus DPO's is {r['mean']:+.3f} (95% CI over pairs "
-        f"[{r['low']:+.3f}, {r['high']:+.3f}], over pairs and seeds [{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}]; "
-        f"per seed {', '.join(f'{x:+.3f}' for x in r['per_seed'])}). This study detects a difference of about "
+        f"DPO)?** {verdict} Its margin-length correlation minus DPO's is {with_intervals(r)}. This study detects a "
+        "difference of about "
         f"{over_pairs:.3f} over pairs, {over_seeds:.3f} over pairs and seeds (80% power at the 5% level, from the "
         "bootstrap spread of this difference)."
     )
