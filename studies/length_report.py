@@ -152,7 +152,12 @@ def render(summary, report_dir):
             else f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
             "(never trained on)"
         )
-        + f"; {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped).",
+        + f"; {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped)"
+        + (
+            f"; {cut['one_or_both']} of them with an answer cut at max_length, {cut['both']} with both cut."
+            if (cut := summary.get("truncation"))
+            else "."
+        ),
         "- Margin: beta * sum of (log pi - log pi_ref) over the completion (truncated to max_length), unweighted "
         "(w = 1 per token, DPO's sum), the reference being the base model; length difference: chosen - rejected tokens of the whole "
         "completions. corr_margin_length is Pearson's; acc_chosen_longer / shorter the accuracy on the pairs "

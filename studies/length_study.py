@@ -125,6 +125,14 @@ def _study(args, command):
                 f"{changed[0]}) differ from this study's: another tokenizer or data."
             )
 
+    # How many scored pairs had an answer cut at max_length (margins then sum fewer tokens than the length difference
+    # counts; both cut: trained and scored at one length, where LD-DPO is DPO).
+    cut = [
+        [a < b for a, b in zip(first[k]["scored_tokens"], (first[k]["chosen_tokens"], first[k]["rejected_tokens"]))]
+        for k in order
+    ]
+    truncation = {"one_or_both": sum(any(c) for c in cut), "both": sum(all(c) for c in cut)}
+
     def margin(entry):
         return entry["margin"] if isinstance(entry, dict) else entry
 
@@ -178,6 +186,7 @@ def _study(args, command):
         "stats": stats,
         "per_seed": {f"{a}-seed{s}": m for (a, s), m in per_seed.items()},
         "pairs": [{"source": k[0], "row": k[1], "length_diff": d} for k, d in zip(order, diffs.tolist())],
+        "truncation": truncation,
         "margins": {f"{a}-seed{s}": margins[a][i].tolist() for a in arms for i, s in enumerate(args.seeds)},
         "generation": gen,
         "compute": compute,

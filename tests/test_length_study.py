@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from otpo_trl.cli import train as train_cli
 from otpo_trl.evaluation import score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
+from otpo_trl.tokenization import tokenize_pair
 from studies import length_report, length_settings, length_stats, length_study, scoring
 
 from .testing_utils import REPO_ROOT
@@ -282,6 +284,19 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     assert "otpo-seed42" in saved["ot_logged"] and "dpo-seed42" not in saved["ot_logged"]
     assert 0 < saved["ot_logged"]["otpo-seed42"]["ot/weight_entropy"] <= 1 + 1e-6
     assert "## OTPO's token weights in training" in text
+    # The pairs scored with an answer cut at max_length, counted again from the tokens (TRL cuts prompt + completion).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    held = length_settings.held_out_pairs(
+        Namespace(train_pairs=8, held_out_train=8, test_pairs=8), split_recipe(sample_data_dir)
+    )
+    ids = {(p["source"], p["row"]): tokenize_pair(p, tokenizer) for p in held}
+    cut = [
+        [len(i["prompt_ids"]) + len(i[side]) > 512 for side in ("chosen_ids", "rejected_ids")]
+        for i in (ids[p["source"], p["row"]] for p in saved["pairs"])
+    ]
+    assert saved["truncation"] == {"one_or_both": sum(map(any, cut)), "both": sum(map(all, cut))}
+    assert 0 < saved["truncation"]["both"] < saved["truncation"]["one_or_both"] < n
+    assert f"{sum(map(any, cut))} of them with an answer cut at max_length, {sum(map(all, cut))} with both cut" in text
 
     # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}
