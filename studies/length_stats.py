@@ -209,11 +209,15 @@ def positive_control(stats) -> str:
     what the study can detect, from the same difference's bootstrap spread."""
     r = stats[POSITIVE_CONTROL]["corr_margin_length"]
     over_pairs, over_seeds = detectable(r)
-    if r["high_seeds"] < 0:
+    one_seed = len(r["per_seed"]) < 2  # seeds were not resampled: the "over pairs and seeds" interval is over pairs
+    if r["high_seeds"] < 0 and not one_seed:
         verdict = "Detected: the interval over pairs and seeds is below 0."
     elif r["high"] < 0:
         verdict = (
-            "Detected for these seeds only: the interval over pairs is below 0, the one over pairs and seeds is not."
+            "Detected for this seed only: the interval over pairs is below 0; one seed says nothing of the others."
+            if one_seed
+            else "Detected for these seeds only: the interval over pairs is below 0, the one over pairs and seeds "
+            "is not."
         )
     elif r["low"] > 0:
         verdict = (

@@ -455,6 +455,10 @@ def test_the_positive_control_is_answered_first_with_what_the_study_can_detect()
     for numbers, verdict in cases.items():
         (control,) = answers(*numbers)
         assert control.startswith("**Was the positive control detected") and verdict in control, control
+    # With one seed the interval "over pairs and seeds" is the one over pairs: never a verdict over seeds.
+    row = dict(mean=-0.3, low=-0.4, high=-0.2, low_seeds=-0.4, high_seeds=-0.2, per_seed=[-0.3])
+    (control,) = length_stats.answers({"ld_dpo-dpo": {"corr_margin_length": row}})
+    assert "Detected for this seed only" in control and "over pairs and seeds is below 0" not in control
     (control,) = answers(-0.02, -0.059, 0.019, -0.0625, 0.0355)
     assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in control
     # The committed studies have no LD-DPO arm: their answers (and so their reports) are unchanged.
