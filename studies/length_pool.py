@@ -96,12 +96,17 @@ def _jsonl(rows) -> str:
 
 def write_pool(args) -> dict:
     """Build the pool and write it under `args.out`; returns pool.json's content. Refuses a folder that holds other
-    files or another pool, before writing anything."""
+    files (before anything loads) or another pool, before writing anything."""
     out = Path(args.out)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; give a new folder.")
+    others = sorted(p.name for p in out.iterdir() if p.name not in FILES) if out.exists() else []
+    if others:
+        raise ValueError(f"--out {out}: holds {others}; give a new folder.")
     kwargs = {"drop_ties": True, "drop_identical": True}
     train = load_preference_dataset(args.data, "train", **kwargs)
     test = load_preference_dataset(args.data, "test", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     pool, held_out = build_pool(train, test, tokenizer, args.max_length, args.pool_rows, not args.any_longer)
     meta = {
         "source": str(Path(args.data).resolve()),
@@ -115,9 +120,6 @@ def write_pool(args) -> dict:
     }
     texts = {"train.jsonl": _jsonl(pool), "test.jsonl": _jsonl(held_out)}
     if out.exists():
-        others = sorted(p.name for p in out.iterdir() if p.name not in FILES)
-        if others or not out.is_dir():
-            raise ValueError(f"--out {out}: holds {others or 'a file'}; give a new folder.")
         old = out / "pool.json"
         same = old.exists() and json.loads(old.read_text()) == meta
         same = same and all((out / n).exists() and (out / n).read_text() == t for n, t in texts.items())

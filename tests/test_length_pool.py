@@ -88,6 +88,9 @@ def test_a_folder_is_written_once_and_never_mixed(tokenizer_dir, data_dir, tmp_p
     with pytest.raises(ValueError, match=r"holds \['notes.txt'\]"):
         length_pool.write_pool(args)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == before
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        length_pool.write_pool(length_pool.parse_args(argv(tokenizer_dir, data_dir, tmp_path / "a_file")))
     with pytest.raises(ValueError, match="pool_rows 5000"):
         length_pool.write_pool(
             length_pool.parse_args(argv(tokenizer_dir, data_dir, tmp_path / "new", "--pool_rows", "5000"))
