@@ -7,8 +7,8 @@ python scripts/length_study.py --data out/length_pool_512 --max_length 512 --tra
     --held_out_train 0 --test_pairs <held out> ...
 ```
 
-Why: at the study's first setting (`max_length` 256) TRL cuts most UltraFeedback pairs (the prompt and both answers
-of 62 % of them do not fit), so on those pairs both answers are trained and scored at the same truncated length.
+Why: at the study's first setting (`max_length` 256) TRL cuts most UltraFeedback pairs (for 62 % of them not even the
+shorter answer fits beside the prompt), so on those pairs both answers are trained and scored at the same truncated length.
 There LD-DPO equals DPO (nothing lies past the shorter answer), and no method can learn, or be seen to learn, anything
 about length. Here no pair is truncated: a pair is kept when its prompt and longer answer fit `max_length` (tokens
 as TRL 1.16 counts them, [`tokenize_pair`]). The training pool is drawn from the train split's first `pool_rows`
@@ -16,7 +16,8 @@ pairs (after the recipe's filters), and keeps, by default, only those whose chos
 signal a reward can learn); the held-out pairs are the fitting pairs of the rest of the train split and of the test
 split, whichever answer is longer.
 
-`train.jsonl` is the pool and `test.jsonl` the held-out pairs, both in TRL's explicit-prompt format; `pool.json` says
+`train.jsonl` is the pool and `test.jsonl` the held-out pairs, both in TRL's explicit-prompt format (prompt, chosen,
+rejected: the pairs are filtered already, so a run's `drop_ties` finds no score columns and says so); `pool.json` says
 how they were made (the source, the settings, and every pair's split and row there). Nothing is written into a
 folder that holds anything but an identical earlier pool.
 """
@@ -30,7 +31,7 @@ from transformers import AutoTokenizer
 from trl.data_utils import maybe_extract_prompt
 
 from otpo_trl.data import load_preference_dataset
-from otpo_trl.runs.files import write_json
+from otpo_trl.runs import write_json
 from otpo_trl.tokenization import tokenize_pair
 
 
@@ -90,8 +91,7 @@ def build_pool(train, test, tokenizer, max_length: int, pool_rows: int, chosen_l
 
 
 def _jsonl(rows) -> str:
-    keep = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
-    return "".join(json.dumps({k: e[k] for k in keep if k in e}) + "\n" for _, _, e in rows)
+    return "".join(json.dumps({k: e[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for _, _, e in rows)
 
 
 def write_pool(args) -> dict:
