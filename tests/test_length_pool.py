@@ -42,23 +42,24 @@ def lengths(path, tokenizer):
 
 
 def test_the_pool_fits_whole_has_the_chosen_longer_and_is_never_held_out(tokenizer_dir, data_dir, tmp_path):
-    out = tmp_path / "pool"
-    meta = length_pool.write_pool(length_pool.parse_args(argv(tokenizer_dir, data_dir, out, "--pool_rows", "120")))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train = load_preference_dataset(str(data_dir), "train", drop_ties=True, drop_identical=True)
+    ids = [tokenize_pair(train[i], tokenizer) for i in range(len(train))]
+    fit = [i for i, t in enumerate(ids) if length_pool.fits(t, 768)]
+    cut = fit[len(fit) // 2]  # the pool's bound on a fitting row: the row itself is held out, the one before is not
+    out = tmp_path / "pool"
+    meta = length_pool.write_pool(length_pool.parse_args(argv(tokenizer_dir, data_dir, out, "--pool_rows", str(cut))))
     pool, held = lengths(out / "train.jsonl", tokenizer), lengths(out / "test.jsonl", tokenizer)
     assert len(pool) == len(meta["train"]) > 10 and len(held) == len(meta["test"]) > 10
     assert all(p + max(c, r) <= 768 for p, c, r in pool + held)  # nothing is truncated
     assert all(c > r for _, c, r in pool)
     assert any(c < r for _, c, r in held)  # held-out pairs keep either order
-    assert all(split == "train" and row < 120 for split, row in meta["train"])
-    assert all(split == "test" or row >= 120 for split, row in meta["test"])
+    assert all(split == "train" and row < cut for split, row in meta["train"])
+    assert all(split == "test" or row >= cut for split, row in meta["test"])
     # Exactly the fitting pairs: recounted from the source, the pool's rows and the held-out ones.
-    train = load_preference_dataset(str(data_dir), "train", drop_ties=True, drop_identical=True)
-    ids = [tokenize_pair(train[i], tokenizer) for i in range(len(train))]
-    fit = [i for i, t in enumerate(ids) if length_pool.fits(t, 768)]
-    longer = [i for i in fit if i < 120 and len(ids[i]["chosen_ids"]) > len(ids[i]["rejected_ids"])]
+    longer = [i for i in fit if i < cut and len(ids[i]["chosen_ids"]) > len(ids[i]["rejected_ids"])]
     assert [row for _, row in meta["train"]] == longer
-    assert [row for split, row in meta["test"] if split == "train"] == [i for i in fit if i >= 120]
+    assert [row for split, row in meta["test"] if split == "train"] == [i for i in fit if i >= cut]
     # The study reads it as its data: the held-out pairs are test.jsonl's, in order.
     study = parse_args(["--data", str(out), "--train_pairs", str(len(pool)), "--held_out_train", "0"])
     recipe = {"dataset_name": str(out), "dataset_train_split": "train", "dataset_test_split": "test"}
@@ -70,9 +71,11 @@ def test_the_pool_fits_whole_has_the_chosen_longer_and_is_never_held_out(tokeniz
 
     # --any_longer keeps the pool's chosen-shorter pairs too.
     meta_any = length_pool.write_pool(
-        length_pool.parse_args(argv(tokenizer_dir, data_dir, tmp_path / "any", "--pool_rows", "120", "--any_longer"))
+        length_pool.parse_args(
+            argv(tokenizer_dir, data_dir, tmp_path / "any", "--pool_rows", str(cut), "--any_longer")
+        )
     )
-    assert [row for _, row in meta_any["train"]] == [i for i in fit if i < 120]
+    assert [row for _, row in meta_any["train"]] == [i for i in fit if i < cut]
 
 
 def test_a_folder_is_written_once_and_never_mixed(tokenizer_dir, data_dir, tmp_path, capsys):
