@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
-from trl.data_utils import maybe_extract_prompt
 
 from otpo_trl.data import load_preference_dataset
 from otpo_trl.runs import write_json
@@ -73,7 +72,7 @@ def build_pool(train, test, tokenizer, max_length: int, pool_rows: int, chosen_l
     pool, held_out = [], []
     for split, data in (("train", train), ("test", test)):
         for row in range(len(data)):
-            example = maybe_extract_prompt(dict(data[row]))
+            example = dict(data[row])  # load_preference_dataset has extracted the prompt
             ids = tokenize_pair(example, tokenizer)
             if not fits(ids, max_length):
                 continue

@@ -209,7 +209,7 @@ def positive_control(stats) -> str:
     what the study can detect, from the same difference's bootstrap spread."""
     r = stats[POSITIVE_CONTROL]["corr_margin_length"]
     over_pairs, over_seeds = detectable(r)
-    one_seed = len(r["per_seed"]) < 2  # seeds were not resampled: the "over pairs and seeds" interval is over pairs
+    one_seed = len(r["per_seed"]) < 2  # as in `significance`: the "over pairs and seeds" interval is over pairs
     if r["high_seeds"] < 0 and not one_seed:
         verdict = "Detected: the interval over pairs and seeds is below 0."
     elif r["high"] < 0:
