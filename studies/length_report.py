@@ -134,7 +134,8 @@ def render(summary, report_dir):
         f"the first {args.train_pairs} pairs of the train split are the training pool "
         f"({'/'.join(map(str, compute['train_pool']))} left after TRL drops those whose prompt fills max_length).",
         f"- Compute: {compute.get('runs', len(per_seed))} runs, {compute['train_minutes']:.1f} min of training and "
-        f"{compute['score_minutes']:.1f} min of scoring in all, on "
+        f"{compute['score_minutes']:.1f} min of scoring summed over the runs (process-minutes: runs in parallel "
+        "processes each count), on "
         + (compute["cuda"] or f"{compute['cpu_count']} CPU cores (torch threads: {compute['torch_threads']})")
         + (
             "."
@@ -149,8 +150,9 @@ def render(summary, report_dir):
         (
             f"- Held out: every pair of `{args.held_out_file}` (none of them in the training pool)"
             if args.held_out_file
-            else f"- Held out: the first {args.test_pairs} test pairs and the last {args.held_out_train} train pairs "
-            "(never trained on)"
+            else f"- Held out: the first {args.test_pairs} pairs of the test split"
+            + (f" and the last {args.held_out_train} of the train split" if args.held_out_train else "")
+            + " (never trained on)"
         )
         + f"; {n_pairs} scored by every run (pairs whose prompt fills max_length are skipped)"
         + (
