@@ -177,6 +177,20 @@ def test_the_launch_runs_the_training_module_with_a_shipped_config(argv, config,
     assert args.num_cpu_threads_per_process >= 1
 
 
+@pytest.mark.parametrize("value", ["", "0", "two", "-1"])
+def test_a_bad_omp_num_threads_is_named_before_accelerate_reads_it(value, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(SystemExit) as exit:
+        launch.cli(["--config", "quickstart", "--max_steps", "1"])
+    assert f"OMP_NUM_THREADS={value!r} is not a positive whole number" in str(exit.value.code)
+    assert "unset OMP_NUM_THREADS" in str(exit.value.code)
+
+
+def test_a_set_omp_num_threads_is_left_to_the_processes(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.launch_args_for(["--config", "quickstart", "--max_steps", "1"]).num_cpu_threads_per_process is None
+
+
 def test_train_without_a_recipe_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit:
         launch.cli(["--max_steps", "1"])

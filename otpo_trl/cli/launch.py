@@ -187,6 +187,17 @@ def check_local_paths_early(argv: list[str]) -> None:
         read_chat_template(template)
 
 
+def check_thread_env() -> None:
+    """`OMP_NUM_THREADS`, where set, must be a positive whole number: accelerate reads it with `int()` and would stop
+    with a bare traceback on an empty or other value (accelerate 1.x, `get_int_from_env`)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None and not (value.strip().isdigit() and int(value) > 0):
+        raise ValueError(
+            f"OMP_NUM_THREADS={value!r} is not a positive whole number: unset it (`unset OMP_NUM_THREADS`, and each "
+            "process gets its share of the cores) or give the threads per process (say `OMP_NUM_THREADS=2`)."
+        )
+
+
 def launch_args_for(argv: list[str]):
     """The parsed `accelerate launch` arguments that run `otpo_trl.cli.train` with `argv`'s training arguments."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -245,6 +256,7 @@ def cli(argv: list[str] | None = None) -> None:
         print_help()
         return
     try:
+        check_thread_env()
         check_local_paths_early(argv)
         args = launch_args_for(argv)
     except (ValueError, OSError) as err:  # OSError: a path missing, or a file for a folder
