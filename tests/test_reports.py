@@ -18,6 +18,7 @@ REPORTS = {
     "reports/length_study_reg0.02/length_study.md": length_study,
     "reports/length_study_ld_dpo/length_study.md": length_study,
     "reports/length_study_untruncated/length_study.md": length_study,
+    "reports/length_study_untruncated_peers/length_study.md": length_study,
     "reports/dpo_vs_otpo/dpo_vs_otpo.md": dpo_vs_otpo,
     "reports/planted_tokens/planted_tokens.md": planted_tokens,
     "reports/filler_reward/filler_reward.md": filler_reward,
