@@ -185,10 +185,28 @@ def answers(stats):
             )
         else:
             verdict = "Not shown at this scale: both intervals include 0."
-        out.append(f"**{question}** {verdict} {said}.")
+        out.append(f"**{question}** {verdict} {said}." + (share(stats) if name == "otpo-uniform" else ""))
     if POSITIVE_CONTROL in stats:
         out.insert(0, positive_control(stats))
     return out
+
+
+def share(stats) -> str:
+    """How large the plan's part (OTPO - OTPO w/o OT) is beside OTPO - DPO, where OTPO - DPO's interval over pairs and
+    seeds excludes 0: a part of the plan that an interval excludes from 0 may still be a small part of the whole.
+    Nothing where OTPO - DPO is not shown (there is no whole to share)."""
+    whole = stats.get("otpo-dpo", {}).get("corr_margin_length")
+    part = stats["otpo-uniform"]["corr_margin_length"]["mean"]
+    if whole is None or not np.isfinite([whole["mean"], part]).all():
+        return ""
+    if not (whole["high_seeds"] < 0 or whole["low_seeds"] > 0) or len(whole["per_seed"]) < 2:
+        return ""
+    if part / whole["mean"] < 0:
+        return f" Beside OTPO - DPO ({whole['mean']:+.3f}), the weights' part goes the other way."
+    return (
+        f" Beside OTPO - DPO ({whole['mean']:+.3f}), the weights' part is {part / whole['mean']:.0%} of it; the rest "
+        "is OTPO's normalisation, which OTPO w/o OT shares."
+    )
 
 
 # The positive control: a method built to take length out of the loss (LD-DPO with `ld_alpha` 0: only the tokens both

@@ -152,6 +152,22 @@ def test_answers_follow_the_intervals_of_the_correlation():
         assert dpo.startswith("**Does OTPO's reward depend less on length than DPO's?** " + verdict), dpo
         assert uniform.startswith("**Do OT weights add anything") and verdict in uniform
         assert f"{numbers[0]:+.3f} (95% CI over pairs [{numbers[1]:+.3f}, {numbers[2]:+.3f}]" in dpo
+    # The plan's part is put beside OTPO - DPO: -0.008 of -0.331 is 2% of it.
+    both = stats(-0.331, -0.4, -0.25, -0.42, -0.24)
+    both["otpo-uniform"] = stats(-0.008, -0.012, -0.005, -0.012, -0.004)["otpo-uniform"]
+    dpo, uniform = length_stats.answers(both)
+    assert uniform.endswith(
+        "Beside OTPO - DPO (-0.331), the weights' part is 2% of it; the rest is OTPO's "
+        "normalisation, which OTPO w/o OT shares."
+    )
+    assert "Beside" not in dpo
+    assert "Beside" not in length_stats.answers({"otpo-uniform": both["otpo-uniform"]})[0]
+    # No whole to share where OTPO - DPO is not shown over pairs and seeds; a part of the other sign is said so.
+    assert (
+        "Beside" not in length_stats.answers({**both, "otpo-dpo": stats(-0.02, -0.1, 0.05, -0.2, 0.1)["otpo-dpo"]})[1]
+    )
+    both["otpo-uniform"] = stats(0.01, 0.005, 0.015, 0.004, 0.016)["otpo-uniform"]
+    assert length_stats.answers(both)[1].endswith("Beside OTPO - DPO (-0.331), the weights' part goes the other way.")
     # One seed: its seed "interval" is the one over pairs, so nothing may be claimed beyond that seed.
     one = stats(-0.1, -0.15, -0.05, -0.15, -0.05)
     for row in one.values():
