@@ -937,6 +937,17 @@ def test_a_second_run_into_a_locked_output_dir_stops_at_once(
     assert plan.checkpoint == str(run_copy / "checkpoint-1")
 
 
+def test_a_locked_output_dir_is_named_before_the_data_load(train, tiny_model_dir, tmp_path, holder, no_model):
+    """An existing output_dir is locked before the data load (a new one after it, tests/test_validation.py): a run
+    into a folder in use stops on the lock, even with data it would refuse."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # one pair: fewer than a batch
+    process = holder(tmp_path / "out")
+    assert f"in use by another run, pid {process.pid}" in cli_error(
+        train, tiny_argv(tiny_model_dir, data, tmp_path / "out")
+    )
+
+
 @pytest.mark.slow
 def test_a_locked_output_dir_stops_every_process_of_a_launch(tiny_model_dir, sample_data_dir, tmp_path, holder):
     """Two DDP processes (gloo): the main one takes the lock for both; refused, both stop at once with its message;

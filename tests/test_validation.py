@@ -202,7 +202,7 @@ def test_bad_rows_fail_before_the_model(train, tiny_model_dir, tmp_path, no_mode
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(train.InputError, match=message):
         run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))
-    assert not (tmp_path / "out" / "run_args.json").exists()  # nothing recorded for a run that did not start
+    assert not (tmp_path / "out").exists()  # a run refused for its data creates no output_dir (nor its lock)
 
 
 def test_nothing_left_after_drop_identical(train, tiny_model_dir, tmp_path, no_model):
@@ -222,6 +222,7 @@ def test_fewer_pairs_than_one_batch_with_drop_last(train, tiny_model_dir, tmp_pa
     data = write_jsonl(tmp_path / "train.jsonl", pairs(1))
     with pytest.raises(train.InputError, match=r"Only 1 train pair\(s\) .*fewer than one batch"):
         run(train, tiny_argv(tiny_model_dir, data, tmp_path / "out"))  # batch 2, dataloader_drop_last
+    assert not (tmp_path / "out").exists()
 
 
 def test_fewer_eval_pairs_than_one_eval_batch_with_drop_last(train, tiny_model_dir, tmp_path, no_model):

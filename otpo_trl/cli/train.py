@@ -12,8 +12,8 @@ unused). What a run does with its `output_dir` (the lock, resume, save or evalua
 overwrite) is stated once, in docs/training.md ("The run directory"), and done by `otpo_trl.runs`. The workarounds for
 upstream libraries are in `otpo_trl.cli.upstream`.
 
-[`main`] runs the stages: logging; the checks, the lock of `output_dir`, its plan, the data and tokenizer, all before
-the model loads ([`prepare_run`]); the model and the trainer ([`make_trainer`]); training, resumed from the plan's
+[`main`] runs the stages: logging; the checks, the data and tokenizer, the lock of `output_dir` and its plan, all
+before the model loads ([`prepare_run`]; an existing `output_dir` is locked before the data load); the model and the trainer ([`make_trainer`]); training, resumed from the plan's
 checkpoint, which starts the run directory (`otpo_trl.runs.RunDirectoryCallback`); saving the model and its card;
 evaluation; the run record marked finished; the end of the processes.
 """
@@ -240,12 +240,33 @@ def load_tokenizer(script_args: ScriptArguments, training_args: OTPOConfig, mode
     return tokenizer
 
 
+def output_dir_is_new(training_args: OTPOConfig) -> bool:
+    """Whether `output_dir` does not exist yet, as the main process sees it (told to the others in a launch of
+    several processes, so that every rank takes the stages of [`prepare_run`] in the same order)."""
+    new = not os.path.lexists(os.path.expanduser(training_args.output_dir))
+    if training_args.world_size > 1:
+        new = broadcast_object_list([new])[0]
+    return new
+
+
+def load_inputs(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig):
+    """The data and the tokenizer, checked to fill one batch with pairs whose prompt fits `max_length` (the trainer
+    drops the rest): `(train_dataset, eval_dataset, tokenizer)`. Nothing is written."""
+    train_dataset, eval_dataset = load_data(script_args, training_args)  # before the model: bad data fail fast
+    tokenizer = load_tokenizer(script_args, training_args, model_args)
+    _check_enough_pairs(train_dataset, "train", training_args, tokenizer)
+    if eval_dataset is not None:
+        _check_enough_pairs(eval_dataset, "eval", training_args, tokenizer)
+    return train_dataset, eval_dataset, tokenizer
+
+
 def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_args: ModelConfig):
     """Everything before the model: the checks, the lock of `output_dir`, its plan, the data and the tokenizer.
 
-    Nothing is written before the checks on the arguments have passed, and then only `output_dir` and its lock: the
-    run record is written, and what `--overwrite_output_dir` replaces cleared, when training starts
-    (`otpo_trl.runs.RunDirectoryCallback`).
+    Nothing is written before every check has passed: a new `output_dir` is created (with its lock) only after the
+    data and the tokenizer are loaded and checked, so a refused run leaves nothing behind; an existing one is locked
+    and planned first, so that a run in use or finished is named before any data loads. The run record is written,
+    and what `--overwrite_output_dir` replaces cleared, when training starts (`otpo_trl.runs.RunDirectoryCallback`).
 
     Returns:
         `(plan, train_dataset, eval_dataset, tokenizer)`; only the plan when it is "finished" (the rest None). The
@@ -259,24 +280,20 @@ def prepare_run(script_args: ScriptArguments, training_args: OTPOConfig, model_a
         training_args.resume_from_checkpoint,
         script_args.overwrite_output_dir,
     )
+    inputs = load_inputs(script_args, training_args, model_args) if output_dir_is_new(training_args) else None
     lock = lock_output_dir(training_args)  # the run's first write: a second run into output_dir stops here
     try:
         plan = plan_output_dir(script_args, training_args, model_args)  # a run that must not go on stops here
         plan.lock = lock
         if plan.action == "finished":
             return plan, None, None, None
-        train_dataset, eval_dataset = load_data(script_args, training_args)  # before the model: bad data fail fast
-        tokenizer = load_tokenizer(script_args, training_args, model_args)
-        # The last checks before the model loads: enough pairs whose prompt fits max_length (the trainer drops the
-        # rest).
-        _check_enough_pairs(train_dataset, "train", training_args, tokenizer)
-        if eval_dataset is not None:
-            _check_enough_pairs(eval_dataset, "eval", training_args, tokenizer)
+        if inputs is None:
+            inputs = load_inputs(script_args, training_args, model_args)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    return plan, train_dataset, eval_dataset, tokenizer
+    return (plan, *inputs)
 
 
 def to_dpo_config(args: OTPOConfig) -> DPOConfig:
