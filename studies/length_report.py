@@ -31,6 +31,12 @@ def study_arms(summary) -> list[str]:
     return list(dict.fromkeys(run.rsplit("-seed", 1)[0] for run in summary["margins"]))
 
 
+def threads_note(compute) -> str:
+    """` (torch threads: N)` where the study recorded the runs' threads; nothing where runs were trained or scored in
+    other processes (`compute["torch_threads"]` None)."""
+    return f" (torch threads: {compute['torch_threads']})" if compute.get("torch_threads") else ""
+
+
 def describe_arms(arms) -> str:
     """The report's line on the arms: what makes each one, from its flags."""
     if list(arms) == DEFAULT_ARMS:
@@ -136,7 +142,7 @@ def render(summary, report_dir):
         f"- Compute: {compute.get('runs', len(per_seed))} runs, {compute['train_minutes']:.1f} min of training and "
         f"{compute['score_minutes']:.1f} min of scoring summed over the runs (process-minutes: runs in parallel "
         "processes each count), on "
-        + (compute["cuda"] or f"{compute['cpu_count']} CPU cores (torch threads: {compute['torch_threads']})")
+        + (compute["cuda"] or f"{compute['cpu_count']} CPU cores" + threads_note(compute))
         + (
             "."
             if not compute.get("baseline_arms")

@@ -223,8 +223,8 @@ def train_flags(args, arm, seed, run_dir):
 
 def train(args, arm, seed, run_dir):
     """Train one run in this process with `scripts/train.py`'s code ([`run_arm`]), unless it has finished with these
-    settings (an interrupted one resumes from its last checkpoint)."""
-    run_arm(
+    settings (an interrupted one resumes from its last checkpoint). True if it trained here, False if it was reused."""
+    return run_arm(
         train_flags(args, arm, seed, run_dir), run_dir, on_mismatch="give the study a new --out, or delete that run"
     )
 

@@ -100,11 +100,11 @@ def _study(args, command):
     trained_arms = [a for a in arms if a not in from_baseline]
     if not trained_arms:
         raise ValueError(f"--arms {' '.join(args.arms)}: every arm comes from --baseline, none is left to train.")
-    scores = {}
+    scores, trained_here = {}, []
     for arm in trained_arms:
         for seed in args.seeds:
             run_dir = out / f"{arm}-seed{seed}"
-            train(args, arm, seed, run_dir)
+            trained_here.append(train(args, arm, seed, run_dir))
             scores[arm, seed] = score_run(args, recipe, run_dir, pairs, cache)
 
     # The pairs every run scored, in one order (the same tokenizer skips the same ones).
@@ -152,6 +152,7 @@ def _study(args, command):
         gen = {arm: baseline["generation"][arm] if arm in from_baseline else gen[arm] for arm in arms}
 
     runs = [f"{arm}-seed{seed}" for arm, seed in scores]
+    torch_threads = compute_description()["torch_threads"]
     finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
     compute = {
         "train_minutes": sum(r["train_runtime"] for r in finished) / 60,
@@ -159,6 +160,11 @@ def _study(args, command):
         "train_pool": sorted({r.get("train_samples") for r in finished}, key=str),
         **compute_description(),
         "runs": len(runs),
+        # The threads this process gave torch are the runs' only if it trained and scored them all (runs trained or
+        # scored elsewhere, e.g. several at a time, leave it None: the report then names no thread count).
+        "torch_threads": torch_threads
+        if all(trained_here) and {s.get("torch_threads") for s in scores.values()} == {torch_threads}
+        else None,
         "baseline_arms": from_baseline,
         "baseline_command": baseline["command"] if baseline else None,
     }

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from otpo_trl.evaluation import evaluate, generate_responses, score_preferences
 from otpo_trl.loading import load_model_and_tokenizer
 from otpo_trl.otpo_config import ot_kwargs
@@ -185,6 +187,7 @@ def score_run(args, recipe, run_dir, pairs, cache: ScoreCache) -> dict:
         "hit_budget": [g["hit_budget"] for g in gens],
         "reference_scores": ref_path.name,
         "seconds": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),  # the seconds' context (this entry may be reused elsewhere)
     }
     cache.save(run_dir.name, key, result)
     return result

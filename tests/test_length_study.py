@@ -313,6 +313,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     assert saved["truncation"] == {"one_or_both": sum(map(any, cut)), "both": sum(map(all, cut))}
     assert 0 < saved["truncation"]["both"] < saved["truncation"]["one_or_both"] < n
     assert f"{sum(map(any, cut))} of them with an answer cut at max_length, {sum(map(all, cut))} with both cut" in text
+    # Trained and scored by the study's own process: its torch threads are the runs'.
+    assert saved["compute"]["torch_threads"] >= 1 and f"(torch threads: {saved['compute']['torch_threads']})" in text
 
     # Resume: finished runs and scores are reused, so neither training nor a model load may happen again.
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/all_results.json"), *out.glob("scores/*.json")]}
@@ -327,6 +329,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path, tiny_model_dir, sample_data
     again = length_study.main(argv)
     assert report.exists() and again["margins"] == saved["margins"] and again["stats"] == saved["stats"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # Reused runs were trained elsewhere: no thread count is claimed for them.
+    assert again["compute"]["torch_threads"] is None and "torch threads" not in report.read_text()
 
     # The reference's scores were computed once for the three runs (one cache entry), and every run's entry names it.
     references = sorted(out.glob("scores/reference-*.json"))
