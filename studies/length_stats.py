@@ -6,17 +6,22 @@ import warnings
 
 import numpy as np
 
-from .common import arm_label
+from .common import KNOWN_ARMS, arm_label
 
 
 METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer", "acc_chosen_shorter", "subset_gap")
 
 
 def differences(arms) -> list[tuple[str, str]]:
-    """The arm differences a study reports, as (arm, minus arm): every arm against DPO, and OTPO against OTPO w/o OT
-    (what the OT weights add), of those among `arms`."""
+    """The arm differences a study reports, as (arm, minus arm): every arm against DPO, and every arm whose weights
+    come from an OT plan (OTPO at any ε) against OTPO w/o OT (what the plan adds), of those among `arms`."""
     pairs = [(a, "dpo") for a in arms if a != "dpo" and "dpo" in arms]
-    return pairs + ([("otpo", "uniform")] if "otpo" in arms and "uniform" in arms else [])
+    return pairs + [(a, "uniform") for a in arms if "uniform" in arms and solves_ot(a)]
+
+
+def solves_ot(arm) -> bool:
+    """Whether `arm` is a known arm whose token weights come from an OT plan."""
+    return arm in KNOWN_ARMS and KNOWN_ARMS[arm].solves_ot
 
 
 def pair_metrics(margins, length_diffs):
@@ -147,71 +152,80 @@ def with_intervals(r) -> str:
 
 
 def answers(stats):
-    """The study's two questions answered from the primary measure, corr(margin, length difference), with its
-    intervals: does OTPO's reward follow length less than DPO's, and do OT weights add anything over OTPO w/o OT?"""
-    questions = {
-        "otpo-dpo": ("Does OTPO's reward depend less on length than DPO's?", "DPO's"),
-        "otpo-uniform": (
-            "Do OT weights add anything over OTPO w/o OT (1 per token, the same normalisation)?",
-            "OTPO w/o OT's",
-        ),
-    }
+    """The study's questions answered from the primary measure, corr(margin, length difference), with its intervals:
+    for each OTPO arm (each ε), does its reward follow length less than DPO's, and do its OT weights add anything over
+    OTPO w/o OT? The positive control's answer comes first."""
     out = []
-    for name, (question, other) in questions.items():
-        if name not in stats:
-            continue
-        r = stats[name]["corr_margin_length"]
-        if np.isnan([r["mean"], r["low"], r["high"], r["low_seeds"], r["high_seeds"]]).any():
-            out.append(f"{question} Undefined: the correlation could not be computed.")
-            continue
-        said = f"OTPO's margin-length correlation minus {other} is {with_intervals(r)}"
-        if len(r["per_seed"]) < 2:  # nothing to say about other seeds
-            side = "below" if r["high"] < 0 else "above" if r["low"] > 0 else None
-            verdict = (
-                f"For this one seed only: the interval over pairs is {side} 0; other seeds are untested."
-                if side
-                else "Not shown for this one seed: the interval over pairs includes 0."
-            )
-        elif r["high_seeds"] < 0:
-            verdict = "Yes, at this scale: the interval over pairs and seeds is below 0."
-        elif r["low_seeds"] > 0:
-            verdict = "No, the opposite at this scale: the interval over pairs and seeds is above 0."
-        elif r["high"] < 0:
-            verdict = "Only for these seeds: the interval over pairs is below 0, the one over pairs and seeds is not."
-        elif r["low"] > 0:
-            verdict = (
-                "Only for these seeds, and the opposite: the interval over pairs is above 0, the one over "
-                "pairs and seeds is not."
-            )
-        else:
-            verdict = "Not shown at this scale: both intervals include 0."
-        out.append(f"**{question}** {verdict} {said}." + (share(stats) if name == "otpo-uniform" else ""))
+    for arm in (a for a in KNOWN_ARMS if solves_ot(a)):
+        label = arm_label(arm)
+        questions = {  # the recipe's OTPO keeps its original wording
+            f"{arm}-dpo": (
+                "Does OTPO's reward depend less on length than DPO's?"
+                if arm == "otpo"
+                else f"Does the reward of {label} depend less on length than DPO's?",
+                "DPO's",
+            ),
+            f"{arm}-uniform": (
+                "Do OT weights add anything over OTPO w/o OT (1 per token, the same normalisation)?"
+                if arm == "otpo"
+                else f"Do the OT weights of {label} add anything over OTPO w/o OT?",
+                "OTPO w/o OT's",
+            ),
+        }
+        for name, (question, other) in questions.items():
+            if name in stats:
+                out.append(answer(stats, name, question, f"{label}'s margin-length correlation minus {other}"))
     if POSITIVE_CONTROL in stats:
         out.insert(0, positive_control(stats))
     return out
 
 
-def share(stats) -> str:
-    """How large the plan's part (OTPO - OTPO w/o OT) is beside OTPO - DPO, where OTPO - DPO's interval over pairs and
-    seeds excludes 0: a part of the plan that an interval excludes from 0 may still be a small part of the whole.
-    Nothing where OTPO - DPO is not shown (there is no whole to share)."""
-    whole = stats.get("otpo-dpo", {}).get("corr_margin_length")
-    part = stats["otpo-uniform"]["corr_margin_length"]["mean"]
+def answer(stats, name, question, said) -> str:
+    """One question answered from the intervals of difference `name` (`arm-other`) in the primary measure."""
+    r = stats[name]["corr_margin_length"]
+    if np.isnan([r["mean"], r["low"], r["high"], r["low_seeds"], r["high_seeds"]]).any():
+        return f"{question} Undefined: the correlation could not be computed."
+    said = f"{said} is {with_intervals(r)}"
+    if len(r["per_seed"]) < 2:  # nothing to say about other seeds
+        side = "below" if r["high"] < 0 else "above" if r["low"] > 0 else None
+        verdict = (
+            f"For this one seed only: the interval over pairs is {side} 0; other seeds are untested."
+            if side
+            else "Not shown for this one seed: the interval over pairs includes 0."
+        )
+    elif r["high_seeds"] < 0:
+        verdict = "Yes, at this scale: the interval over pairs and seeds is below 0."
+    elif r["low_seeds"] > 0:
+        verdict = "No, the opposite at this scale: the interval over pairs and seeds is above 0."
+    elif r["high"] < 0:
+        verdict = "Only for these seeds: the interval over pairs is below 0, the one over pairs and seeds is not."
+    elif r["low"] > 0:
+        verdict = (
+            "Only for these seeds, and the opposite: the interval over pairs is above 0, the one over "
+            "pairs and seeds is not."
+        )
+    else:
+        verdict = "Not shown at this scale: both intervals include 0."
+    arm, other = name.split("-")
+    return f"**{question}** {verdict} {said}." + (share(stats, arm) if other == "uniform" else "")
+
+
+def share(stats, arm="otpo") -> str:
+    """How large the plan's part (`arm` - OTPO w/o OT) is beside `arm` - DPO, where `arm` - DPO's interval over pairs
+    and seeds excludes 0: a part of the plan that an interval excludes from 0 may still be a small part of the whole.
+    Nothing where `arm` - DPO is not shown (there is no whole to share)."""
+    whole = stats.get(f"{arm}-dpo", {}).get("corr_margin_length")
+    part = stats[f"{arm}-uniform"]["corr_margin_length"]["mean"]
     if whole is None or not np.isfinite([whole["mean"], part]).all():
         return ""
     if not (whole["high_seeds"] < 0 or whole["low_seeds"] > 0) or len(whole["per_seed"]) < 2:
         return ""
+    beside = f" Beside {arm_label(f'{arm}-dpo')} ({whole['mean']:+.3f}), the weights' part"
     if part / whole["mean"] < 0:
-        return f" Beside OTPO - DPO ({whole['mean']:+.3f}), the weights' part goes the other way."
-    return (
-        f" Beside OTPO - DPO ({whole['mean']:+.3f}), the weights' part is {part / whole['mean']:.0%} of it; the rest "
-        "is OTPO's normalisation, which OTPO w/o OT shares."
-    )
+        return f"{beside} goes the other way."
+    return f"{beside} is {part / whole['mean']:.0%} of it; the rest is OTPO's normalisation, which OTPO w/o OT shares."
 
 
-# The positive control: a method built to take length out of the loss (LD-DPO with `ld_alpha` 0: only the tokens both
-# answers have are trained), compared with DPO. A study that sees no effect of OTPO is informative only if it sees
-# this one.
 POSITIVE_CONTROL = "ld_dpo-dpo"
 Z_POWER = 1.96 + 0.84  # a true difference of this many standard errors is found 80% of the time at the 5% level
 

@@ -168,6 +168,17 @@ def test_answers_follow_the_intervals_of_the_correlation():
     )
     both["otpo-uniform"] = stats(0.01, 0.005, 0.015, 0.004, 0.016)["otpo-uniform"]
     assert length_stats.answers(both)[1].endswith("Beside OTPO - DPO (-0.331), the weights' part goes the other way.")
+    # A second OTPO arm (another ε) gets both questions, in its own words, and its own share beside its own - DPO.
+    reg = {"otpo_reg_0.02-" + k.split("-")[1]: v for k, v in stats(-0.331, -0.4, -0.25, -0.42, -0.24).items()}
+    reg["otpo_reg_0.02-uniform"] = stats(-0.033, -0.05, -0.02, -0.05, -0.02)["otpo-uniform"]
+    dpo, uniform, reg_dpo, reg_uniform = length_stats.answers({**both, **reg})
+    assert reg_dpo.startswith("**Does the reward of OTPO (ε 0.02) depend less on length than DPO's?** Yes")
+    assert "OTPO (ε 0.02)'s margin-length correlation minus DPO's is -0.331" in reg_dpo
+    assert reg_uniform.startswith("**Do the OT weights of OTPO (ε 0.02) add anything over OTPO w/o OT?** Yes")
+    assert reg_uniform.endswith(
+        "Beside OTPO (ε 0.02) - DPO (-0.331), the weights' part is 10% of it; the rest is "
+        "OTPO's normalisation, which OTPO w/o OT shares."
+    )
     # One seed: its seed "interval" is the one over pairs, so nothing may be claimed beyond that seed.
     one = stats(-0.1, -0.15, -0.05, -0.15, -0.05)
     for row in one.values():
@@ -257,6 +268,11 @@ def test_arms_are_picked_from_the_known_ones():
         ("otpo", "uniform"),
     ]
     assert length_stats.differences(["otpo", "sampo"]) == []
+    # Every OTPO arm (each ε) against OTPO w/o OT too: what its plan adds; SamPO and the peers are no plan.
+    assert length_stats.differences(["dpo", "uniform", "otpo", "otpo_reg_0.02", "sampo"])[-2:] == [
+        ("otpo", "uniform"),
+        ("otpo_reg_0.02", "uniform"),
+    ]
     # The report names the arms by their flags (the default three keep the committed sentence).
     line = length_report.describe_arms(["dpo", "sampo"])
     assert line == "- Arms: DPO (`trainer: dpo`), SamPO (`trainer: otpo, ot_weighting: sampo`), trained alike."
