@@ -115,6 +115,8 @@ def render(summary, report_dir):
     per_seed = {tuple(run.rsplit("-seed", 1)): m for run, m in summary["per_seed"].items()}
     gen, n_pairs, ot_logged = summary["generation"], len(summary["pairs"]), summary.get("ot_logged") or {}
     baseline = summary.get("baseline")
+    if baseline and baseline.get("moved_from"):  # the command as it runs today; the setting line names the old path
+        command = command.replace(f"--baseline {baseline['moved_from']}", f"--baseline {baseline['path']}")
 
     def cell(s, pct):
         f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:+.3g}")

@@ -1,6 +1,7 @@
 """scripts/ot_spread.py on a tiny Llama: its numbers against a direct computation, and its checks before loading."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +103,10 @@ def test_spread_checks_options_and_out_before_loading(tmp_path, tiny_model_dir, 
     args = ot_spread.parse_args(base + ["--ot_reg", "1", "0.1", "--ot_cost_scale", "official", "minmax"])
     every_pair = [("official", 1.0), ("official", 0.1), ("minmax", 1.0), ("minmax", 0.1)]
     assert [(s["cost_scale"], s["reg"]) for s in ot_spread.settings(args)] == every_pair
+    # Without matplotlib (the figure comes last) the command stops before the data and the model, naming the extra.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r'error: `otpo-trl spread` draws .* `pip install "otpo-trl\[viz\]"'):
+        ot_spread.cli(base)
 
 
 def test_the_per_completion_measures_are_token_weight_stats():

@@ -297,8 +297,20 @@ def figure(figure_data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def check_matplotlib() -> None:
+    """The figure is drawn last, after every solve: a missing matplotlib is named before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "`otpo-trl spread` draws ot_spread.png with matplotlib, which is not installed: "
+            '`pip install "otpo-trl[viz]"` (or `pip install matplotlib`).'
+        ) from None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_matplotlib()
     command = " ".join(["python scripts/ot_spread.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     dataset = load_preference_dataset(args.data, args.split)  # before the model: bad data fail fast
