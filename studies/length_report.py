@@ -220,20 +220,32 @@ def render(summary, report_dir):
             for (arm, seed), m in per_seed.items()
         ],
     )
+    # The runs' own ot_reg (an arm may set another than the recipe's, e.g. OTPO at ε 0.02), from their records.
+    regs = {run: (summary.get("run_settings") or {}).get(run, {}).get("ot_reg", recipe["ot_reg"]) for run in ot_logged}
+    mixed_reg = any(r != recipe["ot_reg"] for r in regs.values())
     if ot_logged:
         lines += [
             "",
             "## OTPO's token weights in training",
             "",
-            f"The `ot/*` scalars the OTPO runs logged (ot_reg {recipe['ot_reg']}, ot_cost_scale "
-            f"{recipe['ot_cost_scale']}), averaged over steps. ot/weight_entropy is the entropy of a completion's "
+            "The `ot/*` scalars the OTPO runs logged ("
+            + (
+                f"ot_cost_scale {recipe['ot_cost_scale']}, each run's ot_reg in the table"
+                if mixed_reg
+                else f"ot_reg {recipe['ot_reg']}, ot_cost_scale {recipe['ot_cost_scale']}"
+            )
+            + "), averaged over steps. ot/weight_entropy is the entropy of a completion's "
             "weights over log(length): 1 for uniform weights. ot/weight_max is a batch's largest weight, where a "
             "weight of 1 is the mean on the shorter side. Weights close to uniform leave OTPO close to its "
             "w/o OT arm.",
             "",
         ]
         lines += table(
-            ["run", *OT_LOGGED], [[run, *(f"{v[k]:.4g}" for k in OT_LOGGED)] for run, v in ot_logged.items()]
+            ["run", *(["ot_reg"] if mixed_reg else []), *OT_LOGGED],
+            [
+                [run, *([f"{regs[run]}"] if mixed_reg else []), *(f"{v[k]:.4g}" for k in OT_LOGGED)]
+                for run, v in ot_logged.items()
+            ],
         )
     lines += [
         "",

@@ -213,12 +213,14 @@ def answer(stats, name, question, said) -> str:
 def share(stats, arm="otpo") -> str:
     """How large the plan's part (`arm` - OTPO w/o OT) is beside `arm` - DPO, where `arm` - DPO's interval over pairs
     and seeds excludes 0: a part of the plan that an interval excludes from 0 may still be a small part of the whole.
-    Nothing where `arm` - DPO is not shown (there is no whole to share)."""
+    Nothing where `arm` - DPO is not shown (there is no whole to share), nor where the part is not (its interval over
+    pairs and seeds includes 0: a share of noise says nothing)."""
     whole = stats.get(f"{arm}-dpo", {}).get("corr_margin_length")
-    part = stats[f"{arm}-uniform"]["corr_margin_length"]["mean"]
+    row = stats[f"{arm}-uniform"]["corr_margin_length"]
+    part = row["mean"]
     if whole is None or not np.isfinite([whole["mean"], part]).all():
         return ""
-    if not (whole["high_seeds"] < 0 or whole["low_seeds"] > 0) or len(whole["per_seed"]) < 2:
+    if any(not (r["high_seeds"] < 0 or r["low_seeds"] > 0) or len(r["per_seed"]) < 2 for r in (whole, row)):
         return ""
     beside = f" Beside {arm_label(f'{arm}-dpo')} ({whole['mean']:+.3f}), the weights' part"
     if part / whole["mean"] < 0:

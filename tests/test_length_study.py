@@ -168,6 +168,9 @@ def test_answers_follow_the_intervals_of_the_correlation():
     )
     both["otpo-uniform"] = stats(0.01, 0.005, 0.015, 0.004, 0.016)["otpo-uniform"]
     assert length_stats.answers(both)[1].endswith("Beside OTPO - DPO (-0.331), the weights' part goes the other way.")
+    # Nor where the part itself is not shown: its interval over pairs and seeds includes 0.
+    both["otpo-uniform"] = stats(0.005, -0.012, 0.022, -0.014, 0.028)["otpo-uniform"]
+    assert "Beside" not in length_stats.answers(both)[1] and "Not shown at this scale" in length_stats.answers(both)[1]
     # A second OTPO arm (another ε) gets both questions, in its own words, and its own share beside its own - DPO.
     reg = {"otpo_reg_0.02-" + k.split("-")[1]: v for k, v in stats(-0.331, -0.4, -0.25, -0.42, -0.24).items()}
     reg["otpo_reg_0.02-uniform"] = stats(-0.033, -0.05, -0.02, -0.05, -0.02)["otpo-uniform"]
