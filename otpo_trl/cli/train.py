@@ -12,10 +12,11 @@ unused). What a run does with its `output_dir` (the lock, resume, save or evalua
 overwrite) is stated once, in docs/training.md ("The run directory"), and done by `otpo_trl.runs`. The workarounds for
 upstream libraries are in `otpo_trl.cli.upstream`.
 
-[`main`] runs the stages: logging; the checks, the data and tokenizer, the lock of `output_dir` and its plan, all
-before the model loads ([`prepare_run`]; an existing `output_dir` is locked before the data load); the model and the trainer ([`make_trainer`]); training, resumed from the plan's
-checkpoint, which starts the run directory (`otpo_trl.runs.RunDirectoryCallback`); saving the model and its card;
-evaluation; the run record marked finished; the end of the processes.
+[`main`] runs the stages: logging; the checks, the data and tokenizer, the lock of `output_dir` and its plan, all before
+the model loads ([`prepare_run`]; an existing `output_dir` is locked before the data load); the model and the trainer
+([`make_trainer`]); training, resumed from the plan's checkpoint, which starts the run directory
+(`otpo_trl.runs.RunDirectoryCallback`); saving the model and its card; evaluation; the run record marked finished; the
+end of the processes.
 """
 
 import logging
