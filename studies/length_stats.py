@@ -210,7 +210,7 @@ def answer(stats, name, question, said) -> str:
     return f"**{question}** {verdict} {said}." + (share(stats, arm) if other == "uniform" else "")
 
 
-def share(stats, arm="otpo") -> str:
+def share(stats, arm) -> str:
     """How large the plan's part (`arm` - OTPO w/o OT) is beside `arm` - DPO, where `arm` - DPO's interval over pairs
     and seeds excludes 0: a part of the plan that an interval excludes from 0 may still be a small part of the whole.
     Nothing where `arm` - DPO is not shown (there is no whole to share), nor where the part is not (its interval over
@@ -228,6 +228,9 @@ def share(stats, arm="otpo") -> str:
     return f"{beside} is {part / whole['mean']:.0%} of it; the rest is OTPO's normalisation, which OTPO w/o OT shares."
 
 
+# The positive control: a method built to take length out of the loss (LD-DPO with `ld_alpha` 0: only the tokens both
+# answers have are trained), compared with DPO. A study that sees no effect of OTPO is informative only if it sees
+# this one.
 POSITIVE_CONTROL = "ld_dpo-dpo"
 Z_POWER = 1.96 + 0.84  # a true difference of this many standard errors is found 80% of the time at the 5% level
 

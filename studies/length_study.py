@@ -152,18 +152,18 @@ def _study(args, command):
         gen = {arm: baseline["generation"][arm] if arm in from_baseline else gen[arm] for arm in arms}
 
     runs = [f"{arm}-seed{seed}" for arm, seed in scores]
-    torch_threads = compute_description()["torch_threads"]
+    machine = compute_description()
     finished = [json.loads((out / run / "all_results.json").read_text()) for run in runs]
     compute = {
         "train_minutes": sum(r["train_runtime"] for r in finished) / 60,
         "score_minutes": sum(s["seconds"] for s in scores.values()) / 60,
         "train_pool": sorted({r.get("train_samples") for r in finished}, key=str),
-        **compute_description(),
+        **machine,
         "runs": len(runs),
         # The threads this process gave torch are the runs' only if it trained and scored them all (runs trained or
         # scored elsewhere, e.g. several at a time, leave it None: the report then names no thread count).
-        "torch_threads": torch_threads
-        if all(trained_here) and {s.get("torch_threads") for s in scores.values()} == {torch_threads}
+        "torch_threads": machine["torch_threads"]
+        if all(trained_here) and {s.get("torch_threads") for s in scores.values()} == {machine["torch_threads"]}
         else None,
         "baseline_arms": from_baseline,
         "baseline_command": baseline["command"] if baseline else None,
