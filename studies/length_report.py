@@ -52,6 +52,9 @@ def describe_arms(arms) -> str:
     return f"- Arms: {', '.join(described)}, trained alike."
 
 
+SCATTER_COLUMNS = 4  # arms a figure row holds; more arms wrap, and the other figures make room
+
+
 def figures(summary, fig_dir):
     """The study's three figures from its JSON's dict: margin vs length difference per arm, accuracy on the subsets,
     and the greedy answers' lengths. Returns their paths."""
@@ -63,20 +66,28 @@ def figures(summary, fig_dir):
     gens = {a: g["lengths"] for a, g in summary["generation"].items()}
     budget = summary["settings"]["max_new_tokens"]
     colors = {a: KNOWN_ARMS[a].color if a in KNOWN_ARMS else "C7" for a in (*arms, *gens)}
-    fig, axes = plt.subplots(1, len(margins), figsize=(4 * len(margins), 3.6), sharey=True, squeeze=False)
-    for ax, (arm, m) in zip(axes[0], margins.items()):
+    cols = min(len(margins), SCATTER_COLUMNS)
+    rows = -(-len(margins) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), sharey=True, squeeze=False)
+    for ax in axes.ravel()[len(margins) :]:
+        ax.set_visible(False)
+    for ax, (arm, m) in zip(axes.ravel(), margins.items()):
         x, y = np.tile(diffs, len(m)), m.ravel()  # every seed's points
         ax.scatter(x, y, s=6, alpha=0.4, color=colors[arm])
         if np.ptp(x) > 0:
             slope, intercept = np.polyfit(x, y, 1)
             ax.plot(np.sort(x), slope * np.sort(x) + intercept, "k-", lw=1)
-        ax.set_title(f"{arm_label(arm)}: corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
+        label = arm_label(arm)
+        joint = "\n" if len(label) > 24 else " "  # a long name on its own line
+        ax.set_title(f"{label}:{joint}corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
         ax.set_xlabel("chosen - rejected tokens")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("implicit-reward margin")
+    for row in axes:
+        row[0].set_ylabel("implicit-reward margin")
     paths = [save_figure(fig, fig_dir / "length_study_scatter.png")]
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    many = len(margins) > SCATTER_COLUMNS  # the legend beside the bars, not over them
+    fig, ax = plt.subplots(figsize=(6.4 + 3.6 * many, 3.6))
     for k, subset in enumerate(("acc_chosen_longer", "acc_chosen_shorter")):
         for j, arm in enumerate(margins):
             s = stats[arm][subset]
@@ -92,15 +103,33 @@ def figures(summary, fig_dir):
         [(len(margins) - 1) / 2, len(margins) + 1 + (len(margins) - 1) / 2], ["chosen longer", "chosen shorter"]
     )
     ax.set_ylabel("held-out accuracy (95% CI)")
-    ax.legend()
+    ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
     paths.append(save_figure(fig, fig_dir / "length_study_subsets.png"))
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for arm, lengths in gens.items():
-        ax.hist(lengths, bins=np.linspace(0, budget, 17), alpha=0.5, color=colors[arm], label=arm_label(arm))
-    ax.set_xlabel(f"greedy response length (tokens, budget {budget})")
-    ax.set_ylabel("responses (all seeds)")
-    ax.legend()
+    if len(gens) <= SCATTER_COLUMNS:  # few arms: their histograms overlaid
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for arm, lengths in gens.items():
+            ax.hist(lengths, bins=np.linspace(0, budget, 17), alpha=0.5, color=colors[arm], label=arm_label(arm))
+        ax.set_xlabel(f"greedy response length (tokens, budget {budget})")
+        ax.set_ylabel("responses (all seeds)")
+        ax.legend()
+    else:  # many: overlaid histograms hide each other, so one box per arm, its mean marked
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(gens) + 1.2))
+        names = list(gens)[::-1]  # the first arm on top
+        boxes = ax.boxplot(
+            [gens[a] for a in names],
+            vert=False,
+            showmeans=True,
+            patch_artist=True,
+            widths=0.6,
+            medianprops={"color": "k"},
+            meanprops={"marker": "^", "markerfacecolor": "k", "markeredgecolor": "k"},
+        )
+        for box, arm in zip(boxes["boxes"], names):
+            box.set(facecolor=colors[arm], alpha=0.5)
+        ax.set_yticks(range(1, len(names) + 1), [arm_label(a) for a in names])
+        ax.axvline(budget, color="k", ls=":", lw=1)
+        ax.set_xlabel(f"greedy response length (tokens, all seeds; budget {budget} dotted;\nbar: median, triangle: mean)")
     paths.append(save_figure(fig, fig_dir / "length_study_generation.png"))
     return paths
 

@@ -13,15 +13,23 @@ METRICS = ("accuracy", "margin_mean", "corr_margin_length", "acc_chosen_longer",
 
 
 def differences(arms) -> list[tuple[str, str]]:
-    """The arm differences a study reports, as (arm, minus arm): every arm against DPO, and every arm whose weights
-    come from an OT plan (OTPO at any ε) against OTPO w/o OT (what the plan adds), of those among `arms`."""
+    """The arm differences a study reports, as (arm, minus arm), of those among `arms`: every arm against DPO; every
+    arm whose weights come from an OT plan (OTPO at any ε) against OTPO w/o OT (what the plan adds); and the recipe's
+    OTPO against each peer method (is OTPO ahead of LD-DPO, `sigmoid_norm`, SamPO, paired on the same pairs and seeds).
+    OTPO at another ε is compared with the peers through DPO only, which keeps the table to one row per question."""
     pairs = [(a, "dpo") for a in arms if a != "dpo" and "dpo" in arms]
-    return pairs + [(a, "uniform") for a in arms if "uniform" in arms and solves_ot(a)]
+    pairs += [(a, "uniform") for a in arms if "uniform" in arms and solves_ot(a)]
+    return pairs + [("otpo", a) for a in arms if "otpo" in arms and is_peer(a)]
 
 
 def solves_ot(arm) -> bool:
     """Whether `arm` is a known arm whose token weights come from an OT plan."""
     return arm in KNOWN_ARMS and KNOWN_ARMS[arm].solves_ot
+
+
+def is_peer(arm) -> bool:
+    """Whether `arm` is a known peer method: neither DPO, nor OTPO (any ε), nor its w/o OT ablation."""
+    return arm in KNOWN_ARMS and arm not in ("dpo", "uniform") and not solves_ot(arm)
 
 
 def pair_metrics(margins, length_diffs):
@@ -154,7 +162,8 @@ def with_intervals(r) -> str:
 def answers(stats):
     """The study's questions answered from the primary measure, corr(margin, length difference), with its intervals:
     for each OTPO arm (each ε), does its reward follow length less than DPO's, and do its OT weights add anything over
-    OTPO w/o OT? The positive control's answer comes first."""
+    OTPO w/o OT? Then, for each peer method, does the recipe's OTPO's follow length less than the peer's? The positive
+    control's answer comes first."""
     out = []
     for arm in (a for a in KNOWN_ARMS if solves_ot(a)):
         label = arm_label(arm)
@@ -175,6 +184,10 @@ def answers(stats):
         for name, (question, other) in questions.items():
             if name in stats:
                 out.append(answer(stats, name, question, f"{label}'s margin-length correlation minus {other}"))
+    for peer in (a for a in KNOWN_ARMS if is_peer(a) and f"otpo-{a}" in stats):
+        other = f"{arm_label(peer)}'s"
+        question = f"Does OTPO's reward depend less on length than {other}?"
+        out.append(answer(stats, f"otpo-{peer}", question, f"OTPO's margin-length correlation minus {other}"))
     if POSITIVE_CONTROL in stats:
         out.insert(0, positive_control(stats))
     return out

@@ -182,6 +182,14 @@ def test_answers_follow_the_intervals_of_the_correlation():
         "Beside OTPO (ε 0.02) - DPO (-0.331), the weights' part is 10% of it; the rest is "
         "OTPO's normalisation, which OTPO w/o OT shares."
     )
+    # The recipe's OTPO against each peer method, after the OTPO questions, in the known arms' order.
+    peers = {"otpo-sampo": stats(0.1, 0.05, 0.15, 0.01, 0.2)["otpo-dpo"]}
+    peers["otpo-ld_dpo"] = stats(-0.07, -0.1, -0.04, -0.11, -0.03)["otpo-dpo"]
+    said = length_stats.answers({**both, **peers})
+    assert said[2].startswith("**Does OTPO's reward depend less on length than LD-DPO (α 0)'s?** Yes, at this scale")
+    assert "OTPO's margin-length correlation minus LD-DPO (α 0)'s is -0.070" in said[2]
+    assert said[3].startswith("**Does OTPO's reward depend less on length than SamPO's?** No, the opposite")
+    assert "Beside" not in said[2] + said[3]
     # One seed: its seed "interval" is the one over pairs, so nothing may be claimed beyond that seed.
     one = stats(-0.1, -0.15, -0.05, -0.15, -0.05)
     for row in one.values():
@@ -269,12 +277,23 @@ def test_arms_are_picked_from_the_known_ones():
         ("uniform", "dpo"),
         ("ld_dpo", "dpo"),
         ("otpo", "uniform"),
+        ("otpo", "ld_dpo"),
     ]
-    assert length_stats.differences(["otpo", "sampo"]) == []
+    assert length_stats.differences(["otpo", "sampo"]) == [("otpo", "sampo")]
     # Every OTPO arm (each ε) against OTPO w/o OT too: what its plan adds; SamPO and the peers are no plan.
-    assert length_stats.differences(["dpo", "uniform", "otpo", "otpo_reg_0.02", "sampo"])[-2:] == [
+    assert length_stats.differences(["dpo", "uniform", "otpo", "otpo_reg_0.02", "sampo"])[-3:-1] == [
         ("otpo", "uniform"),
         ("otpo_reg_0.02", "uniform"),
+    ]
+    # The recipe's OTPO against each peer method present (not OTPO at another ε, nor w/o OT: no peer); no OTPO, none.
+    assert length_stats.differences(["dpo", "otpo", "uniform", "otpo_reg_0.02", "sigmoid_norm", "sampo"])[-2:] == [
+        ("otpo", "sigmoid_norm"),
+        ("otpo", "sampo"),
+    ]
+    assert length_stats.differences(["dpo", "otpo_reg_0.02", "sampo", "ld_dpo"]) == [
+        ("otpo_reg_0.02", "dpo"),
+        ("sampo", "dpo"),
+        ("ld_dpo", "dpo"),
     ]
     # The report names the arms by their flags (the default three keep the committed sentence).
     line = length_report.describe_arms(["dpo", "sampo"])
