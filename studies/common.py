@@ -78,7 +78,7 @@ KNOWN_ARMS = {
         Arm("otpo_reg_0.02", "OTPO (ε 0.02)", "--trainer otpo --ot_weighting ot --ot_reg 0.02", "C3"),
         Arm("ld_dpo", "LD-DPO (α 0)", "--trainer dpo --ld_alpha 0", "C4"),
         Arm("ld_dpo_0.5", "LD-DPO (α 0.5)", "--trainer dpo --ld_alpha 0.5", "C5"),
-        Arm("sigmoid_norm", "DPO, length-normalised (sigmoid_norm)", "--trainer dpo --loss_type sigmoid_norm", "C6"),
+        Arm("sigmoid_norm", "sigmoid_norm", "--trainer dpo --loss_type sigmoid_norm", "C6"),
         Arm("sampo", "SamPO", "--trainer otpo --ot_weighting sampo", "C8"),
     )
 }

@@ -129,7 +129,9 @@ def figures(summary, fig_dir):
             box.set(facecolor=colors[arm], alpha=0.5)
         ax.set_yticks(range(1, len(names) + 1), [arm_label(a) for a in names])
         ax.axvline(budget, color="k", ls=":", lw=1)
-        ax.set_xlabel(f"greedy response length (tokens, all seeds; budget {budget} dotted;\nbar: median, triangle: mean)")
+        ax.set_xlabel(
+            f"greedy response length (tokens, all seeds; budget {budget} dotted;\nbar: median, triangle: mean)"
+        )
     paths.append(save_figure(fig, fig_dir / "length_study_generation.png"))
     return paths
 
