@@ -6,6 +6,12 @@ CPU time of its training (user + system, all threads: steadier than wall time on
 memory of the process (model loading included) and the 1-minute load average around it.
 
     python bench/python_example.py --model models/SmolLM2-135M-Instruct   # -> bench/results/python_example.json
+
+`--malloc_mmap_threshold BYTES` runs the children with glibc's `MALLOC_MMAP_THRESHOLD_` fixed at BYTES (recorded in
+the JSON): every allocation above it is mapped and returned on free, so the peak resident memory is close to the peak
+of live memory; at glibc's default the threshold grows to 32 MiB and freed blocks below it stay in the heap.
+
+    python bench/python_example.py --malloc_mmap_threshold 65536 --out bench/results/python_example_mmap.json
 """
 
 import argparse
@@ -66,6 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "python_example.json"))
+    parser.add_argument("--malloc_mmap_threshold", type=int, help="glibc's MALLOC_MMAP_THRESHOLD_ for the children")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement, in this process
     args = parser.parse_args(argv)
     if args.child:
@@ -74,7 +81,10 @@ def main(argv=None) -> None:
     runs = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--model", args.model, "--child", variant]
-        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(runs[-1])
     record = {
@@ -82,6 +92,7 @@ def main(argv=None) -> None:
         "model": Path(args.model).name,
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU",
         "date": time.strftime("%Y-%m-%d"),
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,  # None: glibc's default (a dynamic threshold)
         "runs": runs,
     }
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
