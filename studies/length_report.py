@@ -37,6 +37,18 @@ def threads_note(compute) -> str:
     return f" (torch threads: {compute['torch_threads']})" if compute.get("torch_threads") else ""
 
 
+def greedy_cell(name, generation) -> str:
+    """The results table's greedy-length cell of an arm (mean tokens, share at the budget) or of an arm difference
+    (the difference of the means); "-" where an arm has no generations."""
+    parts = name.split("-")
+    if any(p not in generation for p in parts):
+        return "-"
+    means = [float(np.mean(generation[p]["lengths"])) for p in parts]
+    if len(parts) == 2:
+        return f"{means[0] - means[1]:+.1f}"
+    return f"{means[0]:.1f} ({100 * np.mean(generation[name]['hit_budget']):.0f}% at the budget)"
+
+
 def describe_arms(arms) -> str:
     """The report's line on the arms: what makes each one, from its flags."""
     if list(arms) == DEFAULT_ARMS:
@@ -216,7 +228,11 @@ def render(summary, report_dir):
         "",
     ]
     lines += table(
-        ["", *METRICS], [[arm_label(name), *(cell(row[k], k in pct) for k in METRICS)] for name, row in stats.items()]
+        ["", *METRICS, "greedy tokens (no CI)"],
+        [
+            [arm_label(name), *(cell(row[k], k in pct) for k in METRICS), greedy_cell(name, gen)]
+            for name, row in stats.items()
+        ],
     )
     rows = []
     for name in (n for n in stats if "-" in n):

@@ -295,6 +295,12 @@ def test_arms_are_picked_from_the_known_ones():
         ("sampo", "dpo"),
         ("ld_dpo", "dpo"),
     ]
+    # The results table's greedy lengths: an arm's mean and share at the budget, a difference of means, "-" without.
+    generation = {"dpo": {"lengths": [100, 256], "hit_budget": [False, True]}, "otpo": {"lengths": [90, 100]}}
+    assert length_report.greedy_cell("dpo", generation) == "178.0 (50% at the budget)"
+    assert length_report.greedy_cell("otpo-dpo", generation) == "-83.0"
+    assert length_report.greedy_cell("uniform", generation) == length_report.greedy_cell("otpo-uniform", generation)
+    assert length_report.greedy_cell("uniform", generation) == "-"
     # The report names the arms by their flags (the default three keep the committed sentence).
     line = length_report.describe_arms(["dpo", "sampo"])
     assert line == "- Arms: DPO (`trainer: dpo`), SamPO (`trainer: otpo, ot_weighting: sampo`), trained alike."
