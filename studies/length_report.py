@@ -7,7 +7,7 @@ import numpy as np
 
 from .common import KNOWN_ARMS, arm_label, image, pyplot, render_from_json, report_paths, save_figure, table
 from .length_settings import BASELINE_IGNORED, DEFAULT_ARMS, OT_LOGGED
-from .length_stats import METRICS, answers, significance
+from .length_stats import METRICS, answers, control_summary, significance
 
 
 def listed(names) -> str:
@@ -171,9 +171,11 @@ def render(summary, report_dir):
         if len(args.seeds) > 1
         else "with one seed it is the interval over pairs."
     )
+    opening = control_summary(stats)
     lines = [
         f"# Length exploitation: {' vs '.join(arm_label(a) for a in study_arms(summary))}",
         "",
+        *([opening, ""] if opening else []),
         f"Made by `{command}`.",
         "",
         "## Setting",

@@ -254,6 +254,32 @@ def detectable(row) -> tuple[float, float]:
     return tuple(Z_POWER * (row[f"high{s}"] - row[f"low{s}"]) / 3.92 for s in ("", "_seeds"))
 
 
+def control_summary(stats) -> str:
+    """The report's opening sentence: whether the positive control was detected and what the study can detect, from
+    the same rules as `positive_control`'s answer; "" where the study has no positive control."""
+    if POSITIVE_CONTROL not in stats:
+        return ""
+    r = stats[POSITIVE_CONTROL]["corr_margin_length"]
+    over_pairs, over_seeds = detectable(r)
+    one_seed = len(r["per_seed"]) < 2
+    if r["high_seeds"] < 0 and not one_seed:
+        verdict = "was detected"
+    elif r["high"] < 0:
+        verdict = "was detected for this one seed only" if one_seed else "was detected for these seeds only"
+    elif r["low"] > 0:
+        verdict = "was not detected, and went the other way"
+    else:
+        verdict = "was not detected"
+    interval = f"[{r['low']:+.3f}, {r['high']:+.3f}] over pairs" + (
+        "" if one_seed else f", [{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}] over pairs and seeds"
+    )
+    return (
+        f"**The positive control (LD-DPO, `ld_alpha` 0, against DPO) {verdict}** ({r['mean']:+.3f} in the "
+        f"margin-length correlation, 95% CI {interval}), and this study detects a difference of about "
+        f"{over_pairs:.3f} over pairs, {over_seeds:.3f} over pairs and seeds (80% power at the 5% level)."
+    )
+
+
 def positive_control(stats) -> str:
     """One sentence on whether the positive control was detected (its margin-length correlation below DPO's), and one on
     what the study can detect, from the same difference's bootstrap spread."""

@@ -527,3 +527,28 @@ def test_the_positive_control_is_answered_first_with_what_the_study_can_detect()
     assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in control
     # The committed studies have no LD-DPO arm: their answers (and so their reports) are unchanged.
     assert not any("positive control" in a for a in length_stats.answers({}))
+
+
+def test_the_report_opens_with_one_sentence_on_the_positive_control():
+    """The same verdicts as the answer, in the one sentence the report opens with; none without the control."""
+
+    def opening(mean, low, high, low_seeds, high_seeds, seeds=3):
+        row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * seeds)
+        return length_stats.control_summary({"ld_dpo-dpo": {"corr_margin_length": row}})
+
+    cases = {  # (mean, low, high, low_seeds, high_seeds): the verdict
+        (-0.1, -0.15, -0.05, -0.2, -0.01): "against DPO) was detected**",
+        (-0.1, -0.15, -0.05, -0.2, 0.02): "was detected for these seeds only**",
+        (0.05, 0.01, 0.09, -0.02, 0.12): "was not detected, and went the other way**",
+        (-0.02, -0.06, 0.02, -0.1, 0.06): "was not detected**",
+    }
+    for numbers, verdict in cases.items():
+        sentence = opening(*numbers)
+        assert sentence.startswith("**The positive control (LD-DPO") and verdict in sentence, sentence
+        assert sentence.count(". ") == 0 and sentence.endswith("(80% power at the 5% level).")  # one sentence
+    sentence = opening(-0.02, -0.059, 0.019, -0.0625, 0.0355)
+    assert "95% CI [-0.059, +0.019] over pairs, [-0.062, +0.035] over pairs and seeds" in sentence
+    assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in sentence
+    one = opening(-0.3, -0.4, -0.2, -0.4, -0.2, seeds=1)
+    assert "was detected for this one seed only**" in one and "over pairs and seeds)" not in one
+    assert length_stats.control_summary({}) == ""
