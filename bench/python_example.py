@@ -12,6 +12,8 @@ the JSON): every allocation above it is mapped and returned on free, so the peak
 of live memory; at glibc's default the threshold grows to 32 MiB and freed blocks below it stay in the heap.
 
     python bench/python_example.py --malloc_mmap_threshold 65536 --out bench/results/python_example_mmap.json
+
+`--trainer dpo` measures TRL's DPOTrainer with DPOConfig's defaults instead (the same step, the comparison).
 """
 
 import argparse
@@ -30,23 +32,27 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ultrafe
 VARIANTS = ("full", "lora")
 
 
-def one_step(model: str, variant: str) -> dict:
-    """Train one step of README's example (`variant`: "full" or "lora") on `model`; return the measurements."""
+def one_step(model: str, variant: str, trainer_name: str = "otpo") -> dict:
+    """Train one step of README's example (`variant`: "full" or "lora") on `model` with `trainer_name` ("otpo", or
+    "dpo": TRL's DPOTrainer); return the measurements."""
     import torch
     import transformers
     import trl
     from datasets import load_dataset
     from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
 
     from otpo_trl import OTPOConfig, OTPOTrainer
+
+    config_class, trainer_class = (OTPOConfig, OTPOTrainer) if trainer_name == "otpo" else (DPOConfig, DPOTrainer)
 
     dataset = load_dataset("json", data_files=str(DATA), split="train")
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as output_dir:
-        args = OTPOConfig(
+        args = config_class(
             output_dir=output_dir, bf16=False, max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True
         )
-        trainer = OTPOTrainer(
+        trainer = trainer_class(
             model=model, args=args, train_dataset=dataset, peft_config=lora if variant == "lora" else None
         )
         load_before = os.getloadavg()[0]
@@ -55,6 +61,7 @@ def one_step(model: str, variant: str) -> dict:
         cpu = time.process_time() - cpu
     return {
         "variant": variant,
+        "trainer": trainer_class.__name__,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "max_length": args.max_length,
         "step_wall_s": round(metrics["train_runtime"], 1),
@@ -73,14 +80,15 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "python_example.json"))
     parser.add_argument("--malloc_mmap_threshold", type=int, help="glibc's MALLOC_MMAP_THRESHOLD_ for the children")
+    parser.add_argument("--trainer", choices=("otpo", "dpo"), default="otpo", help="dpo: TRL's DPOTrainer instead")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement, in this process
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(one_step(args.model, args.child)))
+        print(json.dumps(one_step(args.model, args.child, args.trainer)))
         return
     runs = []
     for variant in args.variants:
-        command = [sys.executable, __file__, "--model", args.model, "--child", variant]
+        command = [sys.executable, __file__, "--model", args.model, "--trainer", args.trainer, "--child", variant]
         env = dict(os.environ)
         if args.malloc_mmap_threshold is not None:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -88,7 +96,8 @@ def main(argv=None) -> None:
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(runs[-1])
     record = {
-        "what": "README's Python example, one step at OTPOConfig's defaults with bf16=False, on the UltraFeedback sample",
+        "what": "README's Python example, one step at OTPOConfig's defaults with bf16=False, on the UltraFeedback sample"
+        + (", with TRL's DPOTrainer and DPOConfig instead" if args.trainer == "dpo" else ""),
         "model": Path(args.model).name,
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU",
         "date": time.strftime("%Y-%m-%d"),
