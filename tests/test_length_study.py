@@ -502,28 +502,33 @@ def test_quick_study_baseline_reuse_and_held_out_file(tmp_path, tiny_model_dir, 
         length_study.main([*argv, "--held_out_file", str(tmp_path / "leak.jsonl")])
 
 
+def control_stats(mean, low, high, low_seeds, high_seeds, seeds=3):
+    """Stats with only the positive control's correlation row (LD-DPO α 0 - DPO), one value for every seed."""
+    row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * seeds)
+    return {"ld_dpo-dpo": {"corr_margin_length": row}}
+
+
+CONTROL_CASES = {  # (mean, low, high, low_seeds, high_seeds): the answer's verdict, the opening sentence's
+    (-0.1, -0.15, -0.05, -0.2, -0.01): (
+        "Detected: the interval over pairs and seeds is below 0.",
+        "DPO) was detected**",
+    ),
+    (-0.1, -0.15, -0.05, -0.2, 0.02): ("Detected for these seeds only", "was detected for these seeds only**"),
+    (0.05, 0.01, 0.09, -0.02, 0.12): ("Not detected, and the opposite", "was not detected, and went the other way**"),
+    (-0.02, -0.06, 0.02, -0.1, 0.06): ("Not detected: the interval over pairs includes 0.", "was not detected**"),
+}
+
+
 def test_the_positive_control_is_answered_first_with_what_the_study_can_detect():
     """With an LD-DPO arm, the answers open with whether it was detected (its correlation below DPO's) and the smallest
     difference the study detects: 2.8 standard errors read from each interval (width / 3.92)."""
-
-    def answers(mean, low, high, low_seeds, high_seeds):
-        row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * 3)
-        return length_stats.answers({"ld_dpo-dpo": {"corr_margin_length": row}})
-
-    cases = {  # (mean, low, high, low_seeds, high_seeds): the verdict
-        (-0.1, -0.15, -0.05, -0.2, -0.01): "Detected: the interval over pairs and seeds is below 0.",
-        (-0.1, -0.15, -0.05, -0.2, 0.02): "Detected for these seeds only",
-        (0.05, 0.01, 0.09, -0.02, 0.12): "Not detected, and the opposite",
-        (-0.02, -0.06, 0.02, -0.1, 0.06): "Not detected: the interval over pairs includes 0.",
-    }
-    for numbers, verdict in cases.items():
-        (control,) = answers(*numbers)
+    for numbers, (verdict, _) in CONTROL_CASES.items():
+        (control,) = length_stats.answers(control_stats(*numbers))
         assert control.startswith("**Was the positive control detected") and verdict in control, control
     # With one seed the interval "over pairs and seeds" is the one over pairs: never a verdict over seeds.
-    row = dict(mean=-0.3, low=-0.4, high=-0.2, low_seeds=-0.4, high_seeds=-0.2, per_seed=[-0.3])
-    (control,) = length_stats.answers({"ld_dpo-dpo": {"corr_margin_length": row}})
+    (control,) = length_stats.answers(control_stats(-0.3, -0.4, -0.2, -0.4, -0.2, seeds=1))
     assert "Detected for this seed only" in control and "over pairs and seeds is below 0" not in control
-    (control,) = answers(-0.02, -0.059, 0.019, -0.0625, 0.0355)
+    (control,) = length_stats.answers(control_stats(-0.02, -0.059, 0.019, -0.0625, 0.0355))
     assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in control
     # The committed studies have no LD-DPO arm: their answers (and so their reports) are unchanged.
     assert not any("positive control" in a for a in length_stats.answers({}))
@@ -531,24 +536,13 @@ def test_the_positive_control_is_answered_first_with_what_the_study_can_detect()
 
 def test_the_report_opens_with_one_sentence_on_the_positive_control():
     """The same verdicts as the answer, in the one sentence the report opens with; none without the control."""
-
-    def opening(mean, low, high, low_seeds, high_seeds, seeds=3):
-        row = dict(mean=mean, low=low, high=high, low_seeds=low_seeds, high_seeds=high_seeds, per_seed=[mean] * seeds)
-        return length_stats.control_summary({"ld_dpo-dpo": {"corr_margin_length": row}})
-
-    cases = {  # (mean, low, high, low_seeds, high_seeds): the verdict
-        (-0.1, -0.15, -0.05, -0.2, -0.01): "against DPO) was detected**",
-        (-0.1, -0.15, -0.05, -0.2, 0.02): "was detected for these seeds only**",
-        (0.05, 0.01, 0.09, -0.02, 0.12): "was not detected, and went the other way**",
-        (-0.02, -0.06, 0.02, -0.1, 0.06): "was not detected**",
-    }
-    for numbers, verdict in cases.items():
-        sentence = opening(*numbers)
+    for numbers, (_, verdict) in CONTROL_CASES.items():
+        sentence = length_stats.control_summary(control_stats(*numbers))
         assert sentence.startswith("**The positive control (LD-DPO") and verdict in sentence, sentence
         assert sentence.count(". ") == 0 and sentence.endswith("(80% power at the 5% level).")  # one sentence
-    sentence = opening(-0.02, -0.059, 0.019, -0.0625, 0.0355)
+    sentence = length_stats.control_summary(control_stats(-0.02, -0.059, 0.019, -0.0625, 0.0355))
     assert "95% CI [-0.059, +0.019] over pairs, [-0.062, +0.035] over pairs and seeds" in sentence
     assert "detects a difference of about 0.056 over pairs, 0.070 over pairs and seeds" in sentence
-    one = opening(-0.3, -0.4, -0.2, -0.4, -0.2, seeds=1)
+    one = length_stats.control_summary(control_stats(-0.3, -0.4, -0.2, -0.4, -0.2, seeds=1))
     assert "was detected for this one seed only**" in one and "over pairs and seeds)" not in one
     assert length_stats.control_summary({}) == ""
