@@ -254,24 +254,35 @@ def detectable(row) -> tuple[float, float]:
     return tuple(Z_POWER * (row[f"high{s}"] - row[f"low{s}"]) / 3.92 for s in ("", "_seeds"))
 
 
+def control_verdict(r) -> str:
+    """Whether the positive control's correlation row `r` shows it: "detected" (the interval over pairs and seeds below
+    0), "one_seed" or "these_seeds" (only the one over pairs below 0, with one seed or several), "opposite" (the one
+    over pairs above 0) or "not". As in `significance`, with one seed the "over pairs and seeds" interval is over pairs
+    and says nothing of other seeds."""
+    one_seed = len(r["per_seed"]) < 2
+    if r["high_seeds"] < 0 and not one_seed:
+        return "detected"
+    if r["high"] < 0:
+        return "one_seed" if one_seed else "these_seeds"
+    return "opposite" if r["low"] > 0 else "not"
+
+
 def control_summary(stats) -> str:
-    """The report's opening sentence: whether the positive control was detected and what the study can detect, from
-    the same rules as `positive_control`'s answer; "" where the study has no positive control."""
+    """The report's opening sentence: whether the positive control was detected and what the study can detect (its
+    `control_verdict`, as the answer says it); "" where the study has no positive control."""
     if POSITIVE_CONTROL not in stats:
         return ""
     r = stats[POSITIVE_CONTROL]["corr_margin_length"]
     over_pairs, over_seeds = detectable(r)
-    one_seed = len(r["per_seed"]) < 2
-    if r["high_seeds"] < 0 and not one_seed:
-        verdict = "was detected"
-    elif r["high"] < 0:
-        verdict = "was detected for this one seed only" if one_seed else "was detected for these seeds only"
-    elif r["low"] > 0:
-        verdict = "was not detected, and went the other way"
-    else:
-        verdict = "was not detected"
+    verdict = {
+        "detected": "was detected",
+        "one_seed": "was detected for this one seed only",
+        "these_seeds": "was detected for these seeds only",
+        "opposite": "was not detected, and went the other way",
+        "not": "was not detected",
+    }[control_verdict(r)]
     interval = f"[{r['low']:+.3f}, {r['high']:+.3f}] over pairs" + (
-        "" if one_seed else f", [{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}] over pairs and seeds"
+        "" if len(r["per_seed"]) < 2 else f", [{r['low_seeds']:+.3f}, {r['high_seeds']:+.3f}] over pairs and seeds"
     )
     return (
         f"**The positive control (LD-DPO, `ld_alpha` 0, against DPO) {verdict}** ({r['mean']:+.3f} in the "
@@ -285,23 +296,16 @@ def positive_control(stats) -> str:
     what the study can detect, from the same difference's bootstrap spread."""
     r = stats[POSITIVE_CONTROL]["corr_margin_length"]
     over_pairs, over_seeds = detectable(r)
-    one_seed = len(r["per_seed"]) < 2  # as in `significance`: the "over pairs and seeds" interval is over pairs
-    if r["high_seeds"] < 0 and not one_seed:
-        verdict = "Detected: the interval over pairs and seeds is below 0."
-    elif r["high"] < 0:
-        verdict = (
-            "Detected for this seed only: the interval over pairs is below 0; one seed says nothing of the others."
-            if one_seed
-            else "Detected for these seeds only: the interval over pairs is below 0, the one over pairs and seeds "
-            "is not."
-        )
-    elif r["low"] > 0:
-        verdict = (
-            "Not detected, and the opposite: LD-DPO's reward follows length more than DPO's (the interval over "
-            "pairs is above 0)."
-        )
-    else:
-        verdict = "Not detected: the interval over pairs includes 0."
+    verdict = {
+        "detected": "Detected: the interval over pairs and seeds is below 0.",
+        "one_seed": "Detected for this seed only: the interval over pairs is below 0; one seed says nothing of the "
+        "others.",
+        "these_seeds": "Detected for these seeds only: the interval over pairs is below 0, the one over pairs and "
+        "seeds is not.",
+        "opposite": "Not detected, and the opposite: LD-DPO's reward follows length more than DPO's (the interval "
+        "over pairs is above 0).",
+        "not": "Not detected: the interval over pairs includes 0.",
+    }[control_verdict(r)]
     return (
         f"**Was the positive control detected (LD-DPO, `ld_alpha` 0, built to take length out of the loss, against "
         f"DPO)?** {verdict} Its margin-length correlation minus DPO's is {with_intervals(r)}. This study detects a "
