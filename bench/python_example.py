@@ -86,12 +86,12 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(one_step(args.model, args.child, args.trainer)))
         return
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     runs = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--model", args.model, "--trainer", args.trainer, "--child", variant]
-        env = dict(os.environ)
-        if args.malloc_mmap_threshold is not None:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(runs[-1])

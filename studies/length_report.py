@@ -89,9 +89,7 @@ def figures(summary, fig_dir):
         if np.ptp(x) > 0:
             slope, intercept = np.polyfit(x, y, 1)
             ax.plot(np.sort(x), slope * np.sort(x) + intercept, "k-", lw=1)
-        label = arm_label(arm)
-        joint = "\n" if len(label) > 24 else " "  # a long name on its own line
-        ax.set_title(f"{label}:{joint}corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
+        ax.set_title(f"{arm_label(arm)}: corr {stats[arm]['corr_margin_length']['mean']:+.2f}")
         ax.set_xlabel("chosen - rejected tokens")
         ax.grid(alpha=0.3)
     for row in axes:
